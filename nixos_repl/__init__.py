@@ -1,0 +1,32 @@
+"""nixos-repl: an interactive environment for NixOS VM tests.
+
+The library entry point is :class:`Registry`::
+
+    with Registry.from_start_scripts(["./run-vm1-vm"]) as registry:
+        print(registry["vm1"].succeed("uname -a"))
+"""
+
+from .errors import (
+    MachineError,
+    NixosReplError,
+    PollingConditionError,
+    QMPAPIError,
+    RequestedAssertionFailed,
+    UnknownMachineError,
+)
+from .machine import BaseMachine, Machine, QemuMachine
+from .registry import Registry
+
+__all__ = [
+    "BaseMachine",
+    "Machine",
+    "MachineError",
+    "NixosReplError",
+    "PollingConditionError",
+    "QMPAPIError",
+    "QemuMachine",
+    "Registry",
+    "RequestedAssertionFailed",
+    "UnknownMachineError",
+]
+__version__ = "0.1.0"

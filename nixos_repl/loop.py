@@ -1,0 +1,82 @@
+"""The one background asyncio loop that owns all I/O, and the sync <-> async bridge.
+
+Public machine methods are synchronous like nixpkgs'. They submit a coroutine to this loop and
+wait for it. The wait can be cut by KeyboardInterrupt (Ctrl-C in a REPL, a Jupyter interrupt): the
+coroutine is then cancelled, and its cancellation path, not the caller, restores protocol sync.
+Because Jupyter's and IPython's own loops never run our I/O, there is no nested-loop trouble.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import logging
+import threading
+from collections.abc import Coroutine
+from typing import Any, TypeVar
+
+__all__ = ["get_loop", "run_sync", "spawn"]
+
+T = TypeVar("T")
+log = logging.getLogger(__name__)
+
+_lock = threading.Lock()
+_loop: asyncio.AbstractEventLoop | None = None
+_thread: threading.Thread | None = None
+# How long an interrupted call waits for its coroutine's cleanup before giving control back.
+CANCEL_GRACE = 5.0
+
+
+def get_loop() -> asyncio.AbstractEventLoop:
+    """The shared loop, started on first use in a daemon thread named ``nixos-repl-io``."""
+    global _loop, _thread
+    with _lock:
+        if _loop is None or _loop.is_closed():
+            loop = asyncio.new_event_loop()
+            ready = threading.Event()
+
+            def run() -> None:
+                asyncio.set_event_loop(loop)
+                loop.call_soon(ready.set)
+                loop.run_forever()
+
+            _thread = threading.Thread(target=run, name="nixos-repl-io", daemon=True)
+            _thread.start()
+            ready.wait()
+            _loop = loop
+        return _loop
+
+
+def in_loop_thread() -> bool:
+    return _thread is not None and threading.current_thread() is _thread
+
+
+def run_sync(coro: Coroutine[Any, Any, T], timeout: float | None = None) -> T:
+    """Run ``coro`` on the shared loop and wait for its result.
+
+    A KeyboardInterrupt while waiting cancels the coroutine, waits (bounded) for its cleanup, and
+    re-raises, so the caller sees the interrupt and the channel stays in sync.
+    """
+    if in_loop_thread():
+        coro.close()
+        raise RuntimeError("run_sync() called from the I/O loop thread: await the coroutine instead")
+    future = asyncio.run_coroutine_threadsafe(coro, get_loop())
+    try:
+        return future.result(timeout)
+    except KeyboardInterrupt:
+        future.cancel()
+        try:
+            future.result(CANCEL_GRACE)
+        except (concurrent.futures.CancelledError, Exception):
+            pass
+        except KeyboardInterrupt:
+            log.warning("interrupted again: not waiting for the command's cleanup")
+        raise
+    except concurrent.futures.TimeoutError:
+        future.cancel()
+        raise TimeoutError(f"operation did not finish within {timeout} seconds") from None
+
+
+def spawn(coro: Coroutine[Any, Any, Any]) -> concurrent.futures.Future[Any]:
+    """Schedule ``coro`` on the shared loop without waiting for it."""
+    return asyncio.run_coroutine_threadsafe(coro, get_loop())

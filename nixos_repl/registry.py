@@ -1,0 +1,182 @@
+"""The machine registry: machines by name, their states, and teardown in one place.
+
+The registry owns the machines; each machine owns its QEMU process, sockets and loop tasks. A VM
+dying never takes the process down: the machine turns ``crashed`` and its next call raises a
+MachineError with the details. Leaving the registry (or the interpreter, by any path) leaves no
+QEMU behind.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import tempfile
+from collections.abc import Iterable, Iterator, Sequence
+from pathlib import Path
+from types import TracebackType
+
+from .errors import MachineError, UnknownMachineError
+from .loop import run_sync
+from .machine import Machine, machine_name_from_start_command
+from .vlan import VLan
+
+__all__ = ["STATES", "Registry", "get_tmp_dir"]
+
+log = logging.getLogger(__name__)
+
+STATES = ("defined", "starting", "up", "stopping", "off", "crashed")
+
+
+def get_tmp_dir() -> Path:
+    """nixpkgs' temporary directory: $XDG_RUNTIME_DIR, else the system temp dir (mode 0700)."""
+    tmp = Path(os.environ.get("XDG_RUNTIME_DIR", tempfile.gettempdir()))
+    tmp.mkdir(mode=0o700, exist_ok=True, parents=True)
+    if not tmp.is_dir():
+        raise NotADirectoryError(f"the temporary directory {tmp} is not a directory")
+    if not os.access(tmp, os.W_OK):
+        raise PermissionError(f"the temporary directory {tmp} is not writable")
+    return tmp
+
+
+class Registry:
+    """Machines by name, with their VLANs; a context manager that tears everything down."""
+
+    def __init__(
+        self,
+        start_scripts: Sequence[tuple[str, str | os.PathLike[str]]] = (),
+        vlans: Iterable[int] = (),
+        out_dir: str | os.PathLike[str] | None = None,
+        keep_machine_state: bool = False,
+        tmp_dir: str | os.PathLike[str] | None = None,
+    ) -> None:
+        self.tmp_dir = Path(tmp_dir) if tmp_dir is not None else get_tmp_dir()
+        self.out_dir = Path(out_dir) if out_dir is not None else Path.cwd()
+        self.keep_machine_state = keep_machine_state
+        self.vlan_numbers = sorted(set(vlans))
+        self.vlans: list[VLan] = []
+        self._machines: dict[str, Machine] = {}
+        self._entered = False
+        for name, script in start_scripts:
+            self.add(str(script), name=name)
+
+    @classmethod
+    def from_start_scripts(
+        cls,
+        paths: Iterable[str | os.PathLike[str]],
+        vlans: Iterable[int] = (),
+        out_dir: str | os.PathLike[str] | None = None,
+        keep_machine_state: bool = False,
+    ) -> Registry:
+        """One machine per ``run-<name>-vm`` script, named after the script."""
+        scripts = []
+        for path in paths:
+            script = Path(path)
+            if not script.exists():
+                raise MachineError(
+                    f"start script {script} does not exist: build it first (for the embedded "
+                    f"guests: nixos-repl guest build tiny --name NAME --out DIR)"
+                )
+            if not os.access(script, os.X_OK):
+                raise MachineError(f"start script {script} is not executable (chmod +x {script})")
+            scripts.append((machine_name_from_start_command(script.name), str(script.resolve())))
+        return cls(scripts, vlans, out_dir, keep_machine_state)
+
+    # -- machines ------------------------------------------------------------------------------
+
+    def add(self, start_command: str, name: str | None = None) -> Machine:
+        """Define a machine (not started). Names are unique."""
+        name = name or machine_name_from_start_command(start_command)
+        if name in self._machines:
+            raise MachineError(f"a machine named {name!r} already exists")
+        machine = Machine(
+            start_command,
+            name=name,
+            tmp_dir=self.tmp_dir,
+            out_dir=self.out_dir,
+            keep_machine_state=self.keep_machine_state,
+            env=self.vlan_env(),
+        )
+        self._machines[name] = machine
+        return machine
+
+    def vlan_env(self) -> dict[str, str]:
+        return {f"QEMU_VDE_SOCKET_{v.nr}": str(v.socket_dir) for v in self.vlans}
+
+    def __getitem__(self, name: str) -> Machine:
+        try:
+            return self._machines[name]
+        except KeyError:
+            known = ", ".join(sorted(self._machines)) or "none"
+            raise UnknownMachineError(
+                f"no machine named {name!r} (known machines: {known})"
+            ) from None
+
+    def __contains__(self, name: object) -> bool:
+        return name in self._machines
+
+    def __iter__(self) -> Iterator[Machine]:
+        return iter(self.machines)
+
+    def __len__(self) -> int:
+        return len(self._machines)
+
+    @property
+    def machines(self) -> list[Machine]:
+        """All machines, sorted by name (as nixpkgs numbers them)."""
+        return [self._machines[n] for n in sorted(self._machines)]
+
+    def states(self) -> dict[str, str]:
+        return {m.name: m.state for m in self.machines}
+
+    # -- lifecycle -----------------------------------------------------------------------------
+
+    def start_vlans(self) -> None:
+        for nr in self.vlan_numbers:
+            if any(v.nr == nr for v in self.vlans):
+                continue
+            vlan = VLan(nr, self.tmp_dir)
+            run_sync(vlan.start())
+            self.vlans.append(vlan)
+        env = self.vlan_env()
+        for machine in self._machines.values():
+            machine.extra_env.update(env)
+
+    def start_all(self) -> None:
+        """Start every machine (in parallel; does not wait for boot)."""
+        async def start_all() -> list[tuple[str, BaseException]]:
+            results = await asyncio.gather(
+                *(m.astart() for m in self.machines), return_exceptions=True
+            )
+            return [(m.name, r) for m, r in zip(self.machines, results, strict=True)
+                    if isinstance(r, BaseException)]
+
+        errors = run_sync(start_all())
+        if errors:
+            raise MachineError(
+                "Failed to start the following machines:\n"
+                + "\n".join(f"{name}: {e}" for name, e in errors)
+            )
+
+    def close(self) -> None:
+        """Kill every machine and VLAN. Safe to call twice."""
+        async def release_all() -> None:
+            await asyncio.gather(*(m.arelease() for m in self._machines.values()),
+                                 return_exceptions=True)
+            await asyncio.gather(*(v.stop() for v in self.vlans), return_exceptions=True)
+
+        run_sync(release_all())
+        self.vlans.clear()
+
+    def __enter__(self) -> Registry:
+        self._entered = True
+        self.start_vlans()
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.close()

@@ -1,0 +1,80 @@
+"""One ``vde_switch`` per VLAN, as nixpkgs runs it, exported as ``QEMU_VDE_SOCKET_<N>``."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from pathlib import Path
+
+from .errors import MachineError
+
+__all__ = ["VLan"]
+
+log = logging.getLogger(__name__)
+START_TIMEOUT = 5.0
+
+
+class VLan:
+    """A hub (``--hub``, so 802.1Q frames pass) whose control socket directory QEMU joins."""
+
+    def __init__(self, nr: int, tmp_dir: Path) -> None:
+        self.nr = nr
+        self.socket_dir = tmp_dir / f"vde{nr}.ctl"
+        self.proc: asyncio.subprocess.Process | None = None
+
+    @property
+    def pid(self) -> int | None:
+        return self.proc.pid if self.proc else None
+
+    async def start(self) -> None:
+        log.info("start vlan %d", self.nr)
+        try:
+            self.proc = await asyncio.create_subprocess_exec(
+                "vde_switch", "--sock", str(self.socket_dir), "--dirmode", "0700", "--hub",
+                stdin=asyncio.subprocess.PIPE,
+                stdout=asyncio.subprocess.PIPE,
+                stderr=asyncio.subprocess.STDOUT,
+            )  # fmt: skip
+        except FileNotFoundError:
+            raise MachineError(
+                "vde_switch not found: VLANs need it (Debian: apt-get install vde2)"
+            ) from None
+        assert self.proc.stdin is not None and self.proc.stdout is not None
+        self.proc.stdin.write(b"showinfo\n")
+        seen = []
+        try:
+            async with asyncio.timeout(START_TIMEOUT):
+                while True:
+                    line = await self.proc.stdout.readline()
+                    if not line:
+                        raise MachineError(f"vde_switch for vlan {self.nr} exited: {seen}")
+                    seen.append(line.decode(errors="replace").strip())
+                    if b"1000 Success" in line:
+                        break
+        except TimeoutError:
+            await self.stop()
+            raise MachineError(f"vde_switch for vlan {self.nr} did not start: {seen}") from None
+        if not (self.socket_dir / "ctl").exists():
+            await self.stop()
+            raise MachineError(f"vde_switch for vlan {self.nr} made no socket in {self.socket_dir}")
+        # Keep reading its console so it never blocks on a full pipe.
+        asyncio.get_running_loop().create_task(self._drain())
+        log.info("running vlan (pid %d; ctl %s)", self.proc.pid, self.socket_dir)
+
+    async def _drain(self) -> None:
+        assert self.proc is not None and self.proc.stdout is not None
+        while await self.proc.stdout.read(4096):
+            pass
+
+    async def stop(self) -> None:
+        if self.proc is None or self.proc.returncode is not None:
+            return
+        log.info("kill vlan (pid %d)", self.proc.pid)
+        with contextlib.suppress(ProcessLookupError):
+            self.proc.terminate()
+        try:
+            await asyncio.wait_for(self.proc.wait(), 5)
+        except TimeoutError:
+            self.proc.kill()
+            await self.proc.wait()
