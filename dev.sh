@@ -61,7 +61,7 @@ setup() {
 case "${1:-}" in
     demo)
         setup
-        NIXOS_REPL_ACCEL="${NIXOS_REPL_ACCEL:-tcg}" .venv/bin/python -m nixos_repl.demo .venv/guests
+        NIXOS_REPL_ACCEL="${NIXOS_REPL_ACCEL:-tcg}" .venv/bin/nixos-repl demo --guests .venv/guests
         ;;
     test)
         setup

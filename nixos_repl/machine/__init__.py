@@ -323,6 +323,17 @@ class Machine:
             f"{process.describe_exit()}"
         )
 
+    async def _explain_death(self) -> None:
+        """After a lost connection: if QEMU is dying, raise its crash report instead."""
+        process = self.process
+        if process is None:
+            self._check_crashed()
+            return
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(process.exited.wait(), 1.0)
+        await asyncio.sleep(0)  # let the exit watcher write its report
+        self._check_crashed()
+
     async def ashutdown(self) -> None:
         if not self.booted:
             return
@@ -394,9 +405,11 @@ class Machine:
         self.run_callbacks()
         await self.aconnect()
         assert self.shell is not None
-        status, out = await self._guard(
-            self.shell.execute(command, seconds(timeout), wait=check_output)
-        )
+        try:
+            status, out = await self.shell.execute(command, seconds(timeout), wait=check_output)
+        except MachineError:
+            await self._explain_death()
+            raise
         if not check_output:
             return -2, ""
         if not check_return:

@@ -64,6 +64,7 @@ class QMPSession:
         self._events: collections.deque[Event] = collections.deque(maxlen=EVENT_BACKLOG)
         self._event_arrived = asyncio.Event()
         self._closed = False
+        self._disconnecting = False
 
     def _dispatch(self, event: Event) -> None:
         self.log.debug("event %s", event)
@@ -130,6 +131,9 @@ class QMPSession:
         self._event_arrived.set()
 
     async def close(self) -> None:
+        if self._disconnecting:
+            return
+        self._disconnecting = True
         self.mark_closed()
         try:
             await self._client.disconnect()

@@ -7,12 +7,13 @@ Fast framing, used when the guest sees the two extra virtio-serial ports the dri
 (``org.nixos-repl.out`` and ``org.nixos-repl.ctl``). After the banner one setup script defines a
 function and starts a small reader; then, per command:
 
-* the backdoor shell opens the out port and runs the command in a forked subshell,
-  ``( set -euo pipefail; eval '<cmd>' ) </dev/null >PORT``: one fork, no ``bash -c``, no
-  ``base64``, no guest-side ``timeout``. Its stdout bytes arrive raw on the out socket;
-* a virtio-serial port can be open only once at a time, so after the subshell exits the shell
-  tries to open the port again: if that fails, a background process still holds the command's
-  stdout. The reply on hvc0 is ``E<nonce> <status> <held>``; anything else there is skipped;
+* the command runs in a forked subshell, ``( set -euo pipefail; eval '<cmd>' ) </dev/null``: one
+  fork, no ``bash -c``, no ``base64``, no guest-side ``timeout``. Its stdout is the out port, which
+  the backdoor shell opened beforehand; the bytes arrive raw on the out socket;
+* a virtio-serial port can be open only once at a time. When the subshell has exited, the shell
+  closes its own copy and opens the port again for the next command: if that fails, a process the
+  command started still holds its stdout. The reply on hvc0 is ``E<nonce> <status> <held>``;
+  anything else there is skipped;
 * while ``held``, the host waits for stdout to close, as nixpkgs does (base64 waits for EOF),
   asking QEMU whether the port is still open (``query-chardev``; the VSERPORT_CHANGE event is
   rate-limited to one a second, so it cannot mark the end of each command), and says why it
@@ -52,7 +53,7 @@ STDOUT_GRACE = 5.0
 KILL_GRACE = 2.0
 OUT_CHARDEV = "nixos-repl-out"
 
-SETUP = r"""__nr_out= __nr_ctl=
+SETUP = r"""__nr_out= __nr_ctl= __nr_fd=
 for __nr_p in /sys/class/virtio-ports/*; do
   read -r __nr_n 2>/dev/null < "$__nr_p/name" || continue
   case "$__nr_n" in
@@ -61,11 +62,13 @@ for __nr_p in /sys/class/virtio-ports/*; do
   esac
 done
 __nr_run() {
-  if ! exec {__nr_fd}> "$__nr_out"; then printf 'E%s busy\n' "$1"; return; fi
+  if [ -z "$__nr_fd" ] && ! { exec {__nr_fd}> "$__nr_out"; } 2>/dev/null; then
+    __nr_fd=; printf 'E%s busy\n' "$1"; return
+  fi
   ( __nr_c=$2; set --; set -euo pipefail; eval "$__nr_c" ) < /dev/null >&$__nr_fd {__nr_fd}>&-
   __nr_s=$?
   exec {__nr_fd}>&-
-  if { : > "$__nr_out"; } 2>/dev/null; then __nr_h=0; else __nr_h=1; fi
+  if { exec {__nr_fd}> "$__nr_out"; } 2>/dev/null; then __nr_h=0; else __nr_h=1 __nr_fd=; fi
   printf 'E%s %s %s\n' "$1" "$__nr_s" "$__nr_h"
 }
 __nr_kill() {

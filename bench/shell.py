@@ -1,0 +1,78 @@
+"""Shell channel benchmark: our framing against nixpkgs' framing on the same guest, one run.
+
+Run by hand (not a test): ``.venv/bin/python bench/shell.py [--guests DIR] [-n 200]``.
+Prints medians per command, the floor (a bare echo round trip), 10 MB throughput and ratios.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import shlex
+import statistics
+import sys
+import time
+from pathlib import Path
+
+from nixos_repl import Registry
+from nixos_repl.guests import build_tiny
+from nixos_repl.loop import run_sync
+
+
+def timed(fn, n):  # type: ignore[no-untyped-def]
+    samples = []
+    for _ in range(n):
+        t = time.perf_counter()
+        fn()
+        samples.append(time.perf_counter() - t)
+    return statistics.median(samples) * 1000, min(samples) * 1000, max(samples) * 1000
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--guests", type=Path, default=Path(".venv/guests"))
+    parser.add_argument("-n", type=int, default=200)
+    args = parser.parse_args()
+    os.environ.setdefault("NIXOS_REPL_ACCEL", "tcg")
+    logging.basicConfig(level=logging.WARNING)
+    (script,) = build_tiny(["vm1"], args.guests)
+    with Registry.from_start_scripts([script]) as registry:
+        vm = registry["vm1"]
+        vm.succeed("true")  # boot and connect
+        shell = vm.shell
+        assert shell is not None
+
+        def nixpkgs(command: str) -> tuple[int, bytes]:
+            inner = shlex.quote(f"set -euo pipefail; {command}")
+            out = run_sync(shell.roundtrip_raw(f"bash -c {inner} | (base64 -w 0; echo)\n".encode()))
+            status = run_sync(shell.roundtrip_raw(b"echo ${PIPESTATUS[0]}\n"))
+            return int(status), out
+
+        assert nixpkgs("echo hi") == (0, b"aGkK")
+        ours = timed(lambda: vm.succeed("true"), args.n)
+        theirs = timed(lambda: nixpkgs("true"), args.n)
+        floor = timed(lambda: run_sync(shell.roundtrip_raw(b"echo\n")), args.n)
+
+        big = "head -c 10000000 /dev/zero | tr '\\0' a"
+        t = time.perf_counter()
+        out = vm.succeed(big)
+        ours_mb = len(out) / (time.perf_counter() - t) / 1e6
+        t = time.perf_counter()
+        _, encoded = nixpkgs(big)
+        theirs_mb = len(encoded) * 3 / 4 / (time.perf_counter() - t) / 1e6
+
+    print(f"framing: {'fast (nixos-repl ports)' if shell.fast else 'compatible'}")
+    print(f"succeed('true'), ours      median {ours[0]:6.2f} ms  (min {ours[1]:.2f}, max {ours[2]:.2f})")
+    print(f"succeed('true'), nixpkgs   median {theirs[0]:6.2f} ms  (min {theirs[1]:.2f}, max {theirs[2]:.2f})")
+    print(f"floor (bare echo)          median {floor[0]:6.2f} ms  (min {floor[1]:.2f}, max {floor[2]:.2f})")
+    print(f"10 MB read, ours           {ours_mb:6.2f} MB/s")
+    print(f"10 MB read, nixpkgs        {theirs_mb:6.2f} MB/s")
+    print(f"ratio nixpkgs/ours per command: {theirs[0] / ours[0]:.2f}x")
+    print(f"ratio ours/floor per command:   {ours[0] / floor[0]:.2f}x")
+    print(f"ratio ours/nixpkgs throughput:  {ours_mb / theirs_mb:.2f}x")
+    sys.stdout.flush()
+
+
+if __name__ == "__main__":
+    main()
