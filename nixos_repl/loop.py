@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import contextlib
 import logging
 import threading
 from collections.abc import Coroutine
@@ -55,26 +56,45 @@ def run_sync(coro: Coroutine[Any, Any, T], timeout: float | None = None) -> T:
     """Run ``coro`` on the shared loop and wait for its result.
 
     A KeyboardInterrupt while waiting cancels the coroutine, waits (bounded) for its cleanup, and
-    re-raises, so the caller sees the interrupt and the channel stays in sync.
+    re-raises, so the caller sees the interrupt and the channel stays in sync. The wait is a plain
+    lock acquire: unlike ``Condition.wait`` it has no re-acquire step an interrupt can wedge.
     """
     if in_loop_thread():
         coro.close()
         raise RuntimeError("run_sync() called from the I/O loop thread: await the coroutine instead")
-    future = asyncio.run_coroutine_threadsafe(coro, get_loop())
+    done = threading.Lock()
+    done.acquire()
+    outcome: list[Any] = []
+
+    def finished(_: object) -> None:
+        with contextlib.suppress(RuntimeError):
+            done.release()
+
+    async def runner() -> None:
+        try:
+            outcome.append((True, await coro))
+        except BaseException as e:
+            outcome.append((False, e))
+
+    future = asyncio.run_coroutine_threadsafe(runner(), get_loop())
+    future.add_done_callback(finished)
     try:
-        return future.result(timeout)
+        if not done.acquire(timeout=-1 if timeout is None else timeout):
+            future.cancel()
+            raise TimeoutError(f"operation did not finish within {timeout} seconds")
     except KeyboardInterrupt:
         future.cancel()
         try:
-            future.result(CANCEL_GRACE)
-        except (concurrent.futures.CancelledError, Exception):
-            pass
+            done.acquire(timeout=CANCEL_GRACE)
         except KeyboardInterrupt:
             log.warning("interrupted again: not waiting for the command's cleanup")
         raise
-    except concurrent.futures.TimeoutError:
-        future.cancel()
-        raise TimeoutError(f"operation did not finish within {timeout} seconds") from None
+    if not outcome:
+        raise asyncio.CancelledError()
+    ok, value = outcome[0]
+    if ok:
+        return value  # type: ignore[no-any-return]
+    raise value
 
 
 def spawn(coro: Coroutine[Any, Any, Any]) -> concurrent.futures.Future[Any]:

@@ -109,6 +109,8 @@ class Machine:
         self.log = logging.getLogger(f"nixos_repl.machine.{self.name}")
         self.console = Console(self.name)
         self.connect_timeout = CONNECT_TIMEOUT
+        # "auto": the fast framing when the guest has the ports; "nixpkgs": always nixpkgs' own.
+        self.shell_framing = os.environ.get("NIXOS_REPL_SHELL_FRAMING", "auto")
         self.booted = False
         self.connected = False
         self.pid: int | None = None
@@ -289,7 +291,8 @@ class Machine:
                     f"To debug, look at the console (get_console_log()) or the screen."
                 ) from None
             self.log.info("Guest shell says: %r", banner)
-            await self._guard(self.shell.setup())
+            if self.shell_framing != "nixpkgs":
+                await self._guard(self.shell.setup())
             self.connected = True
             self._set_state("up")
             self.log.info("connected to guest root shell")

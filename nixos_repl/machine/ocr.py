@@ -9,10 +9,12 @@ Differences from nixpkgs, all deliberate:
 
 * ``--oem 2`` needs the legacy engine in ``eng.traineddata``; Debian's data ships only the LSTM
   model. This is probed once per tesseract binary and ``--oem 1`` is used when ``2`` fails.
-* tesseract runs with ``OMP_THREAD_LIMIT`` set (unless the environment sets it): its OpenMP
-  code asks for more threads than a small machine has, which made a pass several times slower.
+* tesseract runs with ``OMP_THREAD_LIMIT=1`` unless the environment sets it: its OpenMP code
+  asks for more threads than a small machine has, which made some passes several times slower.
 * At most ``max(1, cpus // 2)`` tesseract processes run at once per event loop; raw passes go
   before preprocessed ones, so a fresh screenshot is read before the variants of an old one.
+* The preprocessed images are passed with ``--dpi 300``, the density ImageMagick records in the
+  PNGs nixpkgs feeds tesseract; the raw screenshot, like nixpkgs', carries none.
 * Cancelling any of the coroutines kills the tesseract processes it started.
 """
 
@@ -34,11 +36,11 @@ from dataclasses import dataclass, field
 from types import TracebackType
 from typing import Final, Literal
 
-from PIL import Image, ImageFilter, ImageOps
+from PIL import Image, ImageFilter
 
 from nixos_repl.errors import MachineError
 
-__all__ = ["OcrStream", "iter_ocr", "ocr", "ocr_variants", "preprocess"]
+__all__ = ["OcrStream", "iter_ocr", "max_processes", "ocr", "ocr_variants", "preprocess"]
 
 log = logging.getLogger(__name__)
 
@@ -96,12 +98,44 @@ _CONTRAST: Final = _contrast_lut()
 _THRESHOLD: Final = {False: _threshold_lut(False), True: _threshold_lut(True)}
 
 
+def _normalize(gray: Image.Image) -> Image.Image:
+    """ImageMagick ``-normalize``: stretch so the darkest 2% go black and the lightest 1% white.
+
+    When the text is less than 1% of the screen (a few words on a black console) that would
+    stretch the background alone; then the full range is stretched instead.
+    """
+    histogram = gray.histogram()
+    total = sum(histogram)
+    used = [v for v, count in enumerate(histogram) if count]
+    if not used:
+        return gray
+    lo, hi = used[0], used[-1]
+    below = 0
+    for v, count in enumerate(histogram):
+        below += count
+        if below > total * 0.02:
+            lo = v
+            break
+    above = 0
+    for v in range(255, -1, -1):
+        above += histogram[v]
+        if above > total * 0.01:
+            hi = v
+            break
+    if hi <= lo:
+        lo, hi = used[0], used[-1]
+    if hi <= lo:
+        return gray
+    scale = 255 / (hi - lo)
+    return gray.point([min(255, max(0, round((v - lo) * scale))) for v in range(256)])
+
+
 def _enhance(image: Image.Image) -> Image.Image:
     """The part of the preprocessing shared by the positive and the negative variant."""
     gray = image.convert("L")
     # Point operations commute with resampling (up to bicubic overshoot): do them on the
     # small image. ``-normalize`` stretches 2% black / 1% white like ImageMagick does.
-    gray = ImageOps.autocontrast(gray.point(_CONTRAST), cutoff=(2, 1))
+    gray = _normalize(gray.point(_CONTRAST))
     width, height = gray.size
     big = gray.resize(
         (max(1, round(width * SCALE)), max(1, round(height * SCALE))),
@@ -146,8 +180,35 @@ def _tesseract() -> str:
 
 def _environment() -> dict[str, str]:
     env = dict(os.environ)
-    env.setdefault("OMP_THREAD_LIMIT", str(max(1, _cpu_count() // max_processes())))
+    # One thread per process: parallelism comes from running passes side by side, and
+    # tesseract's OpenMP loops ask for more threads than there are CPUs, which on a busy
+    # (or virtual) machine turns a 2 s pass into a 10 s one now and then.
+    env.setdefault("OMP_THREAD_LIMIT", "1")
     return env
+
+
+async def _reap(proc: asyncio.subprocess.Process, timeout: float = 5.0) -> bool:
+    """Wait for a killed process to be reaped, even through further cancellations.
+
+    Cancellation often comes twice (a ``gather`` cancels its children, then their owner does);
+    giving up the wait then would leave the zombie and its pipes to the garbage collector.
+    Returns whether a cancellation was held back meanwhile.
+    """
+    loop = asyncio.get_running_loop()
+    waiter = asyncio.ensure_future(proc.wait())
+    deadline = loop.time() + timeout
+    cancelled = False
+    while not waiter.done():
+        remaining = deadline - loop.time()
+        if remaining <= 0:
+            log.warning("tesseract (pid %d) did not exit after SIGKILL", proc.pid)
+            waiter.cancel()
+            break
+        try:
+            await asyncio.wait([waiter], timeout=remaining)
+        except asyncio.CancelledError:
+            cancelled = True
+    return cancelled
 
 
 async def _run(
@@ -175,13 +236,12 @@ async def _run(
         procs.add(proc)
     try:
         out, err = await proc.communicate(data)
-    except BaseException:
+    except BaseException as e:
         if proc.returncode is None:
             with contextlib.suppress(ProcessLookupError):
                 proc.kill()
-            # Reap it; SIGKILL is already on its way if this wait is cancelled again.
-            with contextlib.suppress(asyncio.CancelledError):
-                await asyncio.shield(proc.wait())
+            if await _reap(proc) and not isinstance(e, asyncio.CancelledError):
+                raise asyncio.CancelledError from e
         raise
     finally:
         if procs is not None:
@@ -278,13 +338,19 @@ class _Prepared:
         self.image = image
         self._enhanced: asyncio.Future[Image.Image] | None = None
 
+    def start_enhancing(self) -> asyncio.Future[Image.Image]:
+        """Start the shared preprocessing in a thread (it overlaps with the raw pass)."""
+        if self._enhanced is None:
+            self._enhanced = asyncio.ensure_future(asyncio.to_thread(_enhance, self.image))
+            # Mark a failure as seen even when every pass was cancelled before awaiting it.
+            self._enhanced.add_done_callback(lambda f: f.cancelled() or f.exception())
+        return self._enhanced
+
     async def pnm(self, variant: Variant) -> bytes:
         if variant == "raw":
             return await asyncio.to_thread(_pnm, self.image)
-        if self._enhanced is None:
-            self._enhanced = asyncio.ensure_future(asyncio.to_thread(_enhance, self.image))
         # Shielded: the other variant may still need it when this pass is cancelled.
-        enhanced = await asyncio.shield(self._enhanced)
+        enhanced = await asyncio.shield(self.start_enhancing())
         return await asyncio.to_thread(lambda: _pnm(_binarize(enhanced, variant == "negative")))
 
 
@@ -334,6 +400,7 @@ async def ocr_variants(image: Image.Image) -> list[str]:
     """
     _tesseract()
     prepared = _Prepared(image)
+    prepared.start_enhancing()
     tasks = [asyncio.create_task(_pass(prepared, variant)) for variant in VARIANTS]
     try:
         return list(await asyncio.gather(*tasks))
@@ -384,6 +451,11 @@ async def _ocr_job(state: _StreamState, prepared: _Prepared, variant: Variant) -
         state.queue.put_nowait(text)
 
 
+def _digest(image: Image.Image) -> bytes:
+    header = f"{image.mode} {image.size} ".encode()
+    return hashlib.blake2b(header + image.tobytes(), digest_size=16).digest()
+
+
 async def _drive(
     state: _StreamState,
     screenshot: Callable[[], Awaitable[Image.Image]],
@@ -397,14 +469,14 @@ async def _drive(
 
     async def shoot() -> None:
         image = await screenshot()
-        digest = hashlib.blake2b(
-            f"{image.mode} {image.size}".encode() + image.tobytes(), digest_size=16
-        ).digest()
+        digest = await asyncio.to_thread(_digest, image)
         if digest in seen:
             log.debug("screen unchanged after %.1fs, not read again", loop.time() - start)
             return
         seen.add(digest)
         prepared = _Prepared(image)
+        if variants:
+            prepared.start_enhancing()
         for variant in VARIANTS if variants else VARIANTS[:1]:
             job = asyncio.create_task(_ocr_job(state, prepared, variant))
             state.tasks.add(job)
@@ -481,7 +553,9 @@ class OcrStream(AsyncIterator[str]):
         await self.aclose()
 
     def __del__(self) -> None:
-        self._state.kill()
+        state: _StreamState | None = getattr(self, "_state", None)
+        if state is not None:
+            state.kill()
 
 
 def iter_ocr(

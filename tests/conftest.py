@@ -1,0 +1,75 @@
+"""Shared fixtures: tiny guests under TCG, booted once per session where tests can share them."""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from nixos_repl import Registry
+from nixos_repl.guests import build_tiny
+
+# KVM guests hang on the project's machines (nested virtualisation): tests always use TCG.
+os.environ["NIXOS_REPL_ACCEL"] = "tcg"
+logging.getLogger("qemu.qmp").setLevel(logging.WARNING)
+
+
+@pytest.fixture(scope="session")
+def guest_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    path = tmp_path_factory.mktemp("guests")
+    build_tiny(["vm1", "vm2"], path)  # nodes 1 and 2: 192.168.<vlan>.1 and .2
+    build_tiny(["crashy", "solo"], path)
+    return path
+
+
+@pytest.fixture(scope="session")
+def registry(guest_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Registry]:
+    """vm1 and vm2 on VLAN 1, shared by the tests that do not break machines."""
+    out = tmp_path_factory.mktemp("out")
+    scripts = [guest_dir / "run-vm1-vm", guest_dir / "run-vm2-vm"]
+    with Registry.from_start_scripts(scripts, vlans=[1], out_dir=out) as reg:
+        reg.start_all()
+        yield reg
+
+
+@pytest.fixture
+def vm1(registry: Registry):  # type: ignore[no-untyped-def]
+    machine = registry["vm1"]
+    machine.connect()
+    return machine
+
+
+@pytest.fixture
+def vm2(registry: Registry):  # type: ignore[no-untyped-def]
+    machine = registry["vm2"]
+    machine.connect()
+    return machine
+
+
+@pytest.fixture
+def own_registry(guest_dir: Path, tmp_path: Path) -> Iterator[Registry]:
+    """A registry with one machine of its own, for tests that crash or stop it."""
+    with Registry.from_start_scripts([guest_dir / "run-crashy-vm"], out_dir=tmp_path) as reg:
+        yield reg
+
+
+def qemu_alive(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().split(")")[-1].split()[0] != "Z"
+    except FileNotFoundError:
+        return False
+
+
+def interrupt_after(delay: float) -> threading.Timer:
+    """Deliver a real SIGINT to the main thread after ``delay`` seconds, as Ctrl-C does."""
+    main = threading.main_thread().ident
+    assert main is not None
+    timer = threading.Timer(delay, lambda: signal.pthread_kill(main, signal.SIGINT))
+    timer.start()
+    return timer

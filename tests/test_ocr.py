@@ -1,0 +1,258 @@
+"""OCR with the host's tesseract on rendered console-like images (no VM)."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import re
+import shutil
+import stat
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+from PIL import Image, ImageDraw, ImageFont, ImageStat
+
+from nixos_repl.errors import MachineError
+from nixos_repl.machine import ocr as ocr_module
+from nixos_repl.machine.ocr import iter_ocr, ocr, ocr_variants, preprocess
+
+pytestmark = pytest.mark.skipif(shutil.which("tesseract") is None, reason="needs tesseract")
+
+FONT_PATHS = [
+    "/usr/share/fonts/truetype/dejavu/DejaVuSansMono.ttf",
+    "/usr/share/fonts/truetype/liberation/LiberationMono-Regular.ttf",
+]
+EXPECTED = re.compile(r"keys-ok\s+hello\s+42")
+
+
+def font(size: int) -> ImageFont.FreeTypeFont | ImageFont.ImageFont:
+    for path in FONT_PATHS:
+        if os.path.exists(path):
+            return ImageFont.truetype(path, size)
+    return ImageFont.load_default(size=size + 16)
+
+
+def console(*lines: str, size: int = 32) -> Image.Image:
+    """Light grey text on black, 1280x800, like a Linux virtual console."""
+    image = Image.new("RGB", (1280, 800), (0, 0, 0))
+    draw = ImageDraw.Draw(image)
+    for row, line in enumerate(lines):
+        draw.text((24, 24 + row * size * 5 // 4), line, fill=(170, 170, 170), font=font(size))
+    return image
+
+
+def busy_console() -> Image.Image:
+    """A full screen of boot messages: seconds of tesseract work per pass."""
+    lines = [
+        f"[  OK  ] Started unit number {i} keys-ok hello 42 systemd-journald" for i in range(40)
+    ]
+    return console(*lines, size=16)
+
+
+def tesseract_children() -> list[tuple[int, str]]:
+    """(pid, state) of this process's tesseract children, zombies included."""
+    found = []
+    me = os.getpid()
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/stat") as f:
+                data = f.read()
+        except OSError:
+            continue
+        comm = data[data.index("(") + 1 : data.rindex(")")]
+        state, ppid = data[data.rindex(")") + 2 :].split()[:2]
+        if comm == "tesseract" and int(ppid) == me:
+            found.append((int(entry), state))
+    return found
+
+
+async def wait_until(condition: Callable[[], bool], timeout: float) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if condition():
+            return True
+        await asyncio.sleep(0.01)
+    return condition()
+
+
+def no_live_tesseract() -> bool:
+    return all(state == "Z" for _, state in tesseract_children())
+
+
+def no_tesseract() -> bool:
+    return not tesseract_children()
+
+
+def test_ocr_reads_console_text() -> None:
+    text = asyncio.run(ocr(console("keys-ok hello 42")))
+    assert EXPECTED.search(text), text
+
+
+def test_ocr_variants() -> None:
+    texts = asyncio.run(ocr_variants(console("keys-ok hello 42")))
+    assert len(texts) == 3
+    for text in texts:  # raw, positive, negative
+        assert EXPECTED.search(text), texts
+
+
+def test_preprocess() -> None:
+    image = console("keys-ok hello 42")
+    for negate in (False, True):
+        out = preprocess(image, negate)
+        assert out.mode == "L"
+        assert out.size == (round(1280 * 300 / 72), round(800 * 300 / 72))
+    # Light text on black: the negative variant is mostly white, the positive mostly black.
+    assert ImageStat.Stat(preprocess(image, negate=False)).mean[0] < 40
+    assert ImageStat.Stat(preprocess(image, negate=True)).mean[0] > 215
+
+
+def test_iter_ocr_static_screen_is_read_once() -> None:
+    image = console("keys-ok hello 42")
+    calls = 0
+
+    async def screenshot() -> Image.Image:
+        nonlocal calls
+        calls += 1
+        return image.copy()
+
+    async def collect() -> list[str]:
+        return [text async for text in iter_ocr(screenshot, rescreen_delays=(0.05, 0.1))]
+
+    texts = asyncio.run(collect())
+    assert calls == 3
+    assert len(texts) == 3  # unchanged screens are not read again
+    assert all(EXPECTED.search(text) for text in texts), texts
+
+
+def test_iter_ocr_reads_fresh_screenshots() -> None:
+    screens = [console("waiting for input"), console("keys-ok hello 42")]
+
+    async def screenshot() -> Image.Image:
+        return screens.pop(0) if len(screens) > 1 else screens[0]
+
+    async def collect() -> list[str]:
+        return [text async for text in iter_ocr(screenshot, variants=False, rescreen_delays=(0.2,))]
+
+    texts = asyncio.run(collect())
+    assert len(texts) == 2
+    assert "waiting" in texts[0]
+    assert EXPECTED.search(texts[1]), texts
+
+
+def test_iter_ocr_break_kills_tesseract() -> None:
+    image = busy_console()
+
+    async def screenshot() -> Image.Image:
+        return image
+
+    async def main() -> None:
+        seen_running = False
+        async for text in iter_ocr(screenshot, rescreen_delays=()):
+            assert "hello" in text
+            # The preprocessed passes start as soon as the raw one is done.
+            seen_running = await wait_until(lambda: bool(tesseract_children()), 10)
+            break
+        assert seen_running
+        assert await wait_until(no_live_tesseract, 1), tesseract_children()
+        assert await wait_until(no_tesseract, 5), tesseract_children()
+
+    asyncio.run(main())
+
+
+def test_iter_ocr_aclose_kills_tesseract() -> None:
+    image = busy_console()
+
+    async def screenshot() -> Image.Image:
+        return image
+
+    async def main() -> None:
+        async with iter_ocr(screenshot, rescreen_delays=()) as texts:
+            first = asyncio.ensure_future(anext(texts))
+            assert await wait_until(lambda: bool(tesseract_children()), 10)
+            first.cancel()  # stop waiting for the (slow) raw pass, leave the block
+        assert no_live_tesseract() or await wait_until(no_live_tesseract, 0.5)
+        assert await wait_until(no_tesseract, 5), tesseract_children()
+
+    asyncio.run(main())
+
+
+def test_cancelled_ocr_kills_tesseract() -> None:
+    async def main() -> None:
+        task = asyncio.create_task(ocr_variants(busy_console()))
+        assert await wait_until(lambda: bool(tesseract_children()), 10)
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        assert no_live_tesseract(), tesseract_children()
+        assert await wait_until(no_tesseract, 5), tesseract_children()
+
+    asyncio.run(main())
+
+
+def test_missing_tesseract(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    monkeypatch.setenv("PATH", str(tmp_path))
+    message = "OCR requested but `tesseract` is not available"
+    image = Image.new("RGB", (64, 64))
+
+    async def screenshot() -> Image.Image:
+        raise AssertionError("no screenshot is taken without tesseract")
+
+    async def first_text() -> str:
+        async for text in iter_ocr(screenshot):
+            return text
+        return ""
+
+    with pytest.raises(MachineError) as e:
+        asyncio.run(ocr(image))
+    assert str(e.value) == message
+    with pytest.raises(MachineError, match="`tesseract` is not available"):
+        asyncio.run(ocr_variants(image))
+    with pytest.raises(MachineError, match="`tesseract` is not available"):
+        asyncio.run(first_text())
+
+
+def fake_tesseract(directory: Path, body: str) -> None:
+    script = directory / "tesseract"
+    script.write_text(f"#!/bin/sh\n{body}\n")
+    script.chmod(script.stat().st_mode | stat.S_IXUSR)
+
+
+def test_failing_tesseract(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    fake_tesseract(tmp_path, "cat >/dev/null; echo broken >&2; exit 3")
+    monkeypatch.setenv("PATH", str(tmp_path))
+    with pytest.raises(MachineError) as e:
+        asyncio.run(ocr(Image.new("RGB", (64, 64))))
+    assert str(e.value) == "OCR failed with exit code 3"
+
+
+def test_engine_mode_is_probed_once(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    # A tesseract whose data has the legacy engine: nixpkgs' --oem 2 is kept.
+    log = tmp_path / "calls"
+    fake_tesseract(tmp_path, f'cat >/dev/null; echo "$@" >> {log}; echo "$@"')
+    monkeypatch.setenv("PATH", str(tmp_path))
+    image = Image.new("RGB", (64, 64))
+    first = asyncio.run(ocr(image))
+    second = asyncio.run(ocr(image))
+    assert first == second
+    assert first.split() == [
+        "-", "-", "--oem", "2", "-c", "debug_file=/dev/null", "--psm", "11"
+    ]  # fmt: skip
+    assert len(log.read_text().splitlines()) == 3  # one probe, two passes
+
+
+def test_engine_mode_falls_back_to_lstm(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    body = 'cat >/dev/null; case "$*" in *"--oem 2"*) exit 1;; esac; echo "$@"'
+    fake_tesseract(tmp_path, body)
+    monkeypatch.setenv("PATH", str(tmp_path))
+    text = asyncio.run(ocr(Image.new("RGB", (64, 64))))
+    assert "--oem 1" in text
+    assert "--psm 11" in text
+    assert "debug_file=/dev/null" in text
+
+
+def test_concurrency_is_bounded() -> None:
+    assert ocr_module.max_processes() == max(1, len(os.sched_getaffinity(0)) // 2)
