@@ -1,0 +1,1 @@
+"""Interactive front ends: what the REPL and the notebook kernel show and how."""
