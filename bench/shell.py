@@ -62,10 +62,14 @@ def main() -> None:
         _, encoded = nixpkgs(big)
         theirs_mb = len(encoded) * 3 / 4 / (time.perf_counter() - t) / 1e6
 
+    def row(label: str, figures: tuple[float, float, float]) -> str:
+        median, low, high = figures
+        return f"{label:26s} median {median:6.2f} ms  (min {low:.2f}, max {high:.2f})"
+
     print(f"framing: {'fast (nixos-repl ports)' if shell.fast else 'compatible'}")
-    print(f"succeed('true'), ours      median {ours[0]:6.2f} ms  (min {ours[1]:.2f}, max {ours[2]:.2f})")
-    print(f"succeed('true'), nixpkgs   median {theirs[0]:6.2f} ms  (min {theirs[1]:.2f}, max {theirs[2]:.2f})")
-    print(f"floor (bare echo)          median {floor[0]:6.2f} ms  (min {floor[1]:.2f}, max {floor[2]:.2f})")
+    print(row("succeed('true'), ours", ours))
+    print(row("succeed('true'), nixpkgs", theirs))
+    print(row("floor (bare echo)", floor))
     print(f"10 MB read, ours           {ours_mb:6.2f} MB/s")
     print(f"10 MB read, nixpkgs        {theirs_mb:6.2f} MB/s")
     print(f"ratio nixpkgs/ours per command: {theirs[0] / ours[0]:.2f}x")

@@ -31,14 +31,29 @@ def _parser() -> argparse.ArgumentParser:
         "--name", action="append", required=True, dest="names", metavar="NAME",
         help="a machine name (repeat for several machines)",
     )  # fmt: skip
-    build.add_argument("--out", type=Path, required=True, metavar="DIR",
-                       help="where to write the run-<name>-vm scripts")
+    build.add_argument(
+        "--out",
+        type=Path,
+        required=True,
+        metavar="DIR",
+        help="where to write the run-<name>-vm scripts",
+    )
 
     demo = commands.add_parser("demo", help="boot two tiny guests and drive them")
-    demo.add_argument("--guests", type=Path, default=None, metavar="DIR",
-                      help="where to build the demo's start scripts (default: a temp dir)")
-    demo.add_argument("--out", type=Path, default=Path("demo-out"), metavar="DIR",
-                      help="output directory (screenshots, copies)")
+    demo.add_argument(
+        "--guests",
+        type=Path,
+        default=None,
+        metavar="DIR",
+        help="where to build the demo's start scripts (default: a temp dir)",
+    )
+    demo.add_argument(
+        "--out",
+        type=Path,
+        default=Path("demo-out"),
+        metavar="DIR",
+        help="output directory (screenshots, copies)",
+    )
     return parser
 
 

@@ -61,7 +61,9 @@ def run_sync(coro: Coroutine[Any, Any, T], timeout: float | None = None) -> T:
     """
     if in_loop_thread():
         coro.close()
-        raise RuntimeError("run_sync() called from the I/O loop thread: await the coroutine instead")
+        raise RuntimeError(
+            "run_sync() called from the I/O loop thread: await the coroutine instead"
+        )
     done = threading.Lock()
     done.acquire()
     outcome: list[Any] = []

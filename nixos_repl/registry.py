@@ -144,12 +144,16 @@ class Registry:
 
     def start_all(self) -> None:
         """Start every machine (in parallel; does not wait for boot)."""
+
         async def start_all() -> list[tuple[str, BaseException]]:
             results = await asyncio.gather(
                 *(m.astart() for m in self.machines), return_exceptions=True
             )
-            return [(m.name, r) for m, r in zip(self.machines, results, strict=True)
-                    if isinstance(r, BaseException)]
+            return [
+                (m.name, r)
+                for m, r in zip(self.machines, results, strict=True)
+                if isinstance(r, BaseException)
+            ]
 
         errors = run_sync(start_all())
         if errors:
@@ -160,9 +164,11 @@ class Registry:
 
     def close(self) -> None:
         """Kill every machine and VLAN. Safe to call twice."""
+
         async def release_all() -> None:
-            await asyncio.gather(*(m.arelease() for m in self._machines.values()),
-                                 return_exceptions=True)
+            await asyncio.gather(
+                *(m.arelease() for m in self._machines.values()), return_exceptions=True
+            )
             await asyncio.gather(*(v.stop() for v in self.vlans), return_exceptions=True)
 
         run_sync(release_all())

@@ -42,7 +42,7 @@ class VLan:
             ) from None
         assert self.proc.stdin is not None and self.proc.stdout is not None
         self.proc.stdin.write(b"showinfo\n")
-        seen = []
+        seen: list[str] = []
         try:
             async with asyncio.timeout(START_TIMEOUT):
                 while True:

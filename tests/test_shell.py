@@ -192,7 +192,9 @@ def test_async_twins_run_machines_in_parallel(vm1, vm2) -> None:  # type: ignore
     from nixos_repl.loop import run_sync
 
     async def both() -> tuple[str, str]:
-        a, b = await asyncio.gather(vm1.asucceed("sleep 1; hostname"), vm2.asucceed("sleep 1; hostname"))
+        a, b = await asyncio.gather(
+            vm1.asucceed("sleep 1; hostname"), vm2.asucceed("sleep 1; hostname")
+        )
         return a, b
 
     start = time.monotonic()

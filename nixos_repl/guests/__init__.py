@@ -134,10 +134,14 @@ def module_order(moddir: Path, wanted: Iterable[str]) -> list[str]:
 
 def extract_vmlinux(bzimage: bytes) -> bytes | None:
     """The ELF kernel inside a bzImage (xz or gzip payload), or None if it cannot be found."""
-    for magic, opener in (
-        (b"\xfd7zXZ\x00", lambda d: lzma.LZMADecompressor(lzma.FORMAT_XZ).decompress(d)),
-        (b"\x1f\x8b\x08\x00", lambda d: gzip.GzipFile(fileobj=io.BytesIO(d)).read()),
-    ):
+
+    def unxz(data: bytes) -> bytes:
+        return lzma.LZMADecompressor(lzma.FORMAT_XZ).decompress(data)
+
+    def gunzip(data: bytes) -> bytes:
+        return gzip.GzipFile(fileobj=io.BytesIO(data)).read()
+
+    for magic, opener in ((b"\xfd7zXZ\x00", unxz), (b"\x1f\x8b\x08\x00", gunzip)):
         start = 0
         while (off := bzimage.find(magic, start)) >= 0:
             start = off + 1
@@ -252,8 +256,9 @@ def _build_initramfs(moddir: Path, modules: list[str], files: dict[str, Path]) -
     raw = cpio.pack()
     if shutil.which("lz4"):
         # The kernel wants the legacy lz4 frame format (-l).
-        return subprocess.run(["lz4", "-l", "-9", "-q", "-c"], input=raw, capture_output=True,
-                              check=True).stdout
+        return subprocess.run(
+            ["lz4", "-l", "-9", "-q", "-c"], input=raw, capture_output=True, check=True
+        ).stdout
     return gzip.compress(raw, compresslevel=6, mtime=0)
 
 

@@ -218,8 +218,9 @@ class Machine:
             self._set_state("off")
             if isinstance(e, MachineError | asyncio.CancelledError | KeyboardInterrupt):
                 raise
-            raise MachineError(f"{self.name}: could not start QEMU: {e}\n"
-                               f"{process.describe_exit()}") from e
+            raise MachineError(
+                f"{self.name}: could not start QEMU: {e}\n{process.describe_exit()}"
+            ) from e
         self.booted = True
         asyncio.get_running_loop().create_task(self._watch_exit(process))
 

@@ -37,7 +37,7 @@ class Console:
         self._partial = b""
         self._matched_upto = 0
         if log_path is not None:
-            self._file = open(log_path, "a", encoding="utf-8", errors="replace")  # noqa: SIM115
+            self._file = open(log_path, "a", encoding="utf-8", errors="replace")
 
     def close(self) -> None:
         if self._file is not None:

@@ -28,7 +28,7 @@ from pathlib import Path
 
 from ..errors import MachineError
 
-__all__ = ["QemuProcess", "SOCKETS"]
+__all__ = ["SOCKETS", "QemuProcess"]
 
 PR_SET_PDEATHSIG = 1
 _libc = ctypes.CDLL(None, use_errno=True)
@@ -190,8 +190,9 @@ class QemuProcess:
         loop = asyncio.get_running_loop()
         accept = asyncio.ensure_future(loop.sock_accept(self._listeners[name]))
         exited = asyncio.ensure_future(self.exited.wait())
-        done, _ = await asyncio.wait({accept, exited}, timeout=timeout,
-                                     return_when=asyncio.FIRST_COMPLETED)
+        done, _ = await asyncio.wait(
+            {accept, exited}, timeout=timeout, return_when=asyncio.FIRST_COMPLETED
+        )
         exited.cancel()
         if accept in done:
             conn, _ = accept.result()

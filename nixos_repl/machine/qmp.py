@@ -42,7 +42,7 @@ def _internal(event: Event) -> bool:
     return isinstance(data, dict) and str(data.get("id", "")).startswith(INTERNAL_PREFIX)
 
 
-class _Client(QMPClient):  # type: ignore[misc]
+class _Client(QMPClient):
     """A QMPClient that dispatches events to one callback instead of unbounded queues."""
 
     def __init__(self, name: str, on_event: Callable[[Event], None]) -> None:
@@ -89,7 +89,7 @@ class QMPSession:
             result = await self._client.execute(cmd, args)
         except ExecuteError as e:
             raise QMPAPIError(
-                {"error": {"class": e.error_class, "desc": e.error_desc}, "id": e.sent.get("id")}
+                {"error": {"class": e.error_class, "desc": str(e)}, "id": e.sent.get("id")}
             ) from None
         except (QMPError, EOFError, OSError) as e:
             raise ConnectionError(f"QMP connection to {self.name} closed: {e}") from e
