@@ -65,6 +65,24 @@ exit 0
 PROFILE = """export PATH=/bin:/sbin:/usr/bin:/usr/sbin
 export PS1='\\u@\\h:\\w# '
 """
+# GNU timeout's interface and exit status (124 when the limit hits); busybox's returns 143.
+TIMEOUT = """#!/bin/bash
+duration=$1
+shift
+sleep "$duration" < /dev/null > /dev/null 2>&1 &
+sleeper=$!
+"$@" &
+pid=$!
+wait -n -p finished "$pid" "$sleeper"
+status=$?
+if [ "$finished" = "$pid" ]; then
+    kill "$sleeper" 2> /dev/null
+    exit "$status"
+fi
+kill -TERM "$pid" 2> /dev/null
+wait "$pid"
+exit 124
+"""
 SYSTEMD_CAT = """#!/bin/sh
 # The tiny guest has no journal: systemd-cat writes its input to the serial console.
 exec cat > /dev/ttyS0
@@ -242,6 +260,7 @@ def _build_initramfs(moddir: Path, modules: list[str], files: dict[str, Path]) -
         for lib in _libraries(src):
             cpio.file(lib, Path(lib).resolve().read_bytes())
     cpio.file("usr/bin/systemd-cat", SYSTEMD_CAT.encode())
+    cpio.file("bin/timeout", TIMEOUT.encode())
     for mod in modules:
         data = (moddir / mod).read_bytes()
         if mod.endswith(".xz"):
@@ -265,7 +284,7 @@ def _build_initramfs(moddir: Path, modules: list[str], files: dict[str, Path]) -
 def _inputs_key(vmlinuz: Path, files: dict[str, Path]) -> str:
     h = hashlib.sha256(BUILDER_VERSION.encode())
     h.update(resources.files(__package__).joinpath("init.sh").read_bytes())
-    h.update(UDHCPC_SCRIPT.encode() + PROFILE.encode() + SYSTEMD_CAT.encode())
+    h.update((UDHCPC_SCRIPT + PROFILE + SYSTEMD_CAT + TIMEOUT).encode())
     h.update(str(bool(shutil.which("lz4"))).encode())
     for key, path in sorted({"kernel": vmlinuz, **files}.items()):
         st = path.stat()

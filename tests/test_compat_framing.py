@@ -1,0 +1,39 @@
+"""nixpkgs' own framing (for guests without nixos-repl's ports) keeps the same semantics and sync."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from nixos_repl import Machine, Registry
+
+from .conftest import interrupt_after
+
+
+@pytest.fixture(scope="module")
+def compat(guest_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Machine]:
+    out = tmp_path_factory.mktemp("compat")
+    with Registry.from_start_scripts([guest_dir / "run-solo-vm"], out_dir=out) as reg:
+        machine = reg["solo"]
+        machine.shell_framing = "nixpkgs"
+        machine.connect()
+        yield machine
+
+
+def test_semantics(compat: Machine) -> None:
+    assert compat.shell is not None and not compat.shell.fast
+    assert compat.succeed("echo a", "echo b") == "a\nb\n"
+    assert compat.execute("echo out; exit 3") == (3, "out\n")
+    assert compat.execute("false | true")[0] == 1
+    assert compat.execute("echo x", check_output=False) == (-2, "")
+    assert compat.succeed(r"printf 'a\377b'") == "a\ufffdb"
+    assert compat.execute("sleep 5", timeout=1)[0] == 124  # GNU timeout in the guest
+
+
+def test_interrupted_reply_is_skipped(compat: Machine) -> None:
+    interrupt_after(0.3)
+    with pytest.raises(KeyboardInterrupt):
+        compat.succeed("sleep 2; echo stale-reply")
+    assert compat.succeed("echo fresh-reply") == "fresh-reply\n"
