@@ -28,6 +28,7 @@ from .console import Console
 from .monitor import Monitor
 from .process import QemuProcess, driver_qemu_options, graphical_display_available
 from .qmp import QMPSession
+from .screen import ScreenMixin
 from .shell import OUT_CHARDEV, ShellChannel
 
 __all__ = ["Duration", "Machine", "seconds"]
@@ -82,7 +83,7 @@ async def poll_until(
         )
 
 
-class Machine:
+class Machine(ScreenMixin):
     """A QEMU machine started from a ``run-<name>-vm`` script (nixpkgs' ``QemuMachine``)."""
 
     def __init__(
