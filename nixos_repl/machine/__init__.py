@@ -412,9 +412,11 @@ class Machine(ScreenMixin):
         assert self.shell is not None
         try:
             status, out = await self.shell.execute(command, seconds(timeout), wait=check_output)
-        except MachineError:
+        except (MachineError, ConnectionError) as e:
             await self._explain_death()
-            raise
+            if isinstance(e, MachineError):
+                raise
+            raise MachineError(f"{self.name}: lost the connection to QEMU: {e}") from e
         if not check_output:
             return -2, ""
         if not check_return:
