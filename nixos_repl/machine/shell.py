@@ -13,9 +13,9 @@ function and starts a small reader; then, per command:
 * a virtio-serial port can be open only once at a time. When the subshell has exited, the shell
   closes its own copy and opens the port again for the next command: if that fails, a process the
   command started still holds its stdout. That check costs two virtio control messages, so it is
-  skipped when the kernel's last allocated pid (``/proc/loadavg``) shows that no process but the
-  subshell was created meanwhile: then nothing else can hold the port. The reply on hvc0 is
-  ``E<nonce> <status> <held>``; anything else there is skipped;
+  skipped when the kernel's last allocated pid (``/proc/loadavg``) is exactly one more than after
+  the previous command: then the subshell was the only process created, and nothing else can
+  hold the port. The reply on hvc0 is ``E<nonce> <status> <held>``; anything else is skipped;
 * while ``held``, the host waits for stdout to close, as nixpkgs does (base64 waits for EOF),
   asking QEMU whether the port is still open (``query-chardev``; the VSERPORT_CHANGE event is
   rate-limited to one a second, so it cannot mark the end of each command), and says why it
@@ -55,7 +55,8 @@ STDOUT_GRACE = 5.0
 KILL_GRACE = 2.0
 OUT_CHARDEV = "nixos-repl-out"
 
-SETUP = r"""__nr_out= __nr_ctl= __nr_fd=
+SETUP = r"""__nr_out= __nr_ctl= __nr_fd= __nr_last=0
+exec {__nr_null}< /dev/null
 for __nr_p in /sys/class/virtio-ports/*; do
   read -r __nr_n 2>/dev/null < "$__nr_p/name" || continue
   case "$__nr_n" in
@@ -67,14 +68,15 @@ __nr_run() {
   if [ -z "$__nr_fd" ] && ! { exec {__nr_fd}> "$__nr_out"; } 2>/dev/null; then
     __nr_fd=; printf 'E%s busy\n' "$1"; return
   fi
-  read -r _ _ _ _ __nr_l0 < /proc/loadavg
-  ( __nr_c=$2; set --; set -euo pipefail; eval "$__nr_c" ) < /dev/null >&$__nr_fd {__nr_fd}>&-
+  ( __nr_c=$2; set --; set -euo pipefail; eval "$__nr_c" ) \
+    <&$__nr_null >&$__nr_fd {__nr_null}<&- {__nr_fd}>&-
   __nr_s=$? __nr_h=0
-  read -r _ _ _ _ __nr_l1 < /proc/loadavg
-  if (( __nr_l1 != __nr_l0 + 1 )); then
+  read -r _ _ _ _ __nr_pid < /proc/loadavg
+  if (( __nr_pid != __nr_last + 1 )); then
     exec {__nr_fd}>&-
     if ! { exec {__nr_fd}> "$__nr_out"; } 2>/dev/null; then __nr_h=1 __nr_fd=; fi
   fi
+  __nr_last=$__nr_pid
   printf 'E%s %s %s\n' "$1" "$__nr_s" "$__nr_h"
 }
 __nr_kill() {
