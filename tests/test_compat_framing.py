@@ -1,4 +1,4 @@
-"""nixpkgs' own framing (for guests without nixos-repl's ports) keeps the same semantics and sync."""
+"""nixpkgs' own framing (a guest without nixos-repl's ports) keeps the semantics and the sync."""
 
 from __future__ import annotations
 

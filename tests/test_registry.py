@@ -65,7 +65,10 @@ def test_banner_timeout_shows_the_console(guest_dir: Path, tmp_path: Path) -> No
         textwrap.dedent(f"""\
         #!/usr/bin/env bash
         args=()
-        for a in "$@"; do [ "$a" = virtconsole,chardev=shell ] && a=virtio-rng-pci; args+=("$a"); done
+        for a in "$@"; do
+            [ "$a" = virtconsole,chardev=shell ] && a=virtio-rng-pci
+            args+=("$a")
+        done
         exec {guest_dir}/run-solo-vm "${{args[@]}}"
     """)
     )
@@ -130,7 +133,8 @@ def test_no_qemu_survives_sigkill_of_the_parent(guest_dir: Path, tmp_path: Path)
     program = textwrap.dedent(f"""
         import sys, time
         from nixos_repl import Registry
-        reg = Registry.from_start_scripts([{str(guest_dir / "run-solo-vm")!r}], out_dir={str(tmp_path)!r})
+        script = {str(guest_dir / "run-solo-vm")!r}
+        reg = Registry.from_start_scripts([script], out_dir={str(tmp_path)!r})
         reg.__enter__()
         reg["solo"].start()
         print(reg["solo"].pid, flush=True)
