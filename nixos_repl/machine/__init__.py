@@ -61,26 +61,34 @@ def machine_name_from_start_command(start_command: str) -> str:
     return match.group(1) if match else "machine"
 
 
-async def poll_until(
-    check: Callable[[bool], Awaitable[bool]], timeout: float, first_delay: float = 0.05
-) -> None:
-    """nixpkgs' ``retry`` for machine waits: try until the deadline, then one last try.
+def backoff(timeout: float, first_delay: float = 0.05) -> Iterator[float]:
+    """Pauses between the tries of nixpkgs' ``retry``, until ``timeout`` seconds have passed.
 
-    The delay starts short and doubles up to 1 s: a probe costs milliseconds here, so a state
-    change is seen quickly without flooding the guest.
+    The pause starts short and doubles up to 1 s: a probe costs milliseconds here, so a state
+    change is seen quickly without flooding the guest. After the last pause comes one last try.
     """
+    start, delay = time.monotonic(), first_delay
+    while (remaining := timeout - (time.monotonic() - start)) > 0:
+        yield min(delay, remaining)
+        delay = min(delay * 2, 1.0)
+
+
+def timed_out(start: float, timeout: float) -> RequestedAssertionFailed:
+    elapsed = time.monotonic() - start
+    return RequestedAssertionFailed(
+        f"action timed out after {elapsed:.2f} seconds (timeout={timeout})"
+    )
+
+
+async def poll_until(check: Callable[[bool], Awaitable[bool]], timeout: float) -> None:
+    """nixpkgs' ``retry`` for machine waits: try until the deadline, then one last try."""
     start = time.monotonic()
-    delay = first_delay
-    while time.monotonic() - start < timeout:
+    for pause in backoff(timeout):
         if await check(False):
             return
-        await asyncio.sleep(min(delay, max(0.0, timeout - (time.monotonic() - start))))
-        delay = min(delay * 2, 1.0)
+        await asyncio.sleep(pause)
     if not await check(True):
-        elapsed = time.monotonic() - start
-        raise RequestedAssertionFailed(
-            f"action timed out after {elapsed:.2f} seconds (timeout={timeout})"
-        )
+        raise timed_out(start, timeout)
 
 
 class Machine(ScreenMixin):
@@ -578,16 +586,13 @@ class Machine(ScreenMixin):
         """poll_until() for checks written with the sync API (they run in the caller's thread)."""
         limit = seconds(timeout)
         assert limit is not None
-        start, delay = time.monotonic(), 0.05
-        while time.monotonic() - start < limit:
+        start = time.monotonic()
+        for pause in backoff(limit):
             if check(False):
                 return
-            time.sleep(min(delay, max(0.0, limit - (time.monotonic() - start))))
-            delay = min(delay * 2, 1.0)
+            time.sleep(pause)
         if not check(True):
-            raise RequestedAssertionFailed(
-                f"action timed out after {time.monotonic() - start:.2f} seconds (timeout={limit})"
-            )
+            raise timed_out(start, limit)
 
     # -- files and ports -----------------------------------------------------------------------
 
