@@ -39,7 +39,9 @@ def main() -> None:
     (script,) = build_tiny(["vm1"], args.guests)
     with Registry.from_start_scripts([script]) as registry:
         vm = registry["vm1"]
-        vm.succeed("true")  # boot and connect
+        t = time.perf_counter()
+        vm.connect()
+        boot = time.perf_counter() - t
         shell = vm.shell
         assert shell is not None
 
@@ -61,12 +63,15 @@ def main() -> None:
         t = time.perf_counter()
         _, encoded = nixpkgs(big)
         theirs_mb = len(encoded) * 3 / 4 / (time.perf_counter() - t) / 1e6
+        status = Path(f"/proc/{vm.pid}/status").read_text().splitlines()
+        rss_mib = int(next(x for x in status if x.startswith("VmRSS")).split()[1]) / 1024
 
     def row(label: str, figures: tuple[float, float, float]) -> str:
         median, low, high = figures
         return f"{label:26s} median {median:6.2f} ms  (min {low:.2f}, max {high:.2f})"
 
     print(f"framing: {'fast (nixos-repl ports)' if shell.fast else 'compatible'}")
+    print(f"boot to connected backdoor: {boot:.2f} s; QEMU RSS {rss_mib:.0f} MiB")
     print(row("succeed('true'), ours", ours))
     print(row("succeed('true'), nixpkgs", theirs))
     print(row("floor (bare echo)", floor))
