@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import os
 import signal
+import tempfile
 import threading
 from collections.abc import Iterator
 from pathlib import Path
@@ -16,6 +17,8 @@ from nixos_repl.guests import build_tiny
 
 # KVM guests hang on the project's machines (nested virtualisation): tests always use TCG.
 os.environ["NIXOS_REPL_ACCEL"] = "tcg"
+# Sockets, VLAN switches and state directories of this run stay private to it.
+os.environ["XDG_RUNTIME_DIR"] = tempfile.mkdtemp(prefix="nixos-repl-tests-")
 logging.getLogger("qemu.qmp").setLevel(logging.WARNING)
 
 

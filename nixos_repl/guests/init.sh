@@ -32,6 +32,8 @@ for dev in /sys/class/net/eth*; do
     ifname=${dev##*/}
     ip link set "$ifname" up
     read -r mac < "$dev/address"
+    # eth0 is always user networking (as in NixOS); only later NICs can be VLAN NICs.
+    [ "$ifname" = eth0 ] && mac=user
     case "$mac" in
         52:54:00:12:*)
             vlan=$((16#$(echo "$mac" | cut -d: -f5)))

@@ -30,11 +30,11 @@ from .process import QemuProcess, driver_qemu_options, graphical_display_availab
 from .qmp import QMPSession
 from .screen import ScreenMixin
 from .shell import OUT_CHARDEV, ShellChannel
+from .timing import Duration, backoff, poll_until, seconds, timed_out
 
 __all__ = ["Duration", "Machine", "seconds"]
 
 T = TypeVar("T")
-Duration = dt.timedelta | int | float
 
 DEFAULT_TIMEOUT = dt.timedelta(minutes=15)
 # How long connect() waits for the backdoor banner (nixpkgs: 10 x 30 s).
@@ -43,52 +43,9 @@ CONNECT_TIMEOUT = dt.timedelta(minutes=5)
 SOCKET_TIMEOUT = 60.0
 
 
-def seconds(value: Duration | None) -> float | None:
-    """A duration as seconds: timedelta or a bare number; bool is refused, as in nixpkgs."""
-    if value is None:
-        return None
-    if isinstance(value, bool):
-        raise TypeError("a duration must be a datetime.timedelta or a number of seconds, not bool")
-    if isinstance(value, dt.timedelta):
-        return value.total_seconds()
-    if isinstance(value, int | float):
-        return float(value)
-    raise TypeError(f"a duration must be a datetime.timedelta or seconds, not {value!r}")
-
-
 def machine_name_from_start_command(start_command: str) -> str:
     match = re.search("run-(.+)-vm$", start_command)
     return match.group(1) if match else "machine"
-
-
-def backoff(timeout: float, first_delay: float = 0.05) -> Iterator[float]:
-    """Pauses between the tries of nixpkgs' ``retry``, until ``timeout`` seconds have passed.
-
-    The pause starts short and doubles up to 1 s: a probe costs milliseconds here, so a state
-    change is seen quickly without flooding the guest. After the last pause comes one last try.
-    """
-    start, delay = time.monotonic(), first_delay
-    while (remaining := timeout - (time.monotonic() - start)) > 0:
-        yield min(delay, remaining)
-        delay = min(delay * 2, 1.0)
-
-
-def timed_out(start: float, timeout: float) -> RequestedAssertionFailed:
-    elapsed = time.monotonic() - start
-    return RequestedAssertionFailed(
-        f"action timed out after {elapsed:.2f} seconds (timeout={timeout})"
-    )
-
-
-async def poll_until(check: Callable[[bool], Awaitable[bool]], timeout: float) -> None:
-    """nixpkgs' ``retry`` for machine waits: try until the deadline, then one last try."""
-    start = time.monotonic()
-    for pause in backoff(timeout):
-        if await check(False):
-            return
-        await asyncio.sleep(pause)
-    if not await check(True):
-        raise timed_out(start, timeout)
 
 
 class Machine(ScreenMixin):
@@ -143,7 +100,18 @@ class Machine(ScreenMixin):
 
     # -- helpers -------------------------------------------------------------------------------
 
-    def _run(self, coro: Coroutine[Any, Any, T]) -> T:
+    def _run(self, coro: Coroutine[Any, Any, T], checks: bool = True) -> T:
+        """Run one of the async twins for a sync public method, in the caller's thread.
+
+        Polling conditions (``callbacks``) run first, here and not on the I/O loop, so they may
+        use the sync API themselves; lifecycle methods pass ``checks=False``.
+        """
+        if checks:
+            try:
+                self.run_callbacks()
+            except BaseException:
+                coro.close()
+                raise
         return run_sync(coro)
 
     @contextlib.contextmanager
@@ -236,8 +204,10 @@ class Machine(ScreenMixin):
     def _on_qmp_event(self, event: dict[str, Any]) -> None:
         if event.get("event") == "SHUTDOWN":
             self._shutdown_reason = str((event.get("data") or {}).get("reason", ""))
-        elif event.get("event") == "RESET" and not self.allow_reboot:
-            self.log.info("the guest reset (QEMU exits: -no-reboot)")
+        elif event.get("event") == "RESET" and self.allow_reboot:
+            # The guest reboots in the same QEMU: the next command waits for the new backdoor.
+            self.connected = False
+            self._set_state("starting")
 
     async def _out_port_open(self) -> bool:
         """Whether the guest holds the command output port open (QMP ``query-chardev``)."""
@@ -388,22 +358,22 @@ class Machine(ScreenMixin):
         self._set_state("off")
 
     def start(self, allow_reboot: bool = False) -> None:
-        self._run(self.astart(allow_reboot))
+        self._run(self.astart(allow_reboot), checks=False)
 
     def connect(self) -> None:
-        self._run(self.aconnect())
+        self._run(self.aconnect(), checks=False)
 
     def shutdown(self) -> None:
-        self._run(self.ashutdown())
+        self._run(self.ashutdown(), checks=False)
 
     def wait_for_shutdown(self, timeout: Duration | None = None) -> None:
-        self._run(self.await_for_shutdown(timeout))
+        self._run(self.await_for_shutdown(timeout), checks=False)
 
     def crash(self) -> None:
-        self._run(self.acrash())
+        self._run(self.acrash(), checks=False)
 
     def release(self) -> None:
-        self._run(self.arelease())
+        self._run(self.arelease(), checks=False)
 
     # -- commands ------------------------------------------------------------------------------
 
@@ -415,7 +385,6 @@ class Machine(ScreenMixin):
         timeout: Duration | None = DEFAULT_TIMEOUT,
     ) -> tuple[int, str]:
         """Run ``command`` in the guest; returns (status, stdout), as nixpkgs' ``execute``."""
-        self.run_callbacks()
         await self.aconnect()
         assert self.shell is not None
         try:
@@ -692,7 +661,7 @@ class Machine(ScreenMixin):
     # -- monitor -------------------------------------------------------------------------------
 
     async def asend_monitor_command(self, command: str) -> str:
-        self.run_callbacks()
+        self._check_crashed()
         await self.astart(self.allow_reboot)
         assert self.monitor is not None
         return await self._guard(self.monitor.command(command))

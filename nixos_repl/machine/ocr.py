@@ -461,10 +461,10 @@ async def _drive(
     screenshot: Callable[[], Awaitable[Image.Image]],
     variants: bool,
     delays: tuple[float, ...],
+    seen: set[bytes],
 ) -> None:
     loop = asyncio.get_running_loop()
     start = loop.time()
-    seen: set[bytes] = set()
     jobs: list[asyncio.Task[None]] = []
 
     async def shoot() -> None:
@@ -508,10 +508,12 @@ class OcrStream(AsyncIterator[str]):
         screenshot: Callable[[], Awaitable[Image.Image]],
         variants: bool,
         delays: tuple[float, ...],
+        seen: set[bytes] | None = None,
     ) -> None:
         self._screenshot = screenshot
         self._variants = variants
         self._delays = delays
+        self._seen = seen if seen is not None else set()
         self._state = _StreamState()
         self._driver: asyncio.Task[None] | None = None
         self._closed = False
@@ -522,7 +524,7 @@ class OcrStream(AsyncIterator[str]):
         if self._driver is None:
             _tesseract()  # fail before taking any screenshot
             self._driver = asyncio.create_task(
-                _drive(self._state, self._screenshot, self._variants, self._delays)
+                _drive(self._state, self._screenshot, self._variants, self._delays, self._seen)
             )
             self._state.tasks.add(self._driver)
         item = await self._state.queue.get()
@@ -562,20 +564,25 @@ def iter_ocr(
     screenshot: Callable[[], Awaitable[Image.Image]],
     variants: bool = True,
     rescreen_delays: Sequence[float] = (1.0, 2.0, 4.0),
+    seen: set[bytes] | None = None,
 ) -> OcrStream:
     """Read the screen, yielding each OCR text as soon as its pass finishes.
 
     Takes a screenshot right away and OCRs it (raw, and the two preprocessed variants when
     ``variants``); then takes another screenshot at each of ``rescreen_delays`` seconds after
-    the start and OCRs it the same way, unless the screen did not change. Ends when every pass
-    has finished. Typical use stops at the first match::
+    the start and OCRs it the same way, unless that exact image was read already. Ends when
+    every pass has finished. Typical use stops at the first match::
 
         async with iter_ocr(machine_screenshot) as texts:
             async for text in texts:
                 if pattern.search(text):
                     break
+
+    ``seen`` holds digests of the images read so far; the stream adds to it. Passing the same
+    set to successive streams reads each image once over all of them (a blinking cursor
+    alternates between two images, which are then read once each).
     """
     delays = tuple(float(d) for d in rescreen_delays)
     if any(not math.isfinite(d) or d < 0 for d in delays):
         raise ValueError(f"rescreen_delays must be finite and >= 0, not {rescreen_delays!r}")
-    return OcrStream(screenshot, variants, delays)
+    return OcrStream(screenshot, variants, delays, seen)

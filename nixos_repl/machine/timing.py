@@ -1,0 +1,57 @@
+"""Durations and nixpkgs' retry semantics, shared by the machine's parts."""
+
+from __future__ import annotations
+
+import asyncio
+import datetime as dt
+import time
+from collections.abc import Awaitable, Callable, Iterator
+
+from ..errors import RequestedAssertionFailed
+
+__all__ = ["Duration", "backoff", "poll_until", "seconds", "timed_out"]
+
+Duration = dt.timedelta | int | float
+
+
+def seconds(value: Duration | None) -> float | None:
+    """A duration as seconds: timedelta or a bare number; bool is refused, as in nixpkgs."""
+    if value is None:
+        return None
+    if isinstance(value, bool):
+        raise TypeError("a duration must be a datetime.timedelta or a number of seconds, not bool")
+    if isinstance(value, dt.timedelta):
+        return value.total_seconds()
+    if isinstance(value, int | float):
+        return float(value)
+    raise TypeError(f"a duration must be a datetime.timedelta or seconds, not {value!r}")
+
+
+def backoff(timeout: float, first_delay: float = 0.05) -> Iterator[float]:
+    """Pauses between the tries of nixpkgs' ``retry``, until ``timeout`` seconds have passed.
+
+    The pause starts short and doubles up to 1 s: a probe costs milliseconds here, so a state
+    change is seen quickly without flooding the guest. After the last pause comes one last try.
+    """
+    start, delay = time.monotonic(), first_delay
+    while (remaining := timeout - (time.monotonic() - start)) > 0:
+        yield min(delay, remaining)
+        delay = min(delay * 2, 1.0)
+
+
+def timed_out(start: float, timeout: float) -> RequestedAssertionFailed:
+    elapsed = time.monotonic() - start
+    return RequestedAssertionFailed(
+        f"action timed out after {elapsed:.2f} seconds (timeout={timeout})"
+    )
+
+
+async def poll_until(check: Callable[[bool], Awaitable[bool]], timeout: float) -> None:
+    """nixpkgs' ``retry`` for machine waits: try until the deadline, then one last try."""
+    start = time.monotonic()
+    for pause in backoff(timeout):
+        if await check(False):
+            return
+        await asyncio.sleep(pause)
+    if not await check(True):
+        raise timed_out(start, timeout)
