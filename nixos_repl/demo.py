@@ -42,6 +42,10 @@ def run_demo(guests: Path | None, out_dir: Path) -> int:
             for _ in range(100):
                 vm1.succeed("true")
             say(f"100 commands on vm1: {(time.monotonic() - t) * 10:.2f} ms each")
+            vm1.send_chars("echo typed-on-tty1\n")
+            vm1.wait_until_tty_matches("1", r"typed-on-tty1\s+typed-on-tty1", timeout=30)
+            shot = vm1.screenshot("vm1-screen")
+            say(f"typed on vm1's tty1, screenshot {shot.width}x{shot.height} saved as {shot.path}")
             vm2.succeed("echo hello from vm2 > /tmp/greeting")
             vm2.copy_from_machine("/tmp/greeting")
             say(f"copied from vm2: {(out_dir / 'greeting').read_text().strip()!r}")
