@@ -8,6 +8,7 @@ import logging
 from pathlib import Path
 
 from .errors import MachineError
+from .machine.process import die_with_parent
 
 __all__ = ["VLan"]
 
@@ -35,6 +36,7 @@ class VLan:
                 stdin=asyncio.subprocess.PIPE,
                 stdout=asyncio.subprocess.PIPE,
                 stderr=asyncio.subprocess.STDOUT,
+                preexec_fn=die_with_parent,
             )  # fmt: skip
         except FileNotFoundError:
             raise MachineError(

@@ -134,24 +134,25 @@ def test_no_qemu_survives_sigkill_of_the_parent(guest_dir: Path, tmp_path: Path)
         import sys, time
         from nixos_repl import Registry
         script = {str(guest_dir / "run-solo-vm")!r}
-        reg = Registry.from_start_scripts([script], out_dir={str(tmp_path)!r})
+        reg = Registry.from_start_scripts([script], vlans=[3], out_dir={str(tmp_path)!r})
         reg.__enter__()
         reg["solo"].start()
-        print(reg["solo"].pid, flush=True)
+        print(reg["solo"].pid, reg.vlans[0].pid, flush=True)
         time.sleep(300)
     """)
     child = subprocess.Popen(
         [sys.executable, "-c", program], stdout=subprocess.PIPE, text=True, env=os.environ
     )
     assert child.stdout is not None
-    qemu_pid = int(child.stdout.readline())
-    assert qemu_alive(qemu_pid)
+    qemu_pid, vlan_pid = map(int, child.stdout.readline().split())
+    assert qemu_alive(qemu_pid) and qemu_alive(vlan_pid)
     child.kill()
     child.wait()
     deadline = time.monotonic() + 5
-    while qemu_alive(qemu_pid) and time.monotonic() < deadline:
+    while (qemu_alive(qemu_pid) or qemu_alive(vlan_pid)) and time.monotonic() < deadline:
         time.sleep(0.05)
     assert not qemu_alive(qemu_pid), "QEMU died with its parent"
+    assert not qemu_alive(vlan_pid), "so did the VLAN switch"
 
 
 def test_leaving_the_registry_kills_everything(guest_dir: Path, tmp_path: Path) -> None:

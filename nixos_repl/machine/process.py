@@ -28,7 +28,7 @@ from pathlib import Path
 
 from ..errors import MachineError
 
-__all__ = ["SOCKETS", "QemuProcess"]
+__all__ = ["SOCKETS", "QemuProcess", "die_with_parent"]
 
 PR_SET_PDEATHSIG = 1
 _libc = ctypes.CDLL(None, use_errno=True)
@@ -38,7 +38,8 @@ _live: weakref.WeakSet[QemuProcess] = weakref.WeakSet()
 SOCKETS = ("shell", "monitor", "nixos-repl-out", "nixos-repl-ctl")
 
 
-def _die_with_parent() -> None:  # runs in the child between fork and exec
+def die_with_parent() -> None:
+    """``preexec_fn``: SIGKILL this child when the forking thread (the I/O loop) dies."""
     _libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
 
 
@@ -147,7 +148,7 @@ class QemuProcess:
                 stderr=asyncio.subprocess.PIPE,
                 cwd=self.state_dir,
                 env=dict(env),
-                preexec_fn=_die_with_parent,
+                preexec_fn=die_with_parent,
             )
         except OSError as e:
             self.close_listeners()
