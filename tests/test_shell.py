@@ -219,3 +219,13 @@ def test_public_attributes(vm1) -> None:  # type: ignore[no-untyped-def]
     vm1.sleep(dt.timedelta(milliseconds=100))
     with pytest.raises(TypeError):
         vm1.sleep(True)
+
+
+def test_interrupt_while_a_background_job_holds_stdout(vm1) -> None:  # type: ignore[no-untyped-def]
+    interrupt_after(1.0)
+    start = time.monotonic()
+    with pytest.raises(KeyboardInterrupt):
+        vm1.succeed("sleep 1000 & echo started")
+    assert time.monotonic() - start < 1.0 + 2.0
+    assert "sleep 1000" not in vm1.succeed("ps -o args"), "the background job was killed too"
+    assert vm1.succeed("echo in-sync") == "in-sync\n"

@@ -106,9 +106,11 @@ printf 'R%s %s %s\n' @NONCE@ "${__nr_out:-none}" "${__nr_ctl:-none}"
 
 @dataclass
 class _Command:
-    nonce: str
     text: str
+    nonce: str = ""
     output: bytearray = field(default_factory=bytearray)
+    status: int | None = None  # once its E marker arrived
+    held: bool = False  # something it started still holds its stdout
 
 
 class ShellChannel:
@@ -243,8 +245,9 @@ class ShellChannel:
         Cancellation kills the command in the guest and leaves the channel in sync.
         """
         await self._lock.acquire()
+        cmd = _Command(command)
         try:
-            cmd = await self._submit(command, timeout)
+            await self._submit(cmd, timeout)
         except BaseException:
             self._lock.release()
             raise
@@ -257,22 +260,22 @@ class ShellChannel:
             self._cmd = None
             self._lock.release()
 
-    async def _submit(self, command: str, timeout: float | None) -> _Command:
+    async def _submit(self, cmd: _Command, timeout: float | None) -> None:
+        """Send ``cmd`` under a fresh nonce."""
         if self._out is not None:
             self._on_out()  # whatever is still in the out socket is not this command's
-        cmd = _Command(secrets.token_hex(8), command)
+        cmd.nonce = secrets.token_hex(8)
         self._cmd = cmd
         if self.fast:
-            line = f"__nr_run {cmd.nonce} {shlex.quote(command)}\n"
+            line = f"__nr_run {cmd.nonce} {shlex.quote(cmd.text)}\n"
         else:
             timeout_str = f"timeout {timeout} " if timeout is not None else ""
-            inner = shlex.quote(f"set -euo pipefail; {command}")
+            inner = shlex.quote(f"set -euo pipefail; {cmd.text}")
             line = (
                 f"printf 'S%s\\n' {cmd.nonce}; {timeout_str}bash -c {inner} </dev/null"
                 f" | (base64 -w 0; echo); printf 'E%s %s\\n' {cmd.nonce} \"${{PIPESTATUS[0]}}\"\n"
             )
         await self._send(line.encode())
-        return cmd
 
     async def _finish_detached(self, cmd: _Command) -> None:
         try:
@@ -299,19 +302,23 @@ class ShellChannel:
     async def _collect(self, cmd: _Command) -> tuple[int, bytes]:
         if not self.fast:
             return await self._collect_compat(cmd)
-        stray, rest = await self._read_marker(b"E" + cmd.nonce.encode() + b" ")
-        self._note_stray(stray)
-        if rest == b"busy":
-            # A process from an earlier, interrupted command still holds the out port.
-            await self._free_port()
-            cmd = await self._submit(cmd.text, None)
-            return await self._collect(cmd)
-        status, _, held = rest.partition(b" ")
-        if held == b"1":
+        while cmd.status is None:
+            stray, rest = await self._read_marker(b"E" + cmd.nonce.encode() + b" ")
+            self._note_stray(stray)
+            if rest == b"busy":
+                # A process from an earlier, interrupted command still holds the out port; the
+                # command did not run: free the port and send it again.
+                await self._free_port()
+                await self._submit(cmd, None)
+                continue
+            status, _, held = rest.partition(b" ")
+            cmd.status, cmd.held = int(status), held == b"1"
+        if cmd.held:
             await self._await_stdout_closed(cmd)
+            cmd.held = False
         if self._out is not None:
             self._on_out()  # what the guest wrote before closing is in the socket by now
-        return int(status), bytes(cmd.output)
+        return cmd.status, bytes(cmd.output)
 
     async def _await_stdout_closed(self, cmd: _Command) -> None:
         """The command exited but something it started holds its stdout: wait for the close."""
