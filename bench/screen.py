@@ -12,12 +12,12 @@ import argparse
 import logging
 import os
 import shutil
-import statistics
 import sys
 import tempfile
 import time
-from collections.abc import Callable
 from pathlib import Path
+
+from timing import row, timed
 
 from nixos_repl import Registry
 from nixos_repl.guests import build_tiny
@@ -25,20 +25,6 @@ from nixos_repl.loop import run_sync
 from nixos_repl.machine import ocr
 
 TARGET_SCREENSHOT_MS = 25.0
-
-
-def timed(fn: Callable[[], object], n: int) -> tuple[float, float, float]:
-    samples = []
-    for _ in range(n):
-        t = time.perf_counter()
-        fn()
-        samples.append(time.perf_counter() - t)
-    return statistics.median(samples) * 1000, min(samples) * 1000, max(samples) * 1000
-
-
-def row(label: str, figures: tuple[float, float, float]) -> str:
-    median, low, high = figures
-    return f"{label:34s} median {median:7.2f} ms  (min {low:.2f}, max {high:.2f})"
 
 
 def main() -> None:

@@ -10,23 +10,15 @@ import argparse
 import logging
 import os
 import shlex
-import statistics
 import sys
 import time
 from pathlib import Path
 
+from timing import row, timed
+
 from nixos_repl import Registry
 from nixos_repl.guests import build_tiny
 from nixos_repl.loop import run_sync
-
-
-def timed(fn, n):  # type: ignore[no-untyped-def]
-    samples = []
-    for _ in range(n):
-        t = time.perf_counter()
-        fn()
-        samples.append(time.perf_counter() - t)
-    return statistics.median(samples) * 1000, min(samples) * 1000, max(samples) * 1000
 
 
 def main() -> None:
@@ -65,10 +57,6 @@ def main() -> None:
         theirs_mb = len(encoded) * 3 / 4 / (time.perf_counter() - t) / 1e6
         status = Path(f"/proc/{vm.pid}/status").read_text().splitlines()
         rss_mib = int(next(x for x in status if x.startswith("VmRSS")).split()[1]) / 1024
-
-    def row(label: str, figures: tuple[float, float, float]) -> str:
-        median, low, high = figures
-        return f"{label:26s} median {median:6.2f} ms  (min {low:.2f}, max {high:.2f})"
 
     print(f"framing: {'fast (nixos-repl ports)' if shell.fast else 'compatible'}")
     print(f"boot to connected backdoor: {boot:.2f} s; QEMU RSS {rss_mib:.0f} MiB")
