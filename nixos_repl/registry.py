@@ -12,7 +12,7 @@ import asyncio
 import logging
 import os
 import tempfile
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from pathlib import Path
 from types import TracebackType
 
@@ -56,7 +56,7 @@ class Registry:
         self.vlan_numbers = sorted(set(vlans))
         self.vlans: list[VLan] = []
         self._machines: dict[str, Machine] = {}
-        self._entered = False
+        self._watchers: list[Callable[[Machine], None]] = []
         for name, script in start_scripts:
             self.add(str(script), name=name)
 
@@ -96,9 +96,22 @@ class Registry:
             out_dir=self.out_dir,
             keep_machine_state=self.keep_machine_state,
             env=self.vlan_env(),
+            on_state_change=self._state_changed,
         )
         self._machines[name] = machine
         return machine
+
+    def watch(self, callback: Callable[[Machine], None]) -> None:
+        """Call ``callback(machine)`` after every state change (on the I/O thread: be quick)."""
+        self._watchers.append(callback)
+
+    def _state_changed(self, machine: Machine) -> None:
+        log.info("%s: %s", machine.name, machine.state)
+        for callback in self._watchers:
+            try:
+                callback(machine)
+            except Exception:
+                log.exception("a state watcher failed")
 
     def vlan_env(self) -> dict[str, str]:
         return {f"QEMU_VDE_SOCKET_{v.nr}": str(v.socket_dir) for v in self.vlans}
@@ -175,7 +188,6 @@ class Registry:
         self.vlans.clear()
 
     def __enter__(self) -> Registry:
-        self._entered = True
         self.start_vlans()
         return self
 

@@ -84,6 +84,8 @@ def test_banner_timeout_shows_the_console(guest_dir: Path, tmp_path: Path) -> No
 
 def test_kill_9_is_noticed_and_start_brings_it_back(own_registry: Registry) -> None:
     vm = own_registry["crashy"]
+    seen: list[str] = []
+    own_registry.watch(lambda machine: seen.append(machine.state))
     vm.succeed("echo booted-once >&2")
     assert own_registry.states() == {"crashy": "up"}
     pid = vm.pid
@@ -100,6 +102,7 @@ def test_kill_9_is_noticed_and_start_brings_it_back(own_registry: Registry) -> N
     vm.start()
     assert vm.succeed("echo back") == "back\n"
     assert vm.state == "up"
+    assert seen == ["starting", "up", "crashed", "starting", "up"]
 
 
 def test_kill_during_a_command_fails_promptly(own_registry: Registry) -> None:
