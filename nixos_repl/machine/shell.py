@@ -13,9 +13,10 @@ function and starts a small reader; then, per command:
 * a virtio-serial port can be open only once at a time. When the subshell has exited, the shell
   closes its own copy and opens the port again for the next command: if that fails, a process the
   command started still holds its stdout. That check costs two virtio control messages, so it is
-  skipped when the kernel's last allocated pid (``/proc/loadavg``) is exactly one more than after
-  the previous command: then the subshell was the only process created, and nothing else can
-  hold the port. The reply on hvc0 is ``E<nonce> <status> <held>``; anything else is skipped;
+  skipped when the kernel's last allocated pid (``/proc/sys/kernel/ns_last_pid``) is exactly one
+  more than after the previous command: then the subshell was the only process created, and
+  nothing else can hold the port. Without that file the check always runs. The reply on hvc0 is
+  ``E<nonce> <status> <held>``; anything else there is skipped;
 * while ``held``, the host waits for stdout to close, as nixpkgs does (base64 waits for EOF),
   asking QEMU whether the port is still open (``query-chardev``; the VSERPORT_CHANGE event is
   rate-limited to one a second, so it cannot mark the end of each command), and says why it
@@ -56,6 +57,8 @@ KILL_GRACE = 2.0
 OUT_CHARDEV = "nixos-repl-out"
 
 SETUP = r"""__nr_out= __nr_ctl= __nr_fd= __nr_last=0
+__nr_pidf=/proc/sys/kernel/ns_last_pid
+[ -r "$__nr_pidf" ] || __nr_pidf=/dev/null
 exec {__nr_null}< /dev/null
 for __nr_p in /sys/class/virtio-ports/*; do
   read -r __nr_n 2>/dev/null < "$__nr_p/name" || continue
@@ -71,7 +74,7 @@ __nr_run() {
   ( __nr_c=$2; set --; set -euo pipefail; eval "$__nr_c" ) \
     <&$__nr_null >&$__nr_fd {__nr_null}<&- {__nr_fd}>&-
   __nr_s=$? __nr_h=0
-  read -r _ _ _ _ __nr_pid < /proc/loadavg
+  read -r __nr_pid < "$__nr_pidf"
   if (( __nr_pid != __nr_last + 1 )); then
     exec {__nr_fd}>&-
     if ! { exec {__nr_fd}> "$__nr_out"; } 2>/dev/null; then __nr_h=1 __nr_fd=; fi
