@@ -27,7 +27,7 @@ need_root() {
 install_apt() {
     local missing=() p
     # Debian's own python3 needs python3-venv for `python3 -m venv`.
-    python3 -c 'import ensurepip, venv' 2>/dev/null || APT_PACKAGES+=(python3-venv)
+    python3 -c 'import ensurepip, venv' 2>/dev/null || APT_PACKAGES+=(python3 python3-venv)
     for p in "${APT_PACKAGES[@]}"; do
         dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
     done
