@@ -7,9 +7,11 @@ Fast framing, used when the guest sees the two extra virtio-serial ports the dri
 (``org.nixos-repl.out`` and ``org.nixos-repl.ctl``). After the banner one setup script defines a
 function and starts a small reader; then, per command:
 
-* the command runs in a forked subshell, ``( set -euo pipefail; eval '<cmd>' ) </dev/null``: one
-  fork, no ``bash -c``, no ``base64``, no guest-side ``timeout``. Its stdout is the out port, which
-  the backdoor shell opened beforehand; the bytes arrive raw on the out socket;
+* the command runs in a forked subshell, ``( set -euo pipefail; eval '<cmd>' )``: one fork, no
+  ``bash -c``, no ``base64``, no guest-side ``timeout``. Its stdout is the out port, which the
+  backdoor shell opened beforehand; the bytes arrive raw on the out socket. Its stdin is
+  /dev/null: the setup points the backdoor shell's own stdin there (the shell reads its script
+  from another descriptor), so a command cannot swallow the next one;
 * a virtio-serial port can be open only once at a time. When the subshell has exited, the shell
   closes its own copy and opens the port again for the next command: if that fails, a process the
   command started still holds its stdout. That check costs two virtio control messages, so it is
@@ -59,7 +61,7 @@ OUT_CHARDEV = "nixos-repl-out"
 SETUP = r"""__nr_out= __nr_ctl= __nr_fd= __nr_last=0
 __nr_pidf=/proc/sys/kernel/ns_last_pid
 [ -r "$__nr_pidf" ] || __nr_pidf=/dev/null
-exec {__nr_null}< /dev/null
+exec < /dev/null
 for __nr_p in /sys/class/virtio-ports/*; do
   read -r __nr_n 2>/dev/null < "$__nr_p/name" || continue
   case "$__nr_n" in
@@ -68,11 +70,10 @@ for __nr_p in /sys/class/virtio-ports/*; do
   esac
 done
 __nr_run() {
-  if [ -z "$__nr_fd" ] && ! { exec {__nr_fd}> "$__nr_out"; } 2>/dev/null; then
+  if [[ -z $__nr_fd ]] && ! { exec {__nr_fd}> "$__nr_out"; } 2>/dev/null; then
     __nr_fd=; printf 'E%s busy\n' "$1"; return
   fi
-  ( __nr_c=$2; set --; set -euo pipefail; eval "$__nr_c" ) \
-    <&$__nr_null >&$__nr_fd {__nr_null}<&- {__nr_fd}>&-
+  ( __nr_c=$2; set --; set -euo pipefail; eval "$__nr_c" ) >&$__nr_fd {__nr_fd}>&-
   __nr_s=$? __nr_h=0
   read -r __nr_pid < "$__nr_pidf"
   if (( __nr_pid != __nr_last + 1 )); then
