@@ -168,3 +168,13 @@ def test_leaving_the_registry_kills_everything(guest_dir: Path, tmp_path: Path) 
         assert pid is not None and vlan_pid is not None
     assert not qemu_alive(pid) and not qemu_alive(vlan_pid)
     assert reg["solo"].state == "off"
+
+
+def test_guest_dying_before_the_banner_is_reported(
+    guest_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("QEMU_KERNEL_PARAMS", "rdinit=/nonexistent")  # the kernel panics
+    with Registry.from_start_scripts([guest_dir / "run-solo-vm"], out_dir=tmp_path) as reg:
+        with pytest.raises(MachineError, match=r"(?s)machine 'solo' crashed.*panic"):
+            reg["solo"].succeed("true")
+        assert reg["solo"].state == "crashed"

@@ -225,7 +225,7 @@ class Machine(ScreenMixin):
         code = process.returncode
         clean = self._expect_exit or self._shutdown_reason in ("guest-shutdown", "host-qmp-quit")
         if not clean:
-            tail = "\n".join(f"    {line}" for line in self.console.tail(15)) or "    (nothing)"
+            tail = "\n".join(f"    {line}" for line in self.console.tail(20)) or "    (nothing)"
             self._crash = (
                 f"machine '{self.name}' crashed: QEMU (pid {process.pid}) exited with status "
                 f"{code}{f' ({self._shutdown_reason})' if self._shutdown_reason else ''}.\n"
@@ -295,7 +295,11 @@ class Machine(ScreenMixin):
         finally:
             exited.cancel()
         if task in done:
-            return task.result()
+            try:
+                return task.result()
+            except (MachineError, ConnectionError):
+                await self._explain_death()  # a lost connection is usually QEMU dying
+                raise
         task.cancel()
         with contextlib.suppress(BaseException):
             await task
