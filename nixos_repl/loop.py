@@ -11,14 +11,16 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import contextlib
+import functools
 import logging
 import threading
-from collections.abc import Coroutine
-from typing import Any, TypeVar
+from collections.abc import Callable, Coroutine
+from typing import Any, ParamSpec, TypeVar
 
-__all__ = ["get_loop", "run_sync", "spawn"]
+__all__ = ["get_loop", "on_io_loop", "run_sync", "spawn"]
 
 T = TypeVar("T")
+P = ParamSpec("P")
 log = logging.getLogger(__name__)
 
 _lock = threading.Lock()
@@ -97,6 +99,25 @@ def run_sync(coro: Coroutine[Any, Any, T], timeout: float | None = None) -> T:
     if ok:
         return value  # type: ignore[no-any-return]
     raise value
+
+
+def on_io_loop(
+    fn: Callable[P, Coroutine[Any, Any, T]],
+) -> Callable[P, Coroutine[Any, Any, T]]:
+    """Make an async method awaitable from any event loop (IPython's, Jupyter's, asyncio.run's).
+
+    On the shared I/O loop the coroutine runs as is; awaited from another loop it is handed to
+    the I/O loop and awaited through a future, so cancelling the caller cancels it there too.
+    """
+
+    @functools.wraps(fn)
+    async def wrapper(*args: P.args, **kwargs: P.kwargs) -> T:
+        coro = fn(*args, **kwargs)
+        if in_loop_thread():
+            return await coro
+        return await asyncio.wrap_future(asyncio.run_coroutine_threadsafe(coro, get_loop()))
+
+    return wrapper
 
 
 def spawn(coro: Coroutine[Any, Any, Any]) -> concurrent.futures.Future[Any]:

@@ -229,3 +229,22 @@ def test_interrupt_while_a_background_job_holds_stdout(vm1) -> None:  # type: ig
     assert time.monotonic() - start < 1.0 + 2.0
     assert "sleep 1000" not in vm1.succeed("ps -o args"), "the background job was killed too"
     assert vm1.succeed("echo in-sync") == "in-sync\n"
+
+
+def test_async_twins_can_be_awaited_from_another_event_loop(vm1, vm2) -> None:  # type: ignore[no-untyped-def]
+    # IPython and Jupyter await top-level coroutines on their own loop, not the I/O loop.
+    async def cell() -> list[str]:
+        return list(await asyncio.gather(vm1.asucceed("hostname"), vm2.asucceed("hostname")))
+
+    assert asyncio.run(cell()) == ["vm1\n", "vm2\n"]
+
+    async def cancelled_cell() -> None:
+        task = asyncio.ensure_future(vm1.asucceed("sleep 1000"))
+        await asyncio.sleep(0.5)
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+
+    asyncio.run(cancelled_cell())
+    time.sleep(0.5)  # the I/O loop finishes killing the command
+    assert "sleep 1000" not in vm1.succeed("ps -o args")

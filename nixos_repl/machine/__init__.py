@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from ..errors import MachineError, RequestedAssertionFailed
-from ..loop import run_sync
+from ..loop import on_io_loop, run_sync
 from .console import Console
 from .monitor import Monitor
 from .process import QemuProcess, driver_qemu_options, graphical_display_available
@@ -150,6 +150,7 @@ class Machine(ScreenMixin):
 
     # -- lifecycle -----------------------------------------------------------------------------
 
+    @on_io_loop
     async def astart(self, allow_reboot: bool = False) -> None:
         if self._start_lock is None:
             self._start_lock = asyncio.Lock()
@@ -252,6 +253,7 @@ class Machine(ScreenMixin):
         self.connected = False
         self.pid = None
 
+    @on_io_loop
     async def aconnect(self) -> None:
         if self.connected:
             return
@@ -321,6 +323,7 @@ class Machine(ScreenMixin):
         await asyncio.sleep(0)  # let the exit watcher write its report
         self._check_crashed()
 
+    @on_io_loop
     async def ashutdown(self) -> None:
         if not self.booted:
             return
@@ -331,6 +334,7 @@ class Machine(ScreenMixin):
             await self.shell.send_raw(b"poweroff\n")
         await self.await_for_shutdown()
 
+    @on_io_loop
     async def await_for_shutdown(self, timeout: Duration | None = None) -> None:
         if not self.booted or self.process is None:
             return
@@ -339,6 +343,7 @@ class Machine(ScreenMixin):
             await self._teardown()
             self._set_state("crashed" if self._crash else "off")
 
+    @on_io_loop
     async def acrash(self) -> None:
         if not self.booted or self.monitor is None:
             return
@@ -349,6 +354,7 @@ class Machine(ScreenMixin):
             await self.monitor.command("quit")
         await self.await_for_shutdown()
 
+    @on_io_loop
     async def arelease(self) -> None:
         """Kill QEMU and close everything (the registry's teardown; nixpkgs' ``release``)."""
         if self.process is None or self.process.exited.is_set():
@@ -381,6 +387,7 @@ class Machine(ScreenMixin):
 
     # -- commands ------------------------------------------------------------------------------
 
+    @on_io_loop
     async def aexecute(
         self,
         command: str,
@@ -404,6 +411,7 @@ class Machine(ScreenMixin):
             return -1, out.decode(errors="replace")
         return status, out.decode(errors="replace")
 
+    @on_io_loop
     async def asucceed(self, *commands: str, timeout: Duration | None = None) -> str:
         output = ""
         for command in commands:
@@ -417,6 +425,7 @@ class Machine(ScreenMixin):
                 output += out
         return output
 
+    @on_io_loop
     async def afail(self, *commands: str, timeout: Duration | None = None) -> str:
         output = ""
         for command in commands:
@@ -442,9 +451,11 @@ class Machine(ScreenMixin):
             await poll_until(check, limit)
         return output
 
+    @on_io_loop
     async def await_until_succeeds(self, command: str, timeout: Duration = DEFAULT_TIMEOUT) -> str:
         return await self._await_status(command, True, timeout)
 
+    @on_io_loop
     async def await_until_fails(self, command: str, timeout: Duration = DEFAULT_TIMEOUT) -> str:
         return await self._await_status(command, False, timeout)
 
@@ -648,6 +659,7 @@ class Machine(ScreenMixin):
     def get_console_log(self) -> str:
         return self.console.text()
 
+    @on_io_loop
     async def await_for_console_text(self, regex: str, timeout: Duration | None = None) -> str:
         limit = seconds(timeout)
         with self.nested(f"waiting for {regex} to appear on console"):
@@ -664,6 +676,7 @@ class Machine(ScreenMixin):
 
     # -- monitor -------------------------------------------------------------------------------
 
+    @on_io_loop
     async def asend_monitor_command(self, command: str) -> str:
         self._check_crashed()
         await self.astart(self.allow_reboot)

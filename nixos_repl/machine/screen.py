@@ -36,6 +36,7 @@ from typing import TYPE_CHECKING, Any, Final, TypeVar
 from PIL import Image
 
 from ..errors import MachineError, QMPAPIError, RequestedAssertionFailed
+from ..loop import on_io_loop
 from . import ocr
 from .keys import CHAR_TO_KEY, key_to_qmp
 from .screenshot import Screenshot
@@ -172,6 +173,7 @@ class ScreenMixin:
             await self._explain_death()
             raise
 
+    @on_io_loop
     async def await_for_qmp_event(
         self,
         event_filter: Callable[[dict[str, Any]], bool],
@@ -250,6 +252,7 @@ class ScreenMixin:
         """A fresh screenshot as a Pillow image (for OCR: no PNG encoding)."""
         return await self._dump(_load_ppm)
 
+    @on_io_loop
     async def ascreenshot(self, filename: str | None = None) -> Screenshot:
         """Take a screenshot; with ``filename``, also save it as PNG (nixpkgs' naming rules).
 
@@ -272,6 +275,7 @@ class ScreenMixin:
         if delay:
             await asyncio.sleep(delay)
 
+    @on_io_loop
     async def asend_key(
         self,
         key: str,
@@ -296,6 +300,7 @@ class ScreenMixin:
     ) -> None:
         self._run(self.asend_key(key, delay, log))
 
+    @on_io_loop
     async def asend_chars(
         self, chars: str, delay: Duration | None = dt.timedelta(milliseconds=10)
     ) -> None:
@@ -325,6 +330,7 @@ class ScreenMixin:
 
     # -- OCR -----------------------------------------------------------------------------------
 
+    @on_io_loop
     async def aget_screen_text(self) -> str:
         """The text tesseract reads on a fresh screenshot, unprocessed."""
         return await ocr.ocr(await self._screen_image())
@@ -332,6 +338,7 @@ class ScreenMixin:
     def get_screen_text(self) -> str:
         return self._run(self.aget_screen_text())
 
+    @on_io_loop
     async def aget_screen_text_variants(self) -> list[str]:
         """Texts read on a fresh screenshot: raw, and two preprocessed variants."""
         return await ocr.ocr_variants(await self._screen_image())
@@ -348,6 +355,7 @@ class ScreenMixin:
                     return True
         return False
 
+    @on_io_loop
     async def await_for_text(
         self, regex: str, timeout: Duration = dt.timedelta(minutes=15)
     ) -> None:
@@ -392,6 +400,7 @@ class ScreenMixin:
 
     # -- TTYs and the serial console -----------------------------------------------------------
 
+    @on_io_loop
     async def aget_tty_text(self, tty: str) -> str:
         """The text on virtual terminal ``tty`` (``/dev/vcs<tty>``), folded to its width."""
         _, output = await self.aexecute(
@@ -402,6 +411,7 @@ class ScreenMixin:
     def get_tty_text(self, tty: str) -> str:
         return self._run(self.aget_tty_text(tty))
 
+    @on_io_loop
     async def await_until_tty_matches(
         self, tty: str, regexp: str, timeout: Duration = dt.timedelta(minutes=15)
     ) -> None:
@@ -429,6 +439,7 @@ class ScreenMixin:
     ) -> None:
         self._run(self.await_until_tty_matches(tty, regexp, timeout))
 
+    @on_io_loop
     async def adump_tty_contents(self, tty: str) -> None:
         """Send the text of virtual terminal ``tty`` to the guest's journal (``systemd-cat``)."""
         await self.aexecute(f"fold -w 80 /dev/vcs{tty} | systemd-cat")
@@ -465,6 +476,7 @@ class ScreenMixin:
         if output:
             raise MachineError(f"{self.name}: {what} failed: {output} (HMP `{command}`)")
 
+    @on_io_loop
     async def aforward_port(self, host_port: int = 8080, guest_port: int = 80) -> None:
         """Forward TCP ``127.0.0.1:host_port`` on the host to ``guest_port`` on the guest's
         user-networking interface (eth0)."""
@@ -479,6 +491,7 @@ class ScreenMixin:
     def forward_port(self, host_port: int = 8080, guest_port: int = 80) -> None:
         self._run(self.aforward_port(host_port, guest_port))
 
+    @on_io_loop
     async def ablock(self) -> None:
         """Take the first VLAN interface's link down, as if its cable were unplugged."""
         await self._hmp_checked(
@@ -488,6 +501,7 @@ class ScreenMixin:
     def block(self) -> None:
         self._run(self.ablock())
 
+    @on_io_loop
     async def aunblock(self) -> None:
         """Bring the first VLAN interface's link back up."""
         await self._hmp_checked(
@@ -499,6 +513,7 @@ class ScreenMixin:
 
     # -- reboot --------------------------------------------------------------------------------
 
+    @on_io_loop
     async def areboot(self) -> None:
         """Press Ctrl-Alt-Delete; the next command waits for the guest to come back.
 
