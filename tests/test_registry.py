@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import subprocess
@@ -14,7 +15,7 @@ import pytest
 
 from nixos_repl import MachineError, Registry, UnknownMachineError
 
-from .conftest import qemu_alive
+from .conftest import interrupt_after, qemu_alive
 
 
 def test_unknown_machine_names_the_known_ones(registry: Registry) -> None:
@@ -178,3 +179,35 @@ def test_guest_dying_before_the_banner_is_reported(
         with pytest.raises(MachineError, match=r"(?s)machine 'solo' crashed.*panic"):
             reg["solo"].succeed("true")
         assert reg["solo"].state == "crashed"
+
+
+def test_an_interrupted_connect_resumes(own_registry: Registry) -> None:
+    from nixos_repl.loop import run_sync
+
+    vm = own_registry["crashy"]
+    interrupt_after(1.5)  # while the guest boots
+    with pytest.raises(KeyboardInterrupt):
+        vm.succeed("true")
+    assert vm.succeed("echo up") == "up\n"
+    assert vm.shell is not None
+    run_sync(vm.shell.setup())  # a setup sent again (as after an interrupt) changes nothing
+    assert vm.succeed("echo again") == "again\n"
+    interrupt_after(0.5)
+    with pytest.raises(KeyboardInterrupt):
+        vm.succeed("sleep 1000")
+    assert vm.succeed("echo still-in-sync") == "still-in-sync\n"
+
+
+def test_a_guest_that_reboots_itself_comes_back(own_registry: Registry) -> None:
+    vm = own_registry["crashy"]
+    vm.start(allow_reboot=True)
+    vm.succeed("touch /tmp/before-reboot")
+    with contextlib.suppress(MachineError):  # the reply may be lost with the old shell
+        vm.execute("reboot")
+    deadline = time.monotonic() + 20
+    while vm.state != "starting" and time.monotonic() < deadline:  # QMP RESET arrives
+        time.sleep(0.05)
+    assert vm.state == "starting" and not vm.connected
+    assert vm.succeed("echo back") == "back\n"
+    vm.fail("test -e /tmp/before-reboot")
+    assert vm.state == "up"

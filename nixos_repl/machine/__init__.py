@@ -88,6 +88,7 @@ class Machine(ScreenMixin):
         self.shell: ShellChannel | None = None
         self._on_state_change = on_state_change
         self._expect_exit = False
+        self._reboot_requested = False
         self._crash: str | None = None
         self._shutdown_reason: str | None = None
         self._start_lock: asyncio.Lock | None = None
@@ -206,9 +207,17 @@ class Machine(ScreenMixin):
         if event.get("event") == "SHUTDOWN":
             self._shutdown_reason = str((event.get("data") or {}).get("reason", ""))
         elif event.get("event") == "RESET" and self.allow_reboot:
-            # The guest reboots in the same QEMU: the next command waits for the new backdoor.
-            self.connected = False
-            self._set_state("starting")
+            if self._reboot_requested:  # reboot() has prepared for it already
+                self._reboot_requested = False
+            else:
+                self.expect_new_boot()
+
+    def expect_new_boot(self) -> None:
+        """The guest reboots in the same QEMU: the next command waits for the new backdoor."""
+        self.connected = False
+        if self.shell is not None:
+            self.shell.new_boot()
+        self._set_state("starting")
 
     async def _out_port_open(self) -> bool:
         """Whether the guest holds the command output port open (QMP ``query-chardev``)."""

@@ -135,6 +135,7 @@ class ScreenMixin:
     booted: bool
     process: QemuProcess | None
     _expect_exit: bool
+    _reboot_requested: bool
 
     if TYPE_CHECKING:
 
@@ -144,6 +145,7 @@ class ScreenMixin:
         async def _guard(self, coro: Awaitable[T]) -> T: ...
         async def _explain_death(self) -> None: ...
         def _check_crashed(self) -> None: ...
+        def expect_new_boot(self) -> None: ...
         async def aexecute(
             self,
             command: str,
@@ -521,10 +523,15 @@ class ScreenMixin:
         and the machine is off (not crashed).
         """
         await self._ensure_running()
-        if not self.allow_reboot:
+        if self.allow_reboot:
+            self._reboot_requested = True
+        else:
             self._expect_exit = True
         await self.asend_key("ctrl-alt-delete")
-        self.connected = False
+        if self.allow_reboot:
+            self.expect_new_boot()
+        else:
+            self.connected = False
 
     def reboot(self) -> None:
         self._run(self.areboot())

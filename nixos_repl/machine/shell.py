@@ -58,51 +58,54 @@ STDOUT_GRACE = 5.0
 KILL_GRACE = 2.0
 OUT_CHARDEV = "nixos-repl-out"
 
-SETUP = r"""__nr_out= __nr_ctl= __nr_fd= __nr_last=0
-__nr_pidf=/proc/sys/kernel/ns_last_pid
-[ -r "$__nr_pidf" ] || __nr_pidf=/dev/null
-exec < /dev/null
-for __nr_p in /sys/class/virtio-ports/*; do
-  read -r __nr_n 2>/dev/null < "$__nr_p/name" || continue
-  case "$__nr_n" in
-    org.nixos-repl.out) __nr_out=/dev/${__nr_p##*/} ;;
-    org.nixos-repl.ctl) __nr_ctl=/dev/${__nr_p##*/} ;;
-  esac
-done
-__nr_run() {
-  if [[ -z $__nr_fd ]] && ! { exec {__nr_fd}> "$__nr_out"; } 2>/dev/null; then
-    __nr_fd=; printf 'E%s busy\n' "$1"; return
-  fi
-  ( __nr_c=$2; set --; set -euo pipefail; eval "$__nr_c" ) >&$__nr_fd {__nr_fd}>&-
-  __nr_s=$? __nr_h=0
-  read -r __nr_pid < "$__nr_pidf"
-  if (( __nr_pid != __nr_last + 1 )); then
-    exec {__nr_fd}>&-
-    if ! { exec {__nr_fd}> "$__nr_out"; } 2>/dev/null; then __nr_h=1 __nr_fd=; fi
-  fi
-  __nr_last=$__nr_pid
-  printf 'E%s %s %s\n' "$1" "$__nr_s" "$__nr_h"
-}
-__nr_kill() {
-  local p kids=()
-  kill -STOP "$1" 2>/dev/null || return 0
-  read -r -a kids 2>/dev/null < "/proc/$1/task/$1/children"
-  for p in "${kids[@]}"; do __nr_kill "$p"; done
-  kill -KILL "$1" 2>/dev/null
-  kill -CONT "$1" 2>/dev/null
-}
-__nr_holders() {
-  local f p
-  for f in /proc/[0-9]*/fd/*; do
-    p=${f#/proc/}; p=${p%%/*}
-    if [ "$p" != $$ ] && [[ $f -ef $__nr_out ]]; then __nr_kill "$p"; fi
+SETUP = r"""if [[ -z ${__nr_ready-} ]]; then
+  __nr_out= __nr_ctl= __nr_fd= __nr_last=0
+  __nr_pidf=/proc/sys/kernel/ns_last_pid
+  [ -r "$__nr_pidf" ] || __nr_pidf=/dev/null
+  exec < /dev/null
+  for __nr_p in /sys/class/virtio-ports/*; do
+    read -r __nr_n 2>/dev/null < "$__nr_p/name" || continue
+    case "$__nr_n" in
+      org.nixos-repl.out) __nr_out=/dev/${__nr_p##*/} ;;
+      org.nixos-repl.ctl) __nr_ctl=/dev/${__nr_p##*/} ;;
+    esac
   done
-}
-if [ -c "$__nr_out" ] && [ -c "$__nr_ctl" ]; then
-  ( exec 3< "$__nr_ctl" < /dev/null > /dev/null
-    while read -r -u 3 __nr_cmd; do
-      case "$__nr_cmd" in K) __nr_holders ;; esac
-    done ) &
+  __nr_run() {
+    if [[ -z $__nr_fd ]] && ! { exec {__nr_fd}> "$__nr_out"; } 2>/dev/null; then
+      __nr_fd=; printf 'E%s busy\n' "$1"; return
+    fi
+    ( __nr_c=$2; set --; set -euo pipefail; eval "$__nr_c" ) >&$__nr_fd {__nr_fd}>&-
+    __nr_s=$? __nr_h=0
+    read -r __nr_pid < "$__nr_pidf"
+    if (( __nr_pid != __nr_last + 1 )); then
+      exec {__nr_fd}>&-
+      if ! { exec {__nr_fd}> "$__nr_out"; } 2>/dev/null; then __nr_h=1 __nr_fd=; fi
+    fi
+    __nr_last=$__nr_pid
+    printf 'E%s %s %s\n' "$1" "$__nr_s" "$__nr_h"
+  }
+  __nr_kill() {
+    local p kids=()
+    kill -STOP "$1" 2>/dev/null || return 0
+    read -r -a kids 2>/dev/null < "/proc/$1/task/$1/children"
+    for p in "${kids[@]}"; do __nr_kill "$p"; done
+    kill -KILL "$1" 2>/dev/null
+    kill -CONT "$1" 2>/dev/null
+  }
+  __nr_holders() {
+    local f p
+    for f in /proc/[0-9]*/fd/*; do
+      p=${f#/proc/}; p=${p%%/*}
+      if [ "$p" != $$ ] && [[ $f -ef $__nr_out ]]; then __nr_kill "$p"; fi
+    done
+  }
+  if [ -c "$__nr_out" ] && [ -c "$__nr_ctl" ]; then
+    ( exec 3< "$__nr_ctl" < /dev/null > /dev/null
+      while read -r -u 3 __nr_cmd; do
+        case "$__nr_cmd" in K) __nr_holders ;; esac
+      done ) &
+  fi
+  __nr_ready=1
 fi
 printf 'R%s %s %s\n' @NONCE@ "${__nr_out:-none}" "${__nr_ctl:-none}"
 """
@@ -142,7 +145,9 @@ class ShellChannel:
         self._eof = False
         self._lock = asyncio.Lock()
         self.fast = False
+        self._banner: bytes | None = None
         self._cmd: _Command | None = None
+        self._rebooted: _Command | None = None  # the command a reboot cut short
         loop = asyncio.get_running_loop()
         loop.add_reader(shell.fileno(), self._on_shell)
         if out is not None:
@@ -214,15 +219,34 @@ class ShellChannel:
                 raise MachineError(
                     f"{self.name}: the backdoor shell disconnected (did the machine power off?)"
                 )
+            if self._rebooted is not None and self._rebooted is self._cmd:
+                self._rebooted = None
+                raise MachineError(f"{self.name}: the guest rebooted while running a command")
             self._readable.clear()
             await self._readable.wait()
 
     # -- connection ----------------------------------------------------------------------------
 
     async def wait_for_banner(self) -> bytes:
-        """Wait for ``Spawning backdoor root shell...``, accumulating across reads."""
-        before, _ = await self._read_marker(BANNER)
-        return before + BANNER
+        """Wait for ``Spawning backdoor root shell...``, accumulating across reads.
+
+        Once seen, it is not waited for again until ``new_boot()`` (a connect cut short by an
+        interrupt resumes where it stopped).
+        """
+        if self._banner is None:
+            before, _ = await self._read_marker(BANNER)
+            self._banner = before + BANNER
+        return self._banner
+
+    def new_boot(self) -> None:
+        """The guest reboots in the same QEMU: a new backdoor shell, set up from scratch.
+
+        A command still waiting for its reply fails: the shell that ran it is gone.
+        """
+        self._banner = None
+        self.fast = False
+        self._rebooted = self._cmd
+        self._readable.set()
 
     async def setup(self) -> None:
         """Switch to the fast framing when the guest has the extra ports, else stay compatible."""
