@@ -5,6 +5,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import shutil
+import socket
 from pathlib import Path
 
 from .errors import MachineError
@@ -28,8 +30,28 @@ class VLan:
     def pid(self) -> int | None:
         return self.proc.pid if self.proc else None
 
+    def _clear_stale_socket(self) -> None:
+        """Remove a switch directory left by a process that died; refuse one still in use."""
+        ctl = self.socket_dir / "ctl"
+        if not self.socket_dir.exists():
+            return
+        probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            probe.connect(str(ctl))
+        except OSError:
+            log.info("removing stale VLAN switch directory %s", self.socket_dir)
+            shutil.rmtree(self.socket_dir, ignore_errors=True)
+            return
+        finally:
+            probe.close()
+        raise MachineError(
+            f"VLAN {self.nr} is in use by another switch ({self.socket_dir}); give this run "
+            "its own directory with XDG_RUNTIME_DIR=<a private dir>"
+        )
+
     async def start(self) -> None:
         log.info("start vlan %d", self.nr)
+        self._clear_stale_socket()
         try:
             self.proc = await asyncio.create_subprocess_exec(
                 "vde_switch", "--sock", str(self.socket_dir), "--dirmode", "0700", "--hub",

@@ -211,3 +211,18 @@ def test_a_guest_that_reboots_itself_comes_back(own_registry: Registry) -> None:
     assert vm.succeed("echo back") == "back\n"
     vm.fail("test -e /tmp/before-reboot")
     assert vm.state == "up"
+
+
+def test_vlan_switch_directories(guest_dir: Path, tmp_path: Path) -> None:
+    from nixos_repl.loop import run_sync
+    from nixos_repl.vlan import VLan
+
+    stale = VLan(9, tmp_path)
+    stale.socket_dir.mkdir()
+    (stale.socket_dir / "ctl").write_text("")  # left behind by a killed run
+    run_sync(stale.start())
+    try:
+        with pytest.raises(MachineError, match="VLAN 9 is in use"):
+            run_sync(VLan(9, tmp_path).start())
+    finally:
+        run_sync(stale.stop())
