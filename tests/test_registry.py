@@ -213,7 +213,7 @@ def test_a_guest_that_reboots_itself_comes_back(own_registry: Registry) -> None:
     assert vm.state == "up"
 
 
-def test_vlan_switch_directories(guest_dir: Path, tmp_path: Path) -> None:
+def test_vlan_switch_directories(tmp_path: Path) -> None:
     from nixos_repl.loop import run_sync
     from nixos_repl.vlan import VLan
 
