@@ -12,6 +12,7 @@ APT_PACKAGES=(
     busybox-static bash-static        # the tiny guest's userland
     netcat-openbsd                    # nc -z / -U inside the tiny guest (nixpkgs calls it)
     lz4 util-linux                    # initramfs compression; setpriv
+    debootstrap e2fsprogs             # the debian guest's root filesystem (mkfs.ext4 -d)
     vde2                              # VLANs (vde_switch)
     tesseract-ocr tesseract-ocr-eng   # OCR
 )

@@ -26,7 +26,7 @@ def _parser() -> argparse.ArgumentParser:
     build = guest_commands.add_parser(
         "build", help="build a guest and write one run-<name>-vm script per --name"
     )
-    build.add_argument("kind", choices=["tiny"], help="which guest to build")
+    build.add_argument("kind", choices=["tiny", "debian"], help="which guest to build")
     build.add_argument(
         "--name", action="append", required=True, dest="names", metavar="NAME",
         help="a machine name (repeat for several machines)",
@@ -68,9 +68,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     logging.getLogger("qemu.qmp").setLevel(logging.WARNING)
     try:
         if args.command == "guest":
-            from .guests import build_tiny
+            from .guests import build_debian, build_tiny
 
-            for script in build_tiny(args.names, args.out):
+            builder = build_debian if args.kind == "debian" else build_tiny
+            for script in builder(args.names, args.out):
                 print(script)
             return 0
         if args.command == "demo":

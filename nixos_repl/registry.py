@@ -75,7 +75,7 @@ class Registry:
             if not script.exists():
                 raise MachineError(
                     f"start script {script} does not exist: build it first (for the embedded "
-                    f"guests: nixos-repl guest build tiny --name NAME --out DIR)"
+                    f"guests: nixos-repl guest build tiny|debian --name NAME --out DIR)"
                 )
             if not os.access(script, os.X_OK):
                 raise MachineError(f"start script {script} is not executable (chmod +x {script})")

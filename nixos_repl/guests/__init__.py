@@ -6,6 +6,9 @@ dynamically linked helpers nixpkgs commands need (``nc -z``) and the virtio modu
 runs the backdoor exactly like NixOS's ``backdoor.service``. Each machine gets a ``run-<name>-vm``
 script that honours the NixOS run-vm environment contract.
 
+The ``debian`` guest (``debian.py``) is a debootstrapped systemd Debian 12 with NixOS's
+``backdoor.service``, booted by the same kernel and run-script template.
+
 Builds are cached (kernel and initramfs keyed by a hash of their inputs) and redone only when an
 input changes; run scripts are rewritten atomically.
 """
@@ -23,13 +26,13 @@ import shutil
 import stat
 import subprocess
 import tempfile
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from importlib import resources
 from pathlib import Path
 
 from ..errors import GuestBuildError
 
-__all__ = ["build_tiny", "cache_dir", "find_kernel"]
+__all__ = ["build_debian", "build_tiny", "cache_dir", "find_kernel"]
 
 log = logging.getLogger(__name__)
 
@@ -238,6 +241,27 @@ def _initramfs_inputs(moddir: Path) -> tuple[list[str], dict[str, Path]]:
     return modules, files
 
 
+def add_modules(cpio: Cpio, moddir: Path, modules: Sequence[str]) -> None:
+    """Put ``modules`` (from ``module_order``) under /lib/modules and their load order in
+    /etc/modules.order (one path relative to /lib/modules per line, dependencies first)."""
+    for mod in modules:
+        data = (moddir / mod).read_bytes()
+        if mod.endswith(".xz"):
+            data, mod = lzma.decompress(data), mod.removesuffix(".xz")
+        cpio.file(f"lib/modules/{mod}", data, 0o644)
+    cpio.file("etc/modules.order", "".join(m.removesuffix(".xz") + "\n" for m in modules).encode())
+
+
+def compress_initramfs(raw: bytes) -> bytes:
+    """lz4 when available (fastest to unpack under TCG), else gzip."""
+    if shutil.which("lz4"):
+        # The kernel wants the legacy lz4 frame format (-l).
+        return subprocess.run(
+            ["lz4", "-l", "-9", "-q", "-c"], input=raw, capture_output=True, check=True
+        ).stdout
+    return gzip.compress(raw, compresslevel=6, mtime=0)
+
+
 def _build_initramfs(moddir: Path, modules: list[str], files: dict[str, Path]) -> bytes:
     cpio = Cpio()
     for d in ("proc", "sys", "dev", "tmp", "run", "root", "etc", *SEARCH_DIRS):
@@ -261,24 +285,13 @@ def _build_initramfs(moddir: Path, modules: list[str], files: dict[str, Path]) -
             cpio.file(lib, Path(lib).resolve().read_bytes())
     cpio.file("usr/bin/systemd-cat", SYSTEMD_CAT.encode())
     cpio.file("bin/timeout", TIMEOUT.encode())
-    for mod in modules:
-        data = (moddir / mod).read_bytes()
-        if mod.endswith(".xz"):
-            data, mod = lzma.decompress(data), mod.removesuffix(".xz")
-        cpio.file(f"lib/modules/{mod}", data, 0o644)
-    cpio.file("etc/modules.order", "".join(m.removesuffix(".xz") + "\n" for m in modules).encode())
+    add_modules(cpio, moddir, modules)
     cpio.file("etc/udhcpc.script", UDHCPC_SCRIPT.encode())
     cpio.file("etc/profile", PROFILE.encode(), 0o644)
     cpio.file("etc/passwd", b"root:x:0:0:root:/root:/bin/bash\n", 0o644)
     cpio.file("etc/group", b"root:x:0:\n", 0o644)
     cpio.file("etc/hosts", b"127.0.0.1 localhost\n::1 localhost\n", 0o644)
-    raw = cpio.pack()
-    if shutil.which("lz4"):
-        # The kernel wants the legacy lz4 frame format (-l).
-        return subprocess.run(
-            ["lz4", "-l", "-9", "-q", "-c"], input=raw, capture_output=True, check=True
-        ).stdout
-    return gzip.compress(raw, compresslevel=6, mtime=0)
+    return compress_initramfs(cpio.pack())
 
 
 def _inputs_key(vmlinuz: Path, files: dict[str, Path]) -> str:
@@ -321,12 +334,8 @@ def build_tiny_image(cache: Path | None = None) -> tuple[Path, Path]:
     return kernel, initrd
 
 
-def build_tiny(names: Sequence[str], out_dir: Path, cache: Path | None = None) -> list[Path]:
-    """Write an executable ``out_dir/run-<name>-vm`` per name; returns the script paths.
-
-    Node numbers (the last byte of VLAN addresses, 192.168.<vlan>.<node>) follow the sorted
-    names, as in a NixOS test network.
-    """
+def check_names(names: Sequence[str]) -> None:
+    """Machine names must be given, unique, and usable in file names and kernel parameters."""
     if not names:
         raise GuestBuildError("no machine names given: pass at least one --name")
     for name in names:
@@ -334,20 +343,63 @@ def build_tiny(names: Sequence[str], out_dir: Path, cache: Path | None = None) -
             raise GuestBuildError(f"invalid machine name {name!r}: use letters, digits, - _ .")
     if len(set(names)) != len(names):
         raise GuestBuildError(f"machine names must be unique: {list(names)}")
-    kernel, initrd = build_tiny_image(cache)
+
+
+def render_template(template: str, values: Mapping[str, str]) -> str:
+    """Replace each ``@KEY@`` by its value.
+
+    A line that holds nothing but one placeholder (and possibly a line-continuing backslash)
+    whose value is empty is dropped, so optional sections leave no trace in the output.
+    """
+    lines = []
+    for line in template.splitlines(keepends=True):
+        bare = line.strip().removesuffix("\\").strip()
+        if bare.startswith("@") and bare.endswith("@") and values.get(bare[1:-1], None) == "":
+            continue
+        for key, value in values.items():
+            line = line.replace(f"@{key}@", value)
+        lines.append(line)
+    return "".join(lines)
+
+
+def write_run_scripts(names: Sequence[str], out_dir: Path, values: Mapping[str, str]) -> list[Path]:
+    """Write an executable ``out_dir/run-<name>-vm`` per name from ``run-vm.sh``.
+
+    ``values`` fills the guest's placeholders (KIND, MEMORY, KERNEL, INITRD, KERNEL_PARAMS,
+    DISK_SETUP, DISK_OPTS); they may contain ``@NAME@`` and ``@NODE@``, filled in per machine.
+    Node numbers (the last byte of VLAN addresses, 192.168.<vlan>.<node>) follow the sorted
+    names, as in a NixOS test network.
+    """
+    check_names(names)
     template = resources.files(__package__).joinpath("run-vm.sh").read_text()
+    template = render_template(template, {"QEMU": QEMU_BINARY, **values})
     scripts = []
     for node, name in enumerate(sorted(names), start=1):
-        text = template
-        for key, value in {
-            "NAME": name,
-            "NODE": str(node),
-            "QEMU": QEMU_BINARY,
-            "KERNEL": str(kernel),
-            "INITRD": str(initrd),
-        }.items():
-            text = text.replace(f"@{key}@", value)
+        text = render_template(template, {"NAME": name, "NODE": str(node)})
         script = Path(out_dir) / f"run-{name}-vm"
         _write_atomic(script, text.encode(), 0o755)
         scripts.append(script)
     return scripts
+
+
+def build_tiny(names: Sequence[str], out_dir: Path, cache: Path | None = None) -> list[Path]:
+    """Write an executable ``out_dir/run-<name>-vm`` per name; returns the script paths.
+
+    Node numbers (the last byte of VLAN addresses, 192.168.<vlan>.<node>) follow the sorted
+    names, as in a NixOS test network.
+    """
+    check_names(names)
+    kernel, initrd = build_tiny_image(cache)
+    values = {
+        "KIND": "tiny",
+        "MEMORY": "256",
+        "KERNEL": str(kernel),
+        "INITRD": str(initrd),
+        "KERNEL_PARAMS": "loglevel=4 nixos_repl.name=@NAME@",
+        "DISK_SETUP": "",
+        "DISK_OPTS": "",
+    }
+    return write_run_scripts(names, out_dir, values)
+
+
+from .debian import build_debian  # noqa: E402  (it builds on the helpers above)

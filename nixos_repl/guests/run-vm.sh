@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# run-@NAME@-vm: starts the tiny guest "@NAME@" and honours the NixOS run-vm environment contract:
+# run-@NAME@-vm: starts the @KIND@ guest "@NAME@" and honours the NixOS run-vm environment contract:
 # QEMU_OPTS, QEMU_NET_OPTS, QEMU_KERNEL_PARAMS, TMPDIR/USE_TMPDIR, SHARED_DIR, QEMU_VDE_SOCKET_<N>,
 # and appends "$@". NIXOS_REPL_ACCEL=kvm|tcg forces the accelerator.
 set -e
@@ -8,6 +8,7 @@ if [ -z "$TMPDIR" ] || [ -z "$USE_TMPDIR" ]; then
     TMPDIR=$(mktemp -d nix-vm.XXXXXXXXXX --tmpdir)
 fi
 mkdir -p "$TMPDIR/xchg"
+@DISK_SETUP@
 
 # KVM when it is usable, else TCG. Inside a VM (nested virtualisation) KVM guests can hang,
 # so auto-detection prefers TCG there; NIXOS_REPL_ACCEL=kvm overrides.
@@ -41,9 +42,10 @@ fi
 
 # shellcheck disable=SC2086 # QEMU_OPTS is word-split on purpose, as in NixOS.
 exec @QEMU@ "${accel_opts[@]}" \
-    -name @NAME@ -m 256 -smp 1 \
+    -name @NAME@ -m @MEMORY@ -smp 1 \
     -kernel @KERNEL@ -initrd @INITRD@ \
-    -append "console=ttyS0 console=tty0 panic=1 loglevel=4 nixos_repl.name=@NAME@ $QEMU_KERNEL_PARAMS" \
+    -append "console=ttyS0 console=tty0 panic=1 @KERNEL_PARAMS@ $QEMU_KERNEL_PARAMS" \
+    @DISK_OPTS@ \
     -vga std \
     -device virtio-rng-pci \
     -device virtio-net-pci,netdev=user.0 \
