@@ -21,7 +21,7 @@ if [ "$accel" = auto ]; then
 fi
 case "$accel" in
     kvm) accel_opts=(-machine q35 -accel kvm -cpu host) ;;
-    tcg) accel_opts=(-machine q35 -accel tcg,tb-size=64) ;;
+    tcg) accel_opts=(-machine q35 -accel tcg,tb-size=32) ;;
     *) echo "run-@NAME@-vm: NIXOS_REPL_ACCEL must be kvm or tcg, not '$accel'" >&2; exit 2 ;;
 esac
 
