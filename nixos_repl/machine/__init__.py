@@ -671,14 +671,14 @@ class Machine(ScreenMixin):
     @on_io_loop
     async def await_for_console_text(self, regex: str, timeout: Duration | None = None) -> str:
         limit = seconds(timeout)
+        start = time.monotonic()
         with self.nested(f"waiting for {regex} to appear on console"):
             try:
                 return await asyncio.wait_for(self.console.wait_for(regex), limit)
             except TimeoutError:
-                raise RequestedAssertionFailed(
-                    f"action timed out after {limit:.2f} seconds (timeout={limit}): "
-                    f"{regex!r} did not appear on the console of {self.name}"
-                ) from None
+                assert limit is not None
+                detail = f": {regex!r} did not appear on the console of {self.name}"
+                raise timed_out(start, limit, detail) from None
 
     def wait_for_console_text(self, regex: str, timeout: Duration | None = None) -> str:
         return self._run(self.await_for_console_text(regex, timeout))

@@ -35,12 +35,12 @@ from typing import TYPE_CHECKING, Any, Final, TypeVar
 
 from PIL import Image
 
-from ..errors import MachineError, QMPAPIError, RequestedAssertionFailed
+from ..errors import MachineError, QMPAPIError
 from ..loop import on_io_loop
 from . import ocr
 from .keys import CHAR_TO_KEY, key_to_qmp
 from .screenshot import Screenshot
-from .timing import Duration, poll_until, seconds
+from .timing import Duration, poll_until, seconds, timed_out
 
 if TYPE_CHECKING:
     from .monitor import Monitor
@@ -392,10 +392,7 @@ class ScreenMixin:
             if any(pattern.search(text) for text in texts):
                 return
             self.log.info("Last OCR attempt failed. Text was: %s", texts)
-            elapsed = time.monotonic() - start
-            raise RequestedAssertionFailed(
-                f"action timed out after {elapsed:.2f} seconds (timeout={limit})"
-            )
+            raise timed_out(start, limit)
 
     def wait_for_text(self, regex: str, timeout: Duration = dt.timedelta(minutes=15)) -> None:
         self._run(self.await_for_text(regex, timeout))

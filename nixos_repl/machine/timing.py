@@ -39,10 +39,11 @@ def backoff(timeout: float, first_delay: float = 0.05) -> Iterator[float]:
         delay = min(delay * 2, 1.0)
 
 
-def timed_out(start: float, timeout: float) -> RequestedAssertionFailed:
+def timed_out(start: float, timeout: float, detail: str = "") -> RequestedAssertionFailed:
+    """nixpkgs' retry failure, ``action timed out after X.XX seconds (timeout=N)``."""
     elapsed = time.monotonic() - start
     return RequestedAssertionFailed(
-        f"action timed out after {elapsed:.2f} seconds (timeout={timeout})"
+        f"action timed out after {elapsed:.2f} seconds (timeout={timeout}){detail}"
     )
 
 
