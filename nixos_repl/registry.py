@@ -18,25 +18,56 @@ from types import TracebackType
 
 from .errors import MachineError, UnknownMachineError
 from .loop import run_sync
-from .machine import Machine, machine_name_from_start_command
+from .machine import Machine, MachineState, machine_name_from_start_command
+from .machine.lifecycle import ShellFraming
+from .machine.process import check_start_script
 from .vlan import VLan
 
-__all__ = ["STATES", "Registry", "get_tmp_dir"]
+__all__ = ["STATES", "Registry", "check_out_dir", "get_tmp_dir", "shell_framing_from_env"]
 
 log = logging.getLogger(__name__)
 
-STATES = ("defined", "starting", "up", "stopping", "off", "crashed")
+STATES = tuple(MachineState)
+
+
+def shell_framing_from_env() -> ShellFraming:
+    """``NIXOS_REPL_SHELL_FRAMING``: ``auto`` (the fast framing where the guest allows it, the
+    default) or ``nixpkgs`` (always nixpkgs' own)."""
+    value = os.environ.get("NIXOS_REPL_SHELL_FRAMING", "auto")
+    if value == "auto":
+        return "auto"
+    if value == "nixpkgs":
+        return "nixpkgs"
+    raise MachineError(f"NIXOS_REPL_SHELL_FRAMING must be 'auto' or 'nixpkgs', not {value!r}")
 
 
 def get_tmp_dir() -> Path:
     """nixpkgs' temporary directory: $XDG_RUNTIME_DIR, else the system temp dir (mode 0700)."""
     tmp = Path(os.environ.get("XDG_RUNTIME_DIR", tempfile.gettempdir()))
-    tmp.mkdir(mode=0o700, exist_ok=True, parents=True)
-    if not tmp.is_dir():
-        raise NotADirectoryError(f"the temporary directory {tmp} is not a directory")
+    if tmp.exists() and not tmp.is_dir():
+        raise MachineError(
+            f"the temporary directory {tmp} (from XDG_RUNTIME_DIR) is not a directory; "
+            "point XDG_RUNTIME_DIR at a directory, or unset it"
+        )
+    try:
+        tmp.mkdir(mode=0o700, exist_ok=True, parents=True)
+    except OSError as e:
+        raise MachineError(f"cannot create the temporary directory {tmp}: {e}") from e
     if not os.access(tmp, os.W_OK):
-        raise PermissionError(f"the temporary directory {tmp} is not writable")
+        raise MachineError(f"the temporary directory {tmp} is not writable")
     return tmp
+
+
+def check_out_dir(out_dir: Path) -> Path:
+    """The output directory must exist and be writable: say so now, not at the first
+    screenshot."""
+    if not out_dir.is_dir():
+        raise MachineError(
+            f"the output directory {out_dir} does not exist (or is not a directory); create it"
+        )
+    if not os.access(out_dir, os.W_OK):
+        raise MachineError(f"the output directory {out_dir} is not writable")
+    return out_dir
 
 
 class Registry:
@@ -51,12 +82,13 @@ class Registry:
         tmp_dir: str | os.PathLike[str] | None = None,
     ) -> None:
         self.tmp_dir = Path(tmp_dir) if tmp_dir is not None else get_tmp_dir()
-        self.out_dir = Path(out_dir) if out_dir is not None else Path.cwd()
+        self.out_dir = check_out_dir(Path(out_dir) if out_dir is not None else Path.cwd())
         self.keep_machine_state = keep_machine_state
         self.vlan_numbers = sorted(set(vlans))
         self.vlans: list[VLan] = []
         self._machines: dict[str, Machine] = {}
         self._watchers: list[Callable[[Machine], None]] = []
+        self.shell_framing = shell_framing_from_env()
         for name, script in start_scripts:
             self.add(str(script), name=name)
 
@@ -72,14 +104,9 @@ class Registry:
         scripts = []
         for path in paths:
             script = Path(path)
-            if not script.exists():
-                raise MachineError(
-                    f"start script {script} does not exist: build it first (for the embedded "
-                    f"guests: nixos-repl guest build tiny|debian --name NAME --out DIR)"
-                )
-            if not os.access(script, os.X_OK):
-                raise MachineError(f"start script {script} is not executable (chmod +x {script})")
-            scripts.append((machine_name_from_start_command(script.name), str(script.resolve())))
+            name = machine_name_from_start_command(script.name)
+            check_start_script(str(script) if "/" in str(script) else f"./{script}", name)
+            scripts.append((name, str(script.resolve())))
         return cls(scripts, vlans, out_dir, keep_machine_state)
 
     # -- machines ------------------------------------------------------------------------------
@@ -97,6 +124,7 @@ class Registry:
             keep_machine_state=self.keep_machine_state,
             env=self.vlan_env(),
             on_state_change=self._state_changed,
+            shell_framing=self.shell_framing,
         )
         self._machines[name] = machine
         return machine
@@ -139,7 +167,7 @@ class Registry:
         """All machines, sorted by name (as nixpkgs numbers them)."""
         return [self._machines[n] for n in sorted(self._machines)]
 
-    def states(self) -> dict[str, str]:
+    def states(self) -> dict[str, MachineState]:
         return {m.name: m.state for m in self.machines}
 
     # -- lifecycle -----------------------------------------------------------------------------
@@ -153,14 +181,14 @@ class Registry:
             self.vlans.append(vlan)
         env = self.vlan_env()
         for machine in self._machines.values():
-            machine.extra_env.update(env)
+            machine.lifecycle.extra_env.update(env)
 
     def start_all(self) -> None:
         """Start every machine (in parallel; does not wait for boot)."""
 
         async def start_all() -> list[tuple[str, BaseException]]:
             results = await asyncio.gather(
-                *(m.astart() for m in self.machines), return_exceptions=True
+                *(m.aio.start() for m in self.machines), return_exceptions=True
             )
             return [
                 (m.name, r)
@@ -180,7 +208,7 @@ class Registry:
 
         async def release_all() -> None:
             await asyncio.gather(
-                *(m.arelease() for m in self._machines.values()), return_exceptions=True
+                *(m.aio.release() for m in self._machines.values()), return_exceptions=True
             )
             await asyncio.gather(*(v.stop() for v in self.vlans), return_exceptions=True)
 

@@ -15,9 +15,11 @@ from .conftest import interrupt_after
 @pytest.fixture(scope="module")
 def compat(guest_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Machine]:
     out = tmp_path_factory.mktemp("compat")
-    with Registry.from_start_scripts([guest_dir / "run-solo-vm"], out_dir=out) as reg:
+    with pytest.MonkeyPatch.context() as env:
+        env.setenv("NIXOS_REPL_SHELL_FRAMING", "nixpkgs")
+        registry = Registry.from_start_scripts([guest_dir / "run-solo-vm"], out_dir=out)
+    with registry as reg:
         machine = reg["solo"]
-        machine.shell_framing = "nixpkgs"
         machine.connect()
         yield machine
 

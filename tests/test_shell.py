@@ -174,11 +174,11 @@ def test_serial_console(vm1) -> None:  # type: ignore[no-untyped-def]
 def test_console_waiters_do_not_steal_lines(vm1) -> None:  # type: ignore[no-untyped-def]
     async def both() -> list[str]:
         waiters = [
-            asyncio.ensure_future(vm1.await_for_console_text(r"shared-\d+", timeout=20))
+            asyncio.ensure_future(vm1.aio.wait_for_console_text(r"shared-\d+", timeout=20))
             for _ in range(2)
         ]
         await asyncio.sleep(0.2)
-        await vm1.asucceed("echo shared-42 >&2")
+        await vm1.aio.succeed("echo shared-42 >&2")
         return list(await asyncio.gather(*waiters))
 
     from nixos_repl.loop import run_sync
@@ -193,7 +193,7 @@ def test_async_twins_run_machines_in_parallel(vm1, vm2) -> None:  # type: ignore
 
     async def both() -> tuple[str, str]:
         a, b = await asyncio.gather(
-            vm1.asucceed("sleep 1; hostname"), vm2.asucceed("sleep 1; hostname")
+            vm1.aio.succeed("sleep 1; hostname"), vm2.aio.succeed("sleep 1; hostname")
         )
         return a, b
 
@@ -234,12 +234,12 @@ def test_interrupt_while_a_background_job_holds_stdout(vm1) -> None:  # type: ig
 def test_async_twins_can_be_awaited_from_another_event_loop(vm1, vm2) -> None:  # type: ignore[no-untyped-def]
     # IPython and Jupyter await top-level coroutines on their own loop, not the I/O loop.
     async def cell() -> list[str]:
-        return list(await asyncio.gather(vm1.asucceed("hostname"), vm2.asucceed("hostname")))
+        return list(await asyncio.gather(vm1.aio.succeed("hostname"), vm2.aio.succeed("hostname")))
 
     assert asyncio.run(cell()) == ["vm1\n", "vm2\n"]
 
     async def cancelled_cell() -> None:
-        task = asyncio.ensure_future(vm1.asucceed("sleep 1000"))
+        task = asyncio.ensure_future(vm1.aio.succeed("sleep 1000"))
         await asyncio.sleep(0.5)
         task.cancel()
         with pytest.raises(asyncio.CancelledError):

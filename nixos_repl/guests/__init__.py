@@ -25,12 +25,12 @@ import re
 import shutil
 import stat
 import subprocess
-import tempfile
 from collections.abc import Iterable, Mapping, Sequence
 from importlib import resources
 from pathlib import Path
 
 from ..errors import GuestBuildError
+from ..files import write_atomic
 
 __all__ = ["build_debian", "build_tiny", "cache_dir", "find_kernel"]
 
@@ -305,19 +305,6 @@ def _inputs_key(vmlinuz: Path, files: dict[str, Path]) -> str:
     return h.hexdigest()[:16]
 
 
-def _write_atomic(path: Path, data: bytes, mode: int = 0o644) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-        os.chmod(tmp, mode)
-        os.replace(tmp, path)
-    except BaseException:
-        os.unlink(tmp)
-        raise
-
-
 def build_tiny_image(cache: Path | None = None) -> tuple[Path, Path]:
     """Build (or reuse) the tiny guest's kernel and initramfs; returns their cached paths."""
     vmlinuz, moddir = find_kernel()
@@ -329,8 +316,9 @@ def build_tiny_image(cache: Path | None = None) -> tuple[Path, Path]:
         return kernel, initrd
     log.info("building the tiny guest into %s", target)
     bzimage = vmlinuz.read_bytes()
-    _write_atomic(kernel, extract_vmlinux(bzimage) or bzimage)
-    _write_atomic(initrd, _build_initramfs(moddir, modules, files))
+    target.mkdir(parents=True, exist_ok=True)
+    write_atomic(kernel, extract_vmlinux(bzimage) or bzimage, 0o644)
+    write_atomic(initrd, _build_initramfs(moddir, modules, files), 0o644)
     return kernel, initrd
 
 
@@ -377,7 +365,8 @@ def write_run_scripts(names: Sequence[str], out_dir: Path, values: Mapping[str, 
     for node, name in enumerate(sorted(names), start=1):
         text = render_template(template, {"NAME": name, "NODE": str(node)})
         script = Path(out_dir) / f"run-{name}-vm"
-        _write_atomic(script, text.encode(), 0o755)
+        script.parent.mkdir(parents=True, exist_ok=True)
+        write_atomic(script, text.encode(), 0o755)
         scripts.append(script)
     return scripts
 

@@ -29,10 +29,10 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from ..errors import GuestBuildError
+from ..files import write_atomic
 from . import (
     Cpio,
     _require,
-    _write_atomic,
     add_modules,
     cache_dir,
     check_names,
@@ -402,8 +402,8 @@ def _build(target: Path, vmlinuz: Path, moddir: Path, modules: list[str], busybo
         log.info("mkfs.ext4 -d took %.1f s", time.monotonic() - started)
         shutil.rmtree(root)
         bzimage = vmlinuz.read_bytes()
-        _write_atomic(tmp / "vmlinux", extract_vmlinux(bzimage) or bzimage)
-        _write_atomic(tmp / "initrd", _build_initramfs(moddir, modules, busybox))
+        write_atomic(tmp / "vmlinux", extract_vmlinux(bzimage) or bzimage, 0o644)
+        write_atomic(tmp / "initrd", _build_initramfs(moddir, modules, busybox), 0o644)
         os.chmod(tmp, 0o755)
         try:
             tmp.rename(target)

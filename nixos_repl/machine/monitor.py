@@ -7,7 +7,7 @@ import socket
 
 from ..errors import MachineError
 
-__all__ = ["Monitor"]
+__all__ = ["Monitor", "hmp_output", "tcp_port"]
 
 PROMPT = b"(qemu) "
 
@@ -45,3 +45,16 @@ class Monitor:
 
     def close(self) -> None:
         self._sock.close()
+
+
+def hmp_output(reply: str) -> str:
+    """What an HMP command printed: the reply without the echoed command line and the prompt."""
+    _, _, rest = reply.partition("\r\n")
+    return rest.removesuffix(PROMPT.decode()).strip()
+
+
+def tcp_port(value: int, what: str) -> int:
+    """``value`` if it is a TCP port number; a ValueError naming ``what`` otherwise."""
+    if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= 65535:
+        raise ValueError(f"{what} must be a TCP port number (1-65535), not {value!r}")
+    return value

@@ -3,11 +3,21 @@
 The start script runs as nixpkgs runs it: cwd ``vm-state-<name>`` (mode 0700), ``TMPDIR`` set to
 that directory, ``USE_TMPDIR=1``, ``SHARED_DIR`` set to the shared exchange directory, the
 inherited environment, and the driver's QEMU options appended. The driver listens on the
-``shell`` and ``monitor`` sockets; QEMU listens on ``qmp``.
+``shell`` and ``monitor`` sockets (and its own two ports); QEMU listens on ``qmp``.
 
-No QEMU outlives the Python process: the child gets ``PR_SET_PDEATHSIG`` (SIGKILL when the I/O
-thread that forked it dies, which is when the process dies, SIGKILL included), and every live
-process is killed at interpreter exit.
+No QEMU outlives the Python process, whatever the start script does (``exec`` or not, forking or
+not). The script runs under a small ``sh`` reaper in a session of its own, so everything it starts
+is one process group:
+
+* the reaper gets ``PR_SET_PDEATHSIG`` = SIGUSR1 when the I/O thread that forked it dies (which
+  is when the process dies, SIGKILL included), and then SIGKILLs the whole group;
+* ``terminate()`` sends SIGTERM to the group (QEMU shuts down cleanly), then SIGKILL;
+* every live group is SIGKILLed at interpreter exit;
+* being in its own session, QEMU never sees the terminal's Ctrl-C meant for the REPL.
+
+The exit is noticed through a pidfd, not through the pipes, so a process that keeps QEMU's
+stdout open cannot hide it. ``pid`` is QEMU's own pid, read from the monitor socket's peer
+credentials (nixpkgs' ``machine.pid``), not the reaper's.
 """
 
 from __future__ import annotations
@@ -22,13 +32,24 @@ import os
 import shlex
 import signal
 import socket
+import struct
+import subprocess
 import weakref
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 
 from ..errors import MachineError
 
-__all__ = ["SOCKETS", "QemuProcess", "die_with_parent"]
+__all__ = [
+    "SOCKETS",
+    "QemuProcess",
+    "check_start_script",
+    "die_with_parent",
+    "driver_qemu_options",
+    "graphical_display_available",
+]
+
+log = logging.getLogger(__name__)
 
 PR_SET_PDEATHSIG = 1
 _libc = ctypes.CDLL(None, use_errno=True)
@@ -37,10 +58,31 @@ _live: weakref.WeakSet[QemuProcess] = weakref.WeakSet()
 # Driver-side listening sockets (QEMU connects to them) in the state directory.
 SOCKETS = ("shell", "monitor", "nixos-repl-out", "nixos-repl-ctl")
 
+# Runs "$@" (the start script and the driver's options) and takes its whole process group down
+# when the driver dies (SIGUSR1, from PR_SET_PDEATHSIG). SIGTERM is left to the group's members:
+# the reaper waits for the script to exit and exits with its status. The script gets the
+# reaper's stdin through fd 3 (a background job's own stdin would be /dev/null).
+REAPER = r"""exec 3<&0
+trap 'kill -KILL 0' USR1
+trap : TERM INT HUP
+"$@" <&3 3<&- &
+child=$!
+exec 3<&-
+while :; do
+  wait "$child"
+  status=$?
+  kill -0 "$child" 2>/dev/null || exit "$status"
+done
+"""
 
-def die_with_parent() -> None:
-    """``preexec_fn``: SIGKILL this child when the forking thread (the I/O loop) dies."""
-    _libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
+
+def die_with_parent(sig: int = signal.SIGKILL) -> None:
+    """``preexec_fn``: send ``sig`` to this child when the forking thread (the I/O loop) dies."""
+    _libc.prctl(PR_SET_PDEATHSIG, sig)
+
+
+def _reaper_preexec() -> None:
+    die_with_parent(signal.SIGUSR1)
 
 
 @atexit.register
@@ -49,11 +91,25 @@ def _kill_all() -> None:
         proc.kill_now()
 
 
+def check_start_script(argv0: str, name: str) -> None:
+    """A start script named by a path must exist and be executable; say how to fix it."""
+    script = Path(argv0)
+    if "/" in argv0 and not script.exists():
+        raise MachineError(
+            f"{name}: start script {script} does not exist; build the machine first "
+            "(for embedded guests: nixos-repl guest build tiny|debian --name NAME --out DIR)"
+        )
+    if script.is_dir():
+        raise MachineError(f"{name}: start script {script} is a directory, not a script")
+    if script.exists() and not os.access(script, os.X_OK):
+        raise MachineError(f"{name}: start script {script} is not executable (chmod +x {script})")
+
+
 def driver_qemu_options(state_dir: Path, allow_reboot: bool, graphical: bool) -> list[str]:
     """What the driver appends to the start script, as nixpkgs does, plus nixos-repl's channel.
 
     Two extra virtio-serial ports (on their own bus, so the backdoor stays /dev/hvc0) carry command
-    output (whose guest-side close QEMU reports as a QMP event) and interrupt requests.
+    text and output (``out``) and interrupt requests (``ctl``).
     """
     opts = [
         "-qmp", f"unix:{state_dir / 'qmp'},server=on,wait=off",
@@ -84,23 +140,40 @@ def graphical_display_available() -> bool:
     return "DISPLAY" in os.environ or "WAYLAND_DISPLAY" in os.environ
 
 
+def _peer_pid(sock: socket.socket) -> int | None:
+    """The pid of the process at the other end of a connected UNIX socket."""
+    try:
+        creds = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
+    except OSError:
+        return None
+    pid, _, _ = struct.unpack("3i", creds)
+    return pid or None
+
+
 class QemuProcess:
-    """One run of a start script: the process, its pipes and the driver's accepted sockets."""
+    """One run of a start script: the process group, its pipes and the driver's sockets."""
 
     def __init__(self, name: str, start_command: str, state_dir: Path) -> None:
         self.name = name
         self.start_command = start_command
         self.state_dir = state_dir
         self.log = logging.getLogger(f"nixos_repl.machine.{name}")
-        self.proc: asyncio.subprocess.Process | None = None
+        self.proc: subprocess.Popen[bytes] | None = None
+        self.qemu_pid: int | None = None
         self.stderr_tail: collections.deque[str] = collections.deque(maxlen=40)
         self.exited = asyncio.Event()
         self.returncode: int | None = None
         self._listeners: dict[str, socket.socket] = {}
-        self._tasks: list[asyncio.Task[None]] = []
+        self._pidfd: int | None = None
+        self._pipes: list[int] = []
+        self._stdout_done = asyncio.Event()
+        self._stderr_done = asyncio.Event()
 
     @property
     def pid(self) -> int | None:
+        """QEMU's pid once it connected to the monitor, else the reaper's."""
+        if self.qemu_pid is not None:
+            return self.qemu_pid
         return self.proc.pid if self.proc is not None else None
 
     def argv(self, extra: list[str]) -> list[str]:
@@ -108,16 +181,7 @@ class QemuProcess:
         argv = [cmd] if os.path.exists(cmd) else shlex.split(cmd)
         if not argv:
             raise MachineError(f"{self.name}: the start command is empty")
-        script = Path(argv[0])
-        if "/" in argv[0] and not script.exists():
-            raise MachineError(
-                f"{self.name}: start script {script} does not exist; build the machine first "
-                "(for embedded guests: nixos-repl guest build tiny --name NAME --out DIR)"
-            )
-        if script.exists() and not os.access(script, os.X_OK):
-            raise MachineError(
-                f"{self.name}: start script {script} is not executable (chmod +x {script})"
-            )
+        check_start_script(argv[0], self.name)
         return argv + extra
 
     def _listen(self) -> None:
@@ -126,86 +190,134 @@ class QemuProcess:
             with contextlib.suppress(FileNotFoundError):
                 path.unlink()
             sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            self._listeners[name] = sock
             sock.bind(str(path))
             sock.listen(1)
             sock.setblocking(False)
-            self._listeners[name] = sock
 
-    async def spawn(
+    def spawn(
         self,
         extra_args: list[str],
         env: Mapping[str, str],
-        on_stdout: Callable[[bytes], Awaitable[None]],
+        on_output: Callable[[bytes], None],
     ) -> None:
+        """Start the script (synchronously: nothing can interrupt it half-way).
+
+        ``on_output`` gets QEMU's stdout and stderr (the serial console) as they arrive, and
+        ``b""`` once at the end of each.
+        """
         argv = self.argv(extra_args)
         self._listen()
         self.log.info("starting vm")
         try:
-            self.proc = await asyncio.create_subprocess_exec(
-                *argv,
-                stdin=asyncio.subprocess.PIPE,
-                stdout=asyncio.subprocess.PIPE,
-                stderr=asyncio.subprocess.PIPE,
+            self.proc = subprocess.Popen(
+                ["/bin/sh", "-c", REAPER, "nixos-repl-reaper", *argv],
+                stdin=subprocess.PIPE,
+                stdout=subprocess.PIPE,
+                stderr=subprocess.PIPE,
                 cwd=self.state_dir,
                 env=dict(env),
-                preexec_fn=die_with_parent,
+                start_new_session=True,
+                preexec_fn=_reaper_preexec,
             )
         except OSError as e:
             self.close_listeners()
             raise MachineError(f"{self.name}: cannot run start script {argv[0]}: {e}") from e
         _live.add(self)
-        self._tasks = [
-            asyncio.create_task(self._pump(self.proc.stdout, on_stdout, None)),
-            asyncio.create_task(self._pump(self.proc.stderr, on_stdout, self.stderr_tail)),
-            asyncio.create_task(self._watch()),
-        ]
-        self.log.info("QEMU running (pid %d)", self.proc.pid)
+        loop = asyncio.get_running_loop()
+        assert self.proc.stdout is not None and self.proc.stderr is not None
+        for stream, done, tail in (
+            (self.proc.stdout, self._stdout_done, None),
+            (self.proc.stderr, self._stderr_done, self.stderr_tail),
+        ):
+            fd = stream.fileno()
+            os.set_blocking(fd, False)
+            self._pipes.append(fd)
+            loop.add_reader(fd, self._on_pipe, fd, on_output, done, tail)
+        self._pidfd = os.pidfd_open(self.proc.pid)
+        loop.add_reader(self._pidfd, self._on_exit)
 
-    async def _pump(
+    def _on_pipe(
         self,
-        stream: asyncio.StreamReader | None,
-        sink: Callable[[bytes], Awaitable[None]],
+        fd: int,
+        sink: Callable[[bytes], None],
+        done: asyncio.Event,
         tail: collections.deque[str] | None,
     ) -> None:
-        assert stream is not None
-        while True:
-            data = await stream.read(65536)
-            if tail is not None and data:
-                tail.extend(data.decode(errors="replace").splitlines())
-            await sink(data)
-            if not data:
-                return
+        try:
+            data = os.read(fd, 65536)
+        except BlockingIOError:
+            return
+        except OSError:
+            data = b""
+        if tail is not None and data:
+            tail.extend(data.decode(errors="replace").splitlines())
+        sink(data)
+        if not data:
+            asyncio.get_running_loop().remove_reader(fd)
+            done.set()
 
-    async def _watch(self) -> None:
-        assert self.proc is not None
-        self.returncode = await self.proc.wait()
-        # Let the pumps drain what QEMU wrote before exiting, so error messages are complete.
-        with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(asyncio.gather(*self._tasks[:2]), 1.0)
+    def _on_exit(self) -> None:
+        assert self.proc is not None and self._pidfd is not None
+        loop = asyncio.get_running_loop()
+        loop.remove_reader(self._pidfd)
+        os.close(self._pidfd)
+        self._pidfd = None
+        status = self.proc.wait()
+        # The reaper exits 128+N when the script died of signal N: report it as nixpkgs would.
+        self.returncode = 128 - status if status > 128 else status
         _live.discard(self)
+        self._exit_task = loop.create_task(self._finish_exit())
+
+    async def _finish_exit(self) -> None:
+        # Let QEMU's last words reach the console (unless something else holds the pipes).
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(1.0):
+                await self._stdout_done.wait()
+                await self._stderr_done.wait()
+        self._close_pipes()
         self.close_listeners()
         self.exited.set()
+
+    def _close_pipes(self) -> None:
+        loop = asyncio.get_running_loop()
+        for fd in self._pipes:
+            loop.remove_reader(fd)
+        self._pipes.clear()
+        if self.proc is not None:
+            for stream in (self.proc.stdin, self.proc.stdout, self.proc.stderr):
+                if stream is not None:
+                    with contextlib.suppress(OSError):
+                        stream.close()
 
     async def accept(self, name: str, timeout: float) -> socket.socket:
         """Accept QEMU's connection on a driver socket, or fail if QEMU exits first."""
         loop = asyncio.get_running_loop()
         accept = asyncio.ensure_future(loop.sock_accept(self._listeners[name]))
         exited = asyncio.ensure_future(self.exited.wait())
-        done, _ = await asyncio.wait(
-            {accept, exited}, timeout=timeout, return_when=asyncio.FIRST_COMPLETED
-        )
-        exited.cancel()
+        try:
+            done, _ = await asyncio.wait(
+                {accept, exited}, timeout=timeout, return_when=asyncio.FIRST_COMPLETED
+            )
+        finally:
+            exited.cancel()
+            if not accept.done():
+                accept.cancel()
         if accept in done:
             conn, _ = accept.result()
             conn.setblocking(False)
+            if name == "monitor":
+                self.qemu_pid = _peer_pid(conn)
             return conn
-        accept.cancel()
         if exited in done:
             raise MachineError(
                 f"{self.name}: QEMU exited with code {self.returncode} before connecting to the "
                 f"{name} socket.\n{self.describe_exit()}"
             )
-        raise MachineError(f"{self.name}: QEMU did not connect to the {name} socket in {timeout} s")
+        raise MachineError(
+            f"{self.name}: QEMU did not connect to the {name} socket within {timeout:g} s. "
+            f'Does the start script pass its arguments ("$@") on to QEMU?\n{self.describe_exit()}'
+        )
 
     def describe_exit(self) -> str:
         tail = "\n".join(self.stderr_tail) or "(nothing)"
@@ -215,26 +327,33 @@ class QemuProcess:
         if self.proc is None or self.proc.stdin is None or self.exited.is_set():
             raise MachineError(f"{self.name}: QEMU is not running")
         self.proc.stdin.write(data)
+        self.proc.stdin.flush()
 
     def close_listeners(self) -> None:
         for sock in self._listeners.values():
             sock.close()
         self._listeners.clear()
 
-    def kill_now(self) -> None:
-        """SIGKILL from any thread, without waiting (used at interpreter exit)."""
+    def _signal_group(self, sig: int) -> None:
         if self.proc is not None and self.returncode is None:
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(self.proc.pid, signal.SIGKILL)
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.killpg(self.proc.pid, sig)
+
+    def kill_now(self) -> None:
+        """SIGKILL the whole process group, from any thread, without waiting."""
+        self._signal_group(signal.SIGKILL)
 
     async def terminate(self, timeout: float = 5.0) -> None:
-        """SIGTERM, then SIGKILL after ``timeout``; returns once the process is gone."""
+        """SIGTERM to the group, then SIGKILL after ``timeout``; returns once it is gone."""
         if self.proc is None or self.exited.is_set():
+            self.close_listeners()
             return
-        with contextlib.suppress(ProcessLookupError):
-            self.proc.terminate()
+        self._signal_group(signal.SIGTERM)
         try:
             await asyncio.wait_for(self.exited.wait(), timeout)
         except TimeoutError:
             self.kill_now()
             await self.exited.wait()
+        # Whatever the script left behind in its group goes too.
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.killpg(self.proc.pid, signal.SIGKILL)

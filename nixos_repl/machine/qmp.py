@@ -89,7 +89,7 @@ class QMPSession:
             result = await self._client.execute(cmd, args)
         except ExecuteError as e:
             raise QMPAPIError(
-                {"error": {"class": e.error_class, "desc": str(e)}, "id": e.sent.get("id")}
+                {"error": {"class": e.error_class, "desc": str(e)}, "id": None}
             ) from None
         except (QMPError, EOFError, OSError) as e:
             raise ConnectionError(f"QMP connection to {self.name} closed: {e}") from e

@@ -8,16 +8,26 @@ from __future__ import annotations
 
 import io
 import os
-import secrets
 from pathlib import Path
 
 from PIL import Image
 
-__all__ = ["PNG_SIGNATURE", "Screenshot"]
+from ..files import write_atomic
+
+__all__ = ["PNG_SIGNATURE", "Screenshot", "load_ppm"]
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 
 _PNG_MODES = frozenset({"1", "L", "LA", "I", "I;16", "P", "RGB", "RGBA"})
+
+
+def load_ppm(data: bytes) -> Image.Image:
+    """Decode a binary PPM (P6), what QEMU's ``screendump`` writes; ValueError for anything else."""
+    image = Image.open(io.BytesIO(data))
+    if image.format != "PPM":
+        raise ValueError(f"expected a PPM image, got {image.format or 'unknown data'}")
+    image.load()
+    return image
 
 
 def _encode_png(image: Image.Image) -> bytes:
@@ -60,11 +70,7 @@ class Screenshot:
     @classmethod
     def from_ppm(cls, data: bytes, path: str | os.PathLike[str] | None = None) -> Screenshot:
         """From a binary PPM (P6), what QEMU's ``screendump`` writes."""
-        image = Image.open(io.BytesIO(data))
-        if image.format != "PPM":
-            raise ValueError(f"expected a PPM image, got {image.format or 'unknown data'}")
-        image.load()
-        return cls.from_image(image, path)
+        return cls.from_image(load_ppm(data), path)
 
     @property
     def png(self) -> bytes:
@@ -107,21 +113,7 @@ class Screenshot:
         usual permissions (0666 minus the umask).
         """
         target = Path(path)
-        directory = target.parent
-        while True:
-            tmp = directory / f".{target.name}.{secrets.token_hex(4)}.tmp"
-            try:
-                fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o666)
-            except FileExistsError:
-                continue
-            break
-        try:
-            with os.fdopen(fd, "wb") as f:
-                f.write(self._png)
-            os.replace(tmp, target)
-        except BaseException:
-            tmp.unlink(missing_ok=True)
-            raise
+        write_atomic(target, self._png)
         return target
 
     def __repr__(self) -> str:

@@ -49,7 +49,7 @@ from dataclasses import dataclass, field
 
 from ..errors import MachineError
 
-__all__ = ["BANNER", "ShellChannel"]
+__all__ = ["BANNER", "ShellChannel", "abbreviate"]
 
 BANNER = b"Spawning backdoor root shell..."
 # After this long with the command finished but its stdout still held open, say why we wait.
@@ -57,6 +57,16 @@ STDOUT_GRACE = 5.0
 # How long an interrupted or timed-out command may take to die before the channel gives up on it.
 KILL_GRACE = 2.0
 OUT_CHARDEV = "nixos-repl-out"
+# Commands longer than this are quoted in messages by their start and their size.
+QUOTE_LIMIT = 200
+
+
+def abbreviate(command: str, limit: int = QUOTE_LIMIT) -> str:
+    """``command`` for a message: as it is when short, else its start and its size."""
+    if len(command) <= limit:
+        return command
+    return f"{command[:limit]}... ({len(command.encode())} bytes)"
+
 
 SETUP = r"""if [[ -z ${__nr_ready-} ]]; then
   __nr_out= __nr_ctl= __nr_fd= __nr_last=0

@@ -1,17 +1,51 @@
-"""Durations and nixpkgs' retry semantics, shared by the machine's parts."""
+"""Durations, nixpkgs' retry semantics and its nested log steps, shared by the machine's parts."""
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import datetime as dt
+import logging
 import time
 from collections.abc import Awaitable, Callable, Iterator
 
 from ..errors import RequestedAssertionFailed
 
-__all__ = ["Duration", "backoff", "poll_until", "seconds", "timed_out"]
+__all__ = [
+    "DEFAULT_TIMEOUT",
+    "Duration",
+    "backoff",
+    "nested",
+    "poll_until",
+    "seconds",
+    "timed_out",
+]
 
 Duration = dt.timedelta | int | float
+
+# nixpkgs' default for every wait and for a command's guest-side limit.
+DEFAULT_TIMEOUT = dt.timedelta(minutes=15)
+
+
+@contextlib.contextmanager
+def nested(log: logging.Logger, msg: str) -> Iterator[None]:
+    """Log ``msg``, run the body, then ``(finished: msg, in X.XX seconds)`` (nixpkgs' ``nested``).
+
+    Both records carry ``extra`` for structured handlers: ``step`` (the message), ``phase``
+    (``"start"`` or ``"end"``) and, at the end, ``elapsed`` seconds.
+    """
+    log.info("%s", msg, extra={"step": msg, "phase": "start"})
+    start = time.monotonic()
+    try:
+        yield
+    finally:
+        elapsed = time.monotonic() - start
+        log.info(
+            "(finished: %s, in %.2f seconds)",
+            msg,
+            elapsed,
+            extra={"step": msg, "phase": "end", "elapsed": elapsed},
+        )
 
 
 def seconds(value: Duration | None) -> float | None:

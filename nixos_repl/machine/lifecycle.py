@@ -1,0 +1,414 @@
+"""The life of one machine's QEMU: start, connect, stop, crash detection, and its one state.
+
+``MachineState`` is the only record of where a machine is; ``booted`` and ``connected`` are read
+from it, so they cannot disagree with it. Every change goes through ``Lifecycle._set_state``,
+which logs it and tells the registry's watchers (as qemu.qmp's ``_set_state`` does)::
+
+    defined -> starting -> up -> stopping -> off
+                  ^        |                  |
+                  +--------+ (reboot)         +--> starting (start() again)
+    starting/up/stopping --(QEMU exits unexpectedly)--> crashed --(start())--> starting
+
+What each state allows is checked in one place (``check`` / ``require_running``), with a
+message that names the state and the next step.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import datetime as dt
+import logging
+import os
+import time
+from collections.abc import Awaitable, Callable, Mapping
+from enum import StrEnum
+from pathlib import Path
+from typing import Any, Literal, TypeVar
+
+from ..errors import MachineError
+from .console import Console
+from .monitor import Monitor
+from .process import QemuProcess, driver_qemu_options, graphical_display_available
+from .qmp import QMPSession
+from .shell import OUT_CHARDEV, ShellChannel
+from .timing import Duration, nested, seconds
+
+__all__ = ["CONNECT_TIMEOUT", "Lifecycle", "MachineState", "ShellFraming"]
+
+T = TypeVar("T")
+
+# How long connect() waits for the backdoor banner (nixpkgs: 10 x 30 s).
+CONNECT_TIMEOUT = dt.timedelta(minutes=5)
+# Sockets QEMU connects to right after it starts.
+SOCKET_TIMEOUT = 60.0
+# QMP SHUTDOWN reasons that mean the machine was powered off on purpose.
+CLEAN_SHUTDOWNS = ("guest-shutdown", "host-qmp-quit")
+
+ShellFraming = Literal["auto", "nixpkgs"]
+
+
+class MachineState(StrEnum):
+    """Where a machine is. A ``StrEnum``: ``machine.state == "up"`` works."""
+
+    DEFINED = "defined"  # never started
+    STARTING = "starting"  # QEMU runs; the backdoor shell is not connected (yet, or again)
+    UP = "up"  # the backdoor shell is connected
+    STOPPING = "stopping"  # QEMU is expected to exit (shutdown, crash, release, reboot)
+    OFF = "off"  # QEMU exited as expected
+    CRASHED = "crashed"  # QEMU exited unexpectedly; start() boots it again
+
+    @property
+    def running(self) -> bool:
+        """Whether a QEMU process belongs to this state (nixpkgs' ``booted``)."""
+        return self in (MachineState.STARTING, MachineState.UP, MachineState.STOPPING)
+
+
+class Lifecycle:
+    """Owns one machine's QEMU run: the process, its sockets and sessions, and the state."""
+
+    def __init__(
+        self,
+        name: str,
+        start_command: str,
+        state_dir: Path,
+        shared_dir: Path,
+        console: Console,
+        *,
+        env: Mapping[str, str],
+        shell_framing: ShellFraming = "auto",
+        on_change: Callable[[], None] | None = None,
+    ) -> None:
+        self.name = name
+        self.start_command = start_command
+        self.state_dir = state_dir
+        self.shared_dir = shared_dir
+        self.console = console
+        self.extra_env = dict(env)
+        self.shell_framing: ShellFraming = shell_framing
+        self.log = logging.getLogger(f"nixos_repl.machine.{name}")
+        self.state = MachineState.DEFINED
+        self.allow_reboot = False
+        self.connect_timeout: Duration = CONNECT_TIMEOUT
+        self.crash_report: str | None = None
+        self.started_at: float | None = None  # time.time() of the last start
+        self.process: QemuProcess | None = None
+        self.qmp: QMPSession | None = None
+        self.monitor: Monitor | None = None
+        self.shell: ShellChannel | None = None
+        self._on_change = on_change
+        self._shutdown_reason: str | None = None
+        self._reset_expected = False  # reboot() sent Ctrl-Alt-Delete and prepared already
+        self._start_lock = asyncio.Lock()
+        self._connect_lock = asyncio.Lock()
+        self._watcher: asyncio.Task[None] | None = None
+        self._stopped = asyncio.Event()  # set when the current run's QEMU is gone
+
+    # -- state ---------------------------------------------------------------------------------
+
+    def _set_state(self, state: MachineState) -> None:
+        """The one transition point: logs the change and notifies the watchers."""
+        if state is self.state:
+            return
+        self.log.debug("state %s -> %s", self.state, state)
+        self.state = state
+        if self._on_change is not None:
+            self._on_change()
+
+    @property
+    def pid(self) -> int | None:
+        return self.process.pid if self.process is not None and self.state.running else None
+
+    def uptime(self) -> float | None:
+        """Seconds since QEMU started, while it runs."""
+        if self.started_at is None or not self.state.running:
+            return None
+        return time.time() - self.started_at
+
+    def check(self, action: str) -> None:
+        """Raise if the machine cannot ``action`` in its state (crashed, or shutting down)."""
+        self._check_crashed()
+        if self.state is MachineState.STOPPING:
+            raise MachineError(
+                f"{self.name} is shutting down, so it cannot {action}. Call "
+                f"{self.name}.wait_for_shutdown(), then {self.name}.start() to boot it again."
+            )
+
+    def _check_crashed(self) -> None:
+        if self.state is MachineState.CRASHED:
+            raise MachineError(self.crash_report or f"machine '{self.name}' crashed")
+
+    def require_running(self, action: str) -> QemuProcess:
+        """The running QEMU, or a MachineError saying why there is none and what to do."""
+        self.check(action)
+        if self.process is None or not self.state.running:
+            raise MachineError(
+                f"{self.name} is {self.state}, so it cannot {action}. "
+                f"Call {self.name}.start() first."
+            )
+        return self.process
+
+    # -- start ---------------------------------------------------------------------------------
+
+    async def start(self, allow_reboot: bool = False) -> None:
+        """Start QEMU unless it runs; does not wait for the guest to boot."""
+        async with self._start_lock:
+            if self.state.running:
+                return
+            await self._start(allow_reboot)
+
+    async def _start(self, allow_reboot: bool) -> None:
+        self.crash_report = None
+        self._shutdown_reason = None
+        self._reset_expected = False
+        self.allow_reboot = allow_reboot
+        self._stopped = asyncio.Event()
+        self.state_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+        os.chmod(self.state_dir, 0o700)
+        self.console.reset(self.state_dir / "console.log")
+        process = QemuProcess(self.name, self.start_command, self.state_dir)
+        self.process = process
+        self._set_state(MachineState.STARTING)
+        env = {
+            **os.environ,
+            **self.extra_env,
+            "TMPDIR": str(self.state_dir),
+            "SHARED_DIR": str(self.shared_dir),
+            "USE_TMPDIR": "1",
+        }
+        extra = driver_qemu_options(self.state_dir, allow_reboot, graphical_display_available())
+        try:
+            process.spawn(extra, env, self.console.feed)
+            monitor = await process.accept("monitor", SOCKET_TIMEOUT)
+            shell = await process.accept("shell", SOCKET_TIMEOUT)
+            out = await process.accept("nixos-repl-out", SOCKET_TIMEOUT)
+            ctl = await process.accept("nixos-repl-ctl", SOCKET_TIMEOUT)
+            self.shell = ShellChannel(self.name, shell, out, ctl, self._out_port_open)
+            self.monitor = Monitor(self.name, monitor)
+            self.qmp = QMPSession(self.name, self._on_qmp_event)
+            await self.qmp.connect(self.state_dir / "qmp")
+            await self.monitor.greeting()
+        except BaseException as e:
+            # Shielded: an interrupt (often the reason we are here) must not cut the cleanup.
+            await asyncio.shield(self._abandon(process))
+            if isinstance(e, MachineError | asyncio.CancelledError | KeyboardInterrupt):
+                raise
+            raise MachineError(
+                f"{self.name}: could not start QEMU: {e}\n{process.describe_exit()}"
+            ) from e
+        self.started_at = time.time()
+        self.log.info("QEMU running (pid %s)", process.pid)
+        self._watcher = asyncio.get_running_loop().create_task(self._watch_exit(process))
+
+    async def _abandon(self, process: QemuProcess) -> None:
+        """Undo a start that failed or was interrupted half-way: nothing may be left behind."""
+        await process.terminate()
+        await self._teardown()
+        self._set_state(MachineState.OFF)
+        self._stopped.set()
+
+    def _on_qmp_event(self, event: dict[str, Any]) -> None:
+        if event.get("event") == "SHUTDOWN":
+            self._shutdown_reason = str((event.get("data") or {}).get("reason", ""))
+        elif event.get("event") == "RESET" and self.allow_reboot:
+            if self._reset_expected:  # reboot() has prepared for it already
+                self._reset_expected = False
+            else:
+                self.expect_new_boot()
+
+    async def _out_port_open(self) -> bool:
+        """Whether the guest holds the command output port open (QMP ``query-chardev``)."""
+        if self.qmp is None:
+            raise MachineError(f"{self.name}: QMP is not connected")
+        reply = await self.qmp.aexecute("query-chardev")
+        return any(
+            c.get("label") == OUT_CHARDEV and c.get("frontend-open") for c in reply["return"]
+        )
+
+    # -- connect -------------------------------------------------------------------------------
+
+    async def connect(self) -> ShellChannel:
+        """Start QEMU if needed and wait for the backdoor shell (nixpkgs' ``connect``)."""
+        if self.state is MachineState.UP and self.shell is not None:
+            return self.shell
+        self.check("run a command")
+        async with self._connect_lock:  # one caller reads the banner; the others wait for it
+            if self.state is not MachineState.UP:
+                await self._connect()
+        assert self.shell is not None
+        return self.shell
+
+    async def _connect(self) -> None:
+        with nested(self.log, "waiting for the VM to finish booting"):
+            await self.start(self.allow_reboot)
+            self.check("run a command")
+            shell = self.shell
+            assert shell is not None
+            start = time.monotonic()
+            limit = seconds(self.connect_timeout)
+            try:
+                banner = await self.guard(asyncio.wait_for(shell.wait_for_banner(), limit))
+            except TimeoutError:
+                tail = "\n".join(self.console.tail(20))
+                raise MachineError(
+                    f"{self.name}: the backdoor shell did not start within {limit:g} s. "
+                    f"Last console lines:\n{tail}\n"
+                    f"To debug, look at the console (get_console_log()) or the screen."
+                ) from None
+            self.log.info("Guest shell says: %r", banner)
+            if self.shell_framing != "nixpkgs":
+                await self.guard(shell.setup())
+            self._set_state(MachineState.UP)
+            self.log.info("connected to guest root shell")
+            self.log.info("(connecting took %.2f seconds)", time.monotonic() - start)
+
+    def expect_new_boot(self) -> None:
+        """The guest reboots in the same QEMU: the next command waits for the new backdoor."""
+        if self.shell is not None:
+            self.shell.new_boot()
+        if self.state is MachineState.UP:
+            self._set_state(MachineState.STARTING)
+
+    def expect_reset(self) -> None:
+        """reboot() is about to press Ctrl-Alt-Delete: a reboot, or the end of QEMU."""
+        if self.allow_reboot:
+            self._reset_expected = True
+        else:
+            self._set_state(MachineState.STOPPING)
+
+    # -- guarding against QEMU's death ---------------------------------------------------------
+
+    async def guard(self, coro: Awaitable[T]) -> T:
+        """Await ``coro`` but fail at once with the crash report if QEMU dies meanwhile."""
+        process = self.process
+        task = asyncio.ensure_future(coro)
+        if process is None:
+            return await task
+        exited = asyncio.ensure_future(process.exited.wait())
+        try:
+            done, _ = await asyncio.wait({task, exited}, return_when=asyncio.FIRST_COMPLETED)
+        except asyncio.CancelledError:
+            task.cancel()
+            with contextlib.suppress(BaseException):
+                await task
+            raise
+        finally:
+            exited.cancel()
+        if task in done:
+            try:
+                return task.result()
+            except (MachineError, ConnectionError):
+                await self.explain_death()  # a lost connection is usually QEMU dying
+                raise
+        task.cancel()
+        with contextlib.suppress(BaseException):
+            await task
+        await self.explain_death()
+        raise MachineError(
+            f"{self.name}: QEMU exited (status {process.returncode}) while waiting.\n"
+            f"{process.describe_exit()}"
+        )
+
+    async def explain_death(self) -> None:
+        """After a lost connection: if QEMU is dying, raise its crash report instead."""
+        process = self.process
+        if process is not None and self.state.running:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._stopped.wait(), 1.0)
+        self._check_crashed()
+
+    async def qmp_execute(self, command: str, args: dict[str, Any] | None = None) -> dict[str, Any]:
+        """Run a QMP command (starting QEMU if needed), failing with the crash report if QEMU
+        dies meanwhile."""
+        await self.start_if_needed()
+        assert self.qmp is not None
+        client = self.qmp
+        try:
+            return await self.guard(client.aexecute(command, args))
+        except ConnectionError:
+            await self.explain_death()
+            raise
+
+    async def monitor_command(self, command: str) -> str:
+        """Run an HMP command (starting QEMU if needed); its raw reply."""
+        await self.start_if_needed()
+        assert self.monitor is not None
+        return await self.guard(self.monitor.command(command))
+
+    async def start_if_needed(self) -> None:
+        """QEMU-side calls boot a machine that is not running, as in nixpkgs; not a crashed one.
+
+        A machine shutting down still answers until QEMU exits.
+        """
+        self._check_crashed()
+        await self.start(self.allow_reboot)
+        self._check_crashed()
+
+    # -- stop ----------------------------------------------------------------------------------
+
+    async def _watch_exit(self, process: QemuProcess) -> None:
+        await process.exited.wait()
+        code = process.returncode
+        clean = self.state is MachineState.STOPPING or self._shutdown_reason in CLEAN_SHUTDOWNS
+        if not clean:
+            tail = "\n".join(f"    {line}" for line in self.console.tail(20)) or "    (nothing)"
+            reason = f" ({self._shutdown_reason})" if self._shutdown_reason else ""
+            self.crash_report = (
+                f"machine '{self.name}' crashed: QEMU (pid {process.pid}) exited with status "
+                f"{code}{reason}.\nLast console lines:\n{tail}\n{process.describe_exit()}\n"
+                f"Call {self.name}.start() to boot it again."
+            )
+            self.log.error("%s", self.crash_report)
+        await self._teardown()
+        self._set_state(MachineState.OFF if clean else MachineState.CRASHED)
+        self._stopped.set()
+
+    async def _teardown(self) -> None:
+        """Close every connection of the current QEMU run (the process is gone or going)."""
+        if self.qmp is not None:
+            await self.qmp.close()
+        if self.shell is not None:
+            self.shell.close()
+        if self.monitor is not None:
+            self.monitor.close()
+        if self.process is not None:
+            self.process.close_listeners()
+        self.console.close()
+
+    async def wait_for_shutdown(self, timeout: Duration | None = None) -> None:
+        """Wait until QEMU has exited (nixpkgs: no-op unless booted)."""
+        if not self.state.running:
+            return
+        with nested(self.log, "waiting for the VM to power off"):
+            await asyncio.wait_for(self._stopped.wait(), seconds(timeout))
+
+    async def shutdown(self) -> None:
+        """Send ``poweroff`` to the backdoor shell and wait for QEMU to exit."""
+        if not self.state.running or self.shell is None:
+            return
+        shell = self.shell
+        self._set_state(MachineState.STOPPING)
+        with contextlib.suppress(MachineError):
+            await shell.send_raw(b"poweroff\n")
+        await self.wait_for_shutdown()
+
+    async def crash(self) -> None:
+        """Make QEMU quit at once (HMP ``quit``), as if the machine lost power."""
+        if not self.state.running or self.monitor is None:
+            return
+        monitor = self.monitor
+        self.log.info("forced crash")
+        self._set_state(MachineState.STOPPING)
+        with contextlib.suppress(MachineError):
+            await monitor.command("quit")
+        await self.wait_for_shutdown()
+
+    async def release(self) -> None:
+        """Kill QEMU and close everything (the registry's teardown; nixpkgs' ``release``)."""
+        process = self.process
+        if process is None or not self.state.running:
+            return
+        self.log.info("kill QemuMachine (pid %s)", process.pid)
+        self._set_state(MachineState.STOPPING)
+        await process.terminate()
+        await self._stopped.wait()
