@@ -1,4 +1,7 @@
-"""OCR with the host's tesseract on rendered console-like images (no VM)."""
+"""OCR with the host's tesseract on rendered console-like images (no VM).
+
+Everything runs on the project's one I/O loop, as the machines' OCR does.
+"""
 
 from __future__ import annotations
 
@@ -15,6 +18,7 @@ import pytest
 from PIL import Image, ImageDraw, ImageFont, ImageStat
 
 from nixos_repl.errors import MachineError
+from nixos_repl.loop import run_sync
 from nixos_repl.machine import ocr as ocr_module
 from nixos_repl.machine.ocr import iter_ocr, ocr, ocr_variants, preprocess
 
@@ -88,12 +92,12 @@ def no_tesseract() -> bool:
 
 
 def test_ocr_reads_console_text() -> None:
-    text = asyncio.run(ocr(console("keys-ok hello 42")))
+    text = run_sync(ocr(console("keys-ok hello 42")))
     assert EXPECTED.search(text), text
 
 
 def test_ocr_variants() -> None:
-    texts = asyncio.run(ocr_variants(console("keys-ok hello 42")))
+    texts = run_sync(ocr_variants(console("keys-ok hello 42")))
     assert len(texts) == 3
     for text in texts:  # raw, positive, negative
         assert EXPECTED.search(text), texts
@@ -122,7 +126,7 @@ def test_iter_ocr_static_screen_is_read_once() -> None:
     async def collect() -> list[str]:
         return [text async for text in iter_ocr(screenshot, rescreen_delays=(0.05, 0.1))]
 
-    texts = asyncio.run(collect())
+    texts = run_sync(collect())
     assert calls == 3
     assert len(texts) == 3  # unchanged screens are not read again
     assert all(EXPECTED.search(text) for text in texts), texts
@@ -137,7 +141,7 @@ def test_iter_ocr_reads_fresh_screenshots() -> None:
     async def collect() -> list[str]:
         return [text async for text in iter_ocr(screenshot, variants=False, rescreen_delays=(0.2,))]
 
-    texts = asyncio.run(collect())
+    texts = run_sync(collect())
     assert len(texts) == 2
     assert "waiting" in texts[0]
     assert EXPECTED.search(texts[1]), texts
@@ -160,7 +164,7 @@ def test_iter_ocr_break_kills_tesseract() -> None:
         assert await wait_until(no_live_tesseract, 1), tesseract_children()
         assert await wait_until(no_tesseract, 5), tesseract_children()
 
-    asyncio.run(main())
+    run_sync(main())
 
 
 def test_iter_ocr_aclose_kills_tesseract() -> None:
@@ -177,7 +181,7 @@ def test_iter_ocr_aclose_kills_tesseract() -> None:
         assert no_live_tesseract() or await wait_until(no_live_tesseract, 0.5)
         assert await wait_until(no_tesseract, 5), tesseract_children()
 
-    asyncio.run(main())
+    run_sync(main())
 
 
 def test_cancelled_ocr_kills_tesseract() -> None:
@@ -191,7 +195,7 @@ def test_cancelled_ocr_kills_tesseract() -> None:
         assert await wait_until(no_live_tesseract, 1), tesseract_children()
         assert await wait_until(no_tesseract, 5), tesseract_children()
 
-    asyncio.run(main())
+    run_sync(main())
 
 
 def test_missing_tesseract(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
@@ -208,12 +212,12 @@ def test_missing_tesseract(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> N
         return ""
 
     with pytest.raises(MachineError) as e:
-        asyncio.run(ocr(image))
+        run_sync(ocr(image))
     assert str(e.value) == message
     with pytest.raises(MachineError, match="`tesseract` is not available"):
-        asyncio.run(ocr_variants(image))
+        run_sync(ocr_variants(image))
     with pytest.raises(MachineError, match="`tesseract` is not available"):
-        asyncio.run(first_text())
+        run_sync(first_text())
 
 
 def fake_tesseract(directory: Path, body: str) -> None:
@@ -226,7 +230,7 @@ def test_failing_tesseract(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> N
     fake_tesseract(tmp_path, "cat >/dev/null; echo broken >&2; exit 3")
     monkeypatch.setenv("PATH", str(tmp_path))
     with pytest.raises(MachineError) as e:
-        asyncio.run(ocr(Image.new("RGB", (64, 64))))
+        run_sync(ocr(Image.new("RGB", (64, 64))))
     assert str(e.value) == "OCR failed with exit code 3"
 
 
@@ -236,8 +240,8 @@ def test_engine_mode_is_probed_once(monkeypatch: pytest.MonkeyPatch, tmp_path: P
     fake_tesseract(tmp_path, f'cat >/dev/null; echo "$@" >> {log}; echo "$@"')
     monkeypatch.setenv("PATH", str(tmp_path))
     image = Image.new("RGB", (64, 64))
-    first = asyncio.run(ocr(image))
-    second = asyncio.run(ocr(image))
+    first = run_sync(ocr(image))
+    second = run_sync(ocr(image))
     assert first == second
     assert first.split() == [
         "-", "-", "--oem", "2", "-c", "debug_file=/dev/null", "--psm", "11"
@@ -249,7 +253,7 @@ def test_engine_mode_falls_back_to_lstm(monkeypatch: pytest.MonkeyPatch, tmp_pat
     body = 'cat >/dev/null; case "$*" in *"--oem 2"*) exit 1;; esac; echo "$@"'
     fake_tesseract(tmp_path, body)
     monkeypatch.setenv("PATH", str(tmp_path))
-    text = asyncio.run(ocr(Image.new("RGB", (64, 64))))
+    text = run_sync(ocr(Image.new("RGB", (64, 64))))
     assert "--oem 1" in text
     assert "--psm 11" in text
     assert "debug_file=/dev/null" in text

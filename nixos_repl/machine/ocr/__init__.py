@@ -11,8 +11,8 @@ Differences from nixpkgs, all deliberate:
   model. This is probed once per tesseract binary and ``--oem 1`` is used when ``2`` fails.
 * tesseract runs with ``OMP_THREAD_LIMIT=1`` unless the environment sets it: its OpenMP code
   asks for more threads than a small machine has, which made some passes several times slower.
-* At most ``max(1, cpus // 2)`` tesseract processes run at once per event loop; raw passes go
-  before preprocessed ones, so a fresh screenshot is read before the variants of an old one.
+* At most ``max(1, cpus // 2)`` tesseract processes run at once; raw passes go before
+  preprocessed ones, so a fresh screenshot is read before the variants of an old one.
 * The preprocessed images are passed with ``--dpi 300``, the density ImageMagick records in the
   PNGs nixpkgs feeds tesseract; the raw screenshot, like nixpkgs', carries none.
 * Cancelling any of the coroutines kills the tesseract processes it started.

@@ -3,20 +3,23 @@
 One pass (:func:`read`) feeds one variant of a screenshot to one tesseract process on its stdin
 and returns what it printed. Passes wait for one of :func:`max_processes` slots, raw passes
 first; a cancelled pass kills its process and reaps it before it gives up.
+
+The slots and the engine-mode probe's lock are module-level, created on first use: asyncio
+primitives bind to the loop that first waits on them, and all OCR runs on the one I/O loop
+(:mod:`nixos_repl.loop`).
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import heapq
 import itertools
 import logging
 import os
 import shutil
-import weakref
 from collections.abc import AsyncIterator
-from dataclasses import dataclass, field
 from typing import Final
 
 from PIL import Image
@@ -137,7 +140,7 @@ async def _engine_mode(exe: str) -> int:
     key = (exe, os.environ.get("TESSDATA_PREFIX"))
     if key in _engine_modes:
         return _engine_modes[key]
-    async with _loop_state().probe_lock:
+    async with _probe_lock():
         if key not in _engine_modes:
             blank = pnm(Image.new("L", (32, 32), 255))
             rc, _, err = await _run(exe, PREFERRED_OEM, blank)
@@ -191,23 +194,16 @@ class _Slots:
         self._free += 1
 
 
-@dataclass
-class _LoopState:
-    slots: _Slots = field(default_factory=lambda: _Slots(max_processes()))
-    probe_lock: asyncio.Lock = field(default_factory=asyncio.Lock)
+@functools.cache
+def _slots() -> _Slots:
+    """The process slots every pass shares, created on first use (on the one I/O loop)."""
+    return _Slots(max_processes())
 
 
-_loop_states: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, _LoopState] = (
-    weakref.WeakKeyDictionary()
-)
-
-
-def _loop_state() -> _LoopState:
-    loop = asyncio.get_running_loop()
-    state = _loop_states.get(loop)
-    if state is None:
-        state = _loop_states[loop] = _LoopState()
-    return state
+@functools.cache
+def _probe_lock() -> asyncio.Lock:
+    """Held while probing an engine mode, so that concurrent first passes probe once."""
+    return asyncio.Lock()
 
 
 async def read(
@@ -219,7 +215,7 @@ async def read(
     exe = tesseract()
     oem = await _engine_mode(exe)
     priority = _RAW_PRIORITY if variant == "raw" else _VARIANT_PRIORITY
-    async with _loop_state().slots.hold(priority):
+    async with _slots().hold(priority):
         loop = asyncio.get_running_loop()
         started = loop.time()
         data = await prepared.pnm(variant)
