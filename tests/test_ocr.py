@@ -87,10 +87,6 @@ def no_live_tesseract() -> bool:
     return all(state == "Z" for _, state in tesseract_children())
 
 
-def no_tesseract() -> bool:
-    return not tesseract_children()
-
-
 def test_ocr_reads_console_text() -> None:
     text = run_sync(ocr(console("keys-ok hello 42")))
     assert EXPECTED.search(text), text
@@ -124,7 +120,8 @@ def test_iter_ocr_static_screen_is_read_once() -> None:
         return image.copy()
 
     async def collect() -> list[str]:
-        return [text async for text in iter_ocr(screenshot, rescreen_delays=(0.05, 0.1))]
+        async with iter_ocr(screenshot, rescreen_delays=(0.05, 0.1)) as texts:
+            return [text async for text in texts]
 
     texts = run_sync(collect())
     assert calls == 3
@@ -139,7 +136,8 @@ def test_iter_ocr_reads_fresh_screenshots() -> None:
         return screens.pop(0) if len(screens) > 1 else screens[0]
 
     async def collect() -> list[str]:
-        return [text async for text in iter_ocr(screenshot, variants=False, rescreen_delays=(0.2,))]
+        async with iter_ocr(screenshot, variants=False, rescreen_delays=(0.2,)) as texts:
+            return [text async for text in texts]
 
     texts = run_sync(collect())
     assert len(texts) == 2
@@ -155,14 +153,15 @@ def test_iter_ocr_break_kills_tesseract() -> None:
 
     async def main() -> None:
         seen_running = False
-        async for text in iter_ocr(screenshot, rescreen_delays=()):
-            assert "hello" in text
-            # The preprocessed passes start as soon as the raw one is done.
-            seen_running = await wait_until(lambda: bool(tesseract_children()), 10)
-            break
+        async with iter_ocr(screenshot, rescreen_delays=()) as texts:
+            async for text in texts:
+                assert "hello" in text
+                # The preprocessed passes start as soon as the raw one is done.
+                seen_running = await wait_until(lambda: bool(tesseract_children()), 10)
+                break
         assert seen_running
-        assert await wait_until(no_live_tesseract, 1), tesseract_children()
-        assert await wait_until(no_tesseract, 5), tesseract_children()
+        # The block ends once the pending passes' processes are killed and reaped.
+        assert not tesseract_children()
 
     run_sync(main())
 
@@ -178,8 +177,7 @@ def test_iter_ocr_aclose_kills_tesseract() -> None:
             first = asyncio.ensure_future(anext(texts))
             assert await wait_until(lambda: bool(tesseract_children()), 10)
             first.cancel()  # stop waiting for the (slow) raw pass, leave the block
-        assert no_live_tesseract() or await wait_until(no_live_tesseract, 0.5)
-        assert await wait_until(no_tesseract, 5), tesseract_children()
+        assert not tesseract_children()
 
     run_sync(main())
 
@@ -191,9 +189,8 @@ def test_cancelled_ocr_kills_tesseract() -> None:
         task.cancel()
         with pytest.raises(asyncio.CancelledError):
             await task
-        # SIGKILL was sent; under load the kernel may take a moment to finish it off.
-        assert await wait_until(no_live_tesseract, 1), tesseract_children()
-        assert await wait_until(no_tesseract, 5), tesseract_children()
+        # The task ends once its processes are killed and reaped.
+        assert not tesseract_children()
 
     run_sync(main())
 
@@ -207,8 +204,9 @@ def test_missing_tesseract(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> N
         raise AssertionError("no screenshot is taken without tesseract")
 
     async def first_text() -> str:
-        async for text in iter_ocr(screenshot):
-            return text
+        async with iter_ocr(screenshot) as texts:
+            async for text in texts:
+                return text
         return ""
 
     with pytest.raises(MachineError) as e:

@@ -24,12 +24,11 @@ passes), :mod:`.stream` (the streaming reader behind :func:`iter_ocr`).
 from __future__ import annotations
 
 from .preprocess import VARIANTS, Variant, preprocess
-from .stream import OcrStream, iter_ocr
+from .stream import iter_ocr
 from .tesseract import max_processes, ocr, ocr_variants
 
 __all__ = [
     "VARIANTS",
-    "OcrStream",
     "Variant",
     "iter_ocr",
     "max_processes",

@@ -12,7 +12,8 @@ from __future__ import annotations
 import asyncio
 import io
 import math
-from typing import Final, Literal
+from collections.abc import Callable, Coroutine
+from typing import Any, Final, Literal
 
 from PIL import Image, ImageFilter
 
@@ -21,6 +22,7 @@ __all__ = [
     "SCALE",
     "VARIANTS",
     "Prepared",
+    "Spawn",
     "Variant",
     "binarize",
     "enhance",
@@ -138,23 +140,27 @@ def pnm(image: Image.Image) -> bytes:
     return buf.getvalue()
 
 
+Spawn = Callable[[Coroutine[Any, Any, Image.Image]], asyncio.Future[Image.Image]]
+"""How :class:`Prepared` starts its background work: a TaskGroup's ``create_task``, typically."""
+
+
 class Prepared:
     """One screenshot and its copy from :func:`enhance`, computed at most once, off the loop.
 
-    The passes over the variants of one screenshot share it: the enhancing, started early in a
-    thread (:meth:`start_enhancing`), overlaps with the raw pass.
+    The passes over the variants of one screenshot share it: the enhancing, started early
+    (:meth:`start_enhancing`) as a task that ``spawn`` creates and owns, overlaps with the raw
+    pass. Pillow runs in threads, so the loop stays free meanwhile.
     """
 
-    def __init__(self, image: Image.Image) -> None:
+    def __init__(self, image: Image.Image, spawn: Spawn) -> None:
         self.image = image
+        self._spawn = spawn
         self._enhanced: asyncio.Future[Image.Image] | None = None
 
     def start_enhancing(self) -> asyncio.Future[Image.Image]:
         """Start the shared preprocessing in a thread, once; the future of its result."""
         if self._enhanced is None:
-            self._enhanced = asyncio.ensure_future(asyncio.to_thread(enhance, self.image))
-            # Mark a failure as seen even when every pass was cancelled before awaiting it.
-            self._enhanced.add_done_callback(lambda f: f.cancelled() or f.exception())
+            self._enhanced = self._spawn(asyncio.to_thread(enhance, self.image))
         return self._enhanced
 
     async def pnm(self, variant: Variant) -> bytes:

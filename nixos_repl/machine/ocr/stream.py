@@ -1,65 +1,33 @@
-"""The streaming reader behind :func:`iter_ocr`: texts as the OCR passes finish."""
+"""The streaming reader behind :func:`iter_ocr`: texts as soon as their OCR pass finishes.
+
+One :class:`asyncio.TaskGroup` (see :func:`.tesseract.passes`) owns everything a block starts:
+the task that takes the screenshots, the shared preprocessing of each screenshot and the passes.
+The iterator the block gets hands out the texts in the order the passes finish. Leaving the
+block cancels whatever still runs and waits for it (tesseract processes killed and reaped); a
+task that fails cancels the rest, and its error comes out of the ``async with``.
+"""
 
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import hashlib
 import logging
 import math
-from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
-from dataclasses import dataclass, field
-from types import TracebackType
-from typing import Final
+from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine, Sequence
+from typing import Any, TypeVar
 
 from PIL import Image
 
 from .preprocess import VARIANTS, Prepared, Variant
-from .tesseract import read, tesseract
+from .tesseract import passes, read, tesseract
 
-__all__ = ["OcrStream", "iter_ocr"]
+__all__ = ["iter_ocr"]
 
 log = logging.getLogger(__name__)
 
-
-@dataclass
-class _Failure:
-    error: BaseException
-
-
-class _End:
-    pass
-
-
-_END: Final = _End()
-
-
-@dataclass
-class _StreamState:
-    """What a stream's tasks share; deliberately holds no reference to the stream itself, so
-    that a consumer dropping the stream (``break``) lets it be finalized right away."""
-
-    queue: asyncio.Queue[str | _Failure | _End] = field(default_factory=asyncio.Queue)
-    tasks: set[asyncio.Task[None]] = field(default_factory=set)
-    procs: set[asyncio.subprocess.Process] = field(default_factory=set)
-
-    def kill(self) -> None:
-        """Synchronously kill every running tesseract and cancel every task."""
-        for proc in list(self.procs):
-            with contextlib.suppress(ProcessLookupError):
-                proc.kill()
-        for task in list(self.tasks):
-            with contextlib.suppress(RuntimeError):  # the loop may be closed already
-                task.cancel()
-
-
-async def _ocr_job(state: _StreamState, prepared: Prepared, variant: Variant) -> None:
-    try:
-        text = await read(prepared, variant, state.procs)
-    except Exception as e:
-        state.queue.put_nowait(_Failure(e))
-    else:
-        state.queue.put_nowait(text)
+T = TypeVar("T")
 
 
 def _digest(image: Image.Image) -> bytes:
@@ -67,127 +35,106 @@ def _digest(image: Image.Image) -> bytes:
     return hashlib.blake2b(header + image.tobytes(), digest_size=16).digest()
 
 
-async def _drive(
-    state: _StreamState,
-    screenshot: Callable[[], Awaitable[Image.Image]],
-    variants: bool,
-    delays: tuple[float, ...],
-    seen: set[bytes],
-) -> None:
-    loop = asyncio.get_running_loop()
-    start = loop.time()
-    jobs: list[asyncio.Task[None]] = []
+class _Stream(AsyncIterator[str]):
+    """The work of one :func:`iter_ocr` block, and the texts it has read, oldest first.
 
-    async def shoot() -> None:
-        image = await screenshot()
-        digest = await asyncio.to_thread(_digest, image)
-        if digest in seen:
-            log.debug("screen unchanged after %.1fs, not read again", loop.time() - start)
-            return
-        seen.add(digest)
-        prepared = Prepared(image)
-        if variants:
-            prepared.start_enhancing()
-        for variant in VARIANTS if variants else VARIANTS[:1]:
-            job = asyncio.create_task(_ocr_job(state, prepared, variant))
-            state.tasks.add(job)
-            job.add_done_callback(state.tasks.discard)
-            jobs.append(job)
-
-    try:
-        await shoot()
-        for delay in delays:
-            await asyncio.sleep(max(0.0, start + delay - loop.time()))
-            await shoot()
-        if jobs:
-            await asyncio.wait(jobs)
-    except Exception as e:
-        state.queue.put_nowait(_Failure(e))
-    else:
-        state.queue.put_nowait(_END)
-
-
-class OcrStream(AsyncIterator[str]):
-    """Texts read on a machine's screen, in the order the OCR passes finish.
-
-    Returned by :func:`iter_ocr`. Stopping early, by ``break``, ``aclose()`` or leaving an
-    ``async with`` block, cancels the remaining passes and kills their tesseract processes.
+    Every task is created in ``group`` and kept in ``_running`` until it is done, so that
+    :meth:`stop` can cancel them all and the iterator knows when nothing more can come.
     """
 
     def __init__(
         self,
+        group: asyncio.TaskGroup,
         screenshot: Callable[[], Awaitable[Image.Image]],
         variants: bool,
         delays: tuple[float, ...],
-        seen: set[bytes] | None = None,
+        seen: set[bytes],
     ) -> None:
+        self._group = group
         self._screenshot = screenshot
-        self._variants = variants
+        self._variants: tuple[Variant, ...] = VARIANTS if variants else VARIANTS[:1]
         self._delays = delays
-        self._seen = seen if seen is not None else set()
-        self._state = _StreamState()
-        self._driver: asyncio.Task[None] | None = None
-        self._closed = False
+        self._seen = seen
+        self._texts: collections.deque[str] = collections.deque()
+        self._running: set[asyncio.Task[Any]] = set()
+        self._progress = asyncio.Event()  # set when a text arrives or a task ends
+        self._spawn(self._drive())
+
+    def _spawn(self, coro: Coroutine[Any, Any, T]) -> asyncio.Task[T]:
+        task = self._group.create_task(coro)
+        self._running.add(task)
+        task.add_done_callback(self._finished)
+        return task
+
+    def _finished(self, task: asyncio.Task[Any]) -> None:
+        self._running.discard(task)
+        self._progress.set()
+
+    def stop(self) -> None:
+        """Cancel every task still running; the group waits for them."""
+        for task in self._running:
+            task.cancel()
+
+    async def _drive(self) -> None:
+        """Take a screenshot now and one at each delay after now; start the passes on each."""
+        loop = asyncio.get_running_loop()
+        start = loop.time()
+        await self._shoot(start)
+        for delay in self._delays:
+            await asyncio.sleep(max(0.0, start + delay - loop.time()))
+            await self._shoot(start)
+
+    async def _shoot(self, start: float) -> None:
+        image = await self._screenshot()
+        digest = await asyncio.to_thread(_digest, image)
+        if digest in self._seen:
+            log.debug(
+                "screen unchanged after %.1fs, not read again",
+                asyncio.get_running_loop().time() - start,
+            )
+            return
+        self._seen.add(digest)
+        prepared = Prepared(image, self._spawn)
+        if len(self._variants) > 1:
+            prepared.start_enhancing()  # overlaps with the raw pass
+        for variant in self._variants:
+            self._spawn(self._read(prepared, variant))
+
+    async def _read(self, prepared: Prepared, variant: Variant) -> None:
+        self._texts.append(await read(prepared, variant))
 
     async def __anext__(self) -> str:
-        if self._closed:
-            raise StopAsyncIteration
-        if self._driver is None:
-            tesseract()  # fail before taking any screenshot
-            self._driver = asyncio.create_task(
-                _drive(self._state, self._screenshot, self._variants, self._delays, self._seen)
-            )
-            self._state.tasks.add(self._driver)
-        item = await self._state.queue.get()
-        if isinstance(item, str):
-            return item
-        await self.aclose()
-        if isinstance(item, _Failure):
-            raise item.error
-        raise StopAsyncIteration
-
-    async def aclose(self) -> None:
-        """Stop: cancel pending passes, kill their tesseract processes and wait for them."""
-        self._closed = True
-        tasks = list(self._state.tasks)
-        self._state.kill()
-        if tasks:
-            await asyncio.gather(*tasks, return_exceptions=True)
-
-    async def __aenter__(self) -> OcrStream:
-        return self
-
-    async def __aexit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        await self.aclose()
-
-    def __del__(self) -> None:
-        state: _StreamState | None = getattr(self, "_state", None)
-        if state is not None:
-            state.kill()
+        while not self._texts:
+            if not self._running:
+                raise StopAsyncIteration
+            self._progress.clear()
+            await self._progress.wait()
+        return self._texts.popleft()
 
 
-def iter_ocr(
+@contextlib.asynccontextmanager
+async def iter_ocr(
     screenshot: Callable[[], Awaitable[Image.Image]],
     variants: bool = True,
     rescreen_delays: Sequence[float] = (1.0, 2.0, 4.0),
     seen: set[bytes] | None = None,
-) -> OcrStream:
+) -> AsyncIterator[AsyncIterator[str]]:
     """Read the screen, yielding each OCR text as soon as its pass finishes.
 
     Takes a screenshot right away and OCRs it (raw, and the two preprocessed variants when
     ``variants``); then takes another screenshot at each of ``rescreen_delays`` seconds after
-    the start and OCRs it the same way, unless that exact image was read already. Ends when
-    every pass has finished. Typical use stops at the first match::
+    the start and OCRs it the same way, unless that exact image was read already. The texts
+    end when every pass has finished. Typical use stops at the first match::
 
         async with iter_ocr(machine_screenshot) as texts:
             async for text in texts:
                 if pattern.search(text):
                     break
+
+    Leaving the block, by ``break``, ``return``, an exception or cancellation, cancels the
+    passes still pending and kills their tesseract processes; the block ends once they are
+    reaped. When a screenshot or a pass fails, the other passes are stopped the same way and
+    its error (a :class:`MachineError` for tesseract's) is raised from the ``async with``.
 
     ``seen`` holds digests of the images read so far; the stream adds to it. Passing the same
     set to successive streams reads each image once over all of them (a blinking cursor
@@ -196,4 +143,10 @@ def iter_ocr(
     delays = tuple(float(d) for d in rescreen_delays)
     if any(not math.isfinite(d) or d < 0 for d in delays):
         raise ValueError(f"rescreen_delays must be finite and >= 0, not {rescreen_delays!r}")
-    return OcrStream(screenshot, variants, delays, seen)
+    tesseract()  # fail before taking any screenshot
+    async with passes() as group:
+        stream = _Stream(group, screenshot, variants, delays, seen if seen is not None else set())
+        try:
+            yield stream
+        finally:
+            stream.stop()

@@ -28,7 +28,7 @@ from nixos_repl.errors import MachineError
 
 from .preprocess import DENSITY, VARIANTS, Prepared, Variant, pnm
 
-__all__ = ["max_processes", "ocr", "ocr_variants", "read", "tesseract"]
+__all__ = ["max_processes", "ocr", "ocr_variants", "passes", "read", "tesseract"]
 
 log = logging.getLogger(__name__)
 
@@ -72,8 +72,8 @@ def _environment() -> dict[str, str]:
 async def _reap(proc: asyncio.subprocess.Process, timeout: float = 5.0) -> bool:
     """Wait for a killed process to be reaped, even through further cancellations.
 
-    Cancellation often comes twice (a ``gather`` cancels its children, then their owner does);
-    giving up the wait then would leave the zombie and its pipes to the garbage collector.
+    Cancellation often comes twice (a TaskGroup cancels its tasks, then its owner is cancelled
+    too); giving up the wait then would leave the zombie and its pipes to the garbage collector.
     Returns whether a cancellation was held back meanwhile.
     """
     loop = asyncio.get_running_loop()
@@ -93,13 +93,11 @@ async def _reap(proc: asyncio.subprocess.Process, timeout: float = 5.0) -> bool:
     return cancelled
 
 
-async def _run(
-    exe: str,
-    oem: int,
-    data: bytes,
-    dpi: int | None = None,
-    procs: set[asyncio.subprocess.Process] | None = None,
-) -> tuple[int, bytes, bytes]:
+async def _run(exe: str, oem: int, data: bytes, dpi: int | None = None) -> tuple[int, bytes, bytes]:
+    """Run tesseract on ``data``: its exit code, stdout and stderr.
+
+    Cancelled, or failing while it talks to the process, it kills the process and reaps it.
+    """
     args = ["-", "-", "--oem", str(oem), *TESSERACT_ARGS]
     if dpi is not None:
         args += ["--dpi", str(dpi)]
@@ -114,8 +112,6 @@ async def _run(
         )
     except FileNotFoundError as e:
         raise MachineError("OCR requested but `tesseract` is not available") from e
-    if procs is not None:
-        procs.add(proc)
     try:
         out, err = await proc.communicate(data)
     except BaseException as e:
@@ -125,9 +121,6 @@ async def _run(
             if await _reap(proc) and not isinstance(e, asyncio.CancelledError):
                 raise asyncio.CancelledError from e
         raise
-    finally:
-        if procs is not None:
-            procs.discard(proc)
     assert proc.returncode is not None
     return proc.returncode, out, err
 
@@ -206,12 +199,12 @@ def _probe_lock() -> asyncio.Lock:
     return asyncio.Lock()
 
 
-async def read(
-    prepared: Prepared,
-    variant: Variant,
-    procs: set[asyncio.subprocess.Process] | None = None,
-) -> str:
-    """One pass: the text tesseract reads on ``variant`` of ``prepared``'s screenshot."""
+async def read(prepared: Prepared, variant: Variant) -> str:
+    """One pass: the text tesseract reads on ``variant`` of ``prepared``'s screenshot.
+
+    Waits for a process slot (raw passes first), prepares the image in a thread, runs
+    tesseract; a non-zero exit is a :class:`MachineError` with tesseract's stderr as a note.
+    """
     exe = tesseract()
     oem = await _engine_mode(exe)
     priority = _RAW_PRIORITY if variant == "raw" else _VARIANT_PRIORITY
@@ -221,7 +214,7 @@ async def read(
         data = await prepared.pnm(variant)
         encoded = loop.time()
         dpi = None if variant == "raw" else DENSITY
-        rc, out, err = await _run(exe, oem, data, dpi, procs)
+        rc, out, err = await _run(exe, oem, data, dpi)
         log.debug(
             "OCR %s pass: %.2fs preparing, %.2fs tesseract --oem %d",
             variant,
@@ -238,28 +231,52 @@ async def read(
     return out.decode(errors="replace")
 
 
+@contextlib.asynccontextmanager
+async def passes() -> AsyncIterator[asyncio.TaskGroup]:
+    """An :class:`asyncio.TaskGroup` for OCR passes that raises their failure as it is.
+
+    As with a TaskGroup, a failing task cancels the other tasks and the block's body, and
+    leaving the block (normally, by an exception or by cancellation) waits for every task, so
+    no tesseract outlives it. What comes out is the first error itself, not an
+    :class:`ExceptionGroup` (other errors raised meanwhile are added to it as notes): callers
+    catch :class:`MachineError` as with nixpkgs.
+    """
+    error: BaseException | None = None
+    try:
+        async with asyncio.TaskGroup() as group:
+            yield group
+    except BaseExceptionGroup as failures:
+        error = failures.exceptions[0]
+        for other in failures.exceptions[1:]:
+            error.add_note(f"while another OCR task failed too: {other!r}")
+    if error is not None:
+        context = error.__context__
+        try:
+            raise error
+        finally:
+            # Raising here would chain the cancellation the group sent the body to the error.
+            error.__context__ = context
+
+
 async def ocr(image: Image.Image, variant: Variant = "raw") -> str:
     """The text tesseract reads on ``image`` as it is (nixpkgs' ``get_screen_text``).
 
     With ``variant`` ``"positive"`` or ``"negative"``, on that preprocessed copy instead (the
     preprocessing counts in the time the pass takes).
     """
-    return await read(Prepared(image), variant)
+    async with passes() as group:
+        return await read(Prepared(image, group.create_task), variant)
 
 
 async def ocr_variants(image: Image.Image) -> list[str]:
     """Texts read on ``image``: raw, positive, negative (``get_screen_text_variants``).
 
-    The three passes run concurrently, within the process limit.
+    The three passes run concurrently, within the process limit. When one fails, or the caller
+    is cancelled, the others are cancelled and their tesseract processes killed.
     """
     tesseract()
-    prepared = Prepared(image)
-    prepared.start_enhancing()
-    tasks = [asyncio.create_task(read(prepared, variant)) for variant in VARIANTS]
-    try:
-        return list(await asyncio.gather(*tasks))
-    finally:
-        # On failure or cancellation, stop the other passes (killing their tesseract) too.
-        for task in tasks:
-            task.cancel()
-        await asyncio.gather(*tasks, return_exceptions=True)
+    async with passes() as group:
+        prepared = Prepared(image, group.create_task)
+        prepared.start_enhancing()
+        tasks = [group.create_task(read(prepared, variant)) for variant in VARIANTS]
+    return [task.result() for task in tasks]
