@@ -21,6 +21,7 @@ from nixos_repl.errors import MachineError
 from nixos_repl.loop import run_sync
 from nixos_repl.machine import ocr as ocr_module
 from nixos_repl.machine.ocr import iter_ocr, ocr, ocr_variants, preprocess
+from nixos_repl.machine.ocr.tesseract import PrioritySlots
 
 pytestmark = pytest.mark.skipif(shutil.which("tesseract") is None, reason="needs tesseract")
 
@@ -220,16 +221,33 @@ def test_missing_tesseract(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> N
 
 def fake_tesseract(directory: Path, body: str) -> None:
     script = directory / "tesseract"
-    script.write_text(f"#!/bin/sh\n{body}\n")
+    # The tests put the fake alone on PATH; its own commands come from the system's.
+    script.write_text(f"#!/bin/sh\nPATH=/usr/bin:/bin\n{body}\n")
     script.chmod(script.stat().st_mode | stat.S_IXUSR)
 
 
 def test_failing_tesseract(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     fake_tesseract(tmp_path, "cat >/dev/null; echo broken >&2; exit 3")
     monkeypatch.setenv("PATH", str(tmp_path))
+    image = Image.new("RGB", (64, 64))
+
+    async def screenshot() -> Image.Image:
+        return image
+
+    async def read_stream() -> list[str]:
+        async with iter_ocr(screenshot, rescreen_delays=()) as texts:
+            return [text async for text in texts]
+
     with pytest.raises(MachineError) as e:
-        run_sync(ocr(Image.new("RGB", (64, 64))))
+        run_sync(ocr(image))
     assert str(e.value) == "OCR failed with exit code 3"
+    assert e.value.__notes__ == ["tesseract: broken"]
+    # The first failure itself, not an ExceptionGroup, whichever way the passes ran.
+    for run in (ocr_variants(image), read_stream()):
+        with pytest.raises(MachineError) as e:
+            run_sync(run)
+        assert str(e.value) == "OCR failed with exit code 3"
+    assert not tesseract_children()
 
 
 def test_engine_mode_is_probed_once(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
@@ -259,3 +277,106 @@ def test_engine_mode_falls_back_to_lstm(monkeypatch: pytest.MonkeyPatch, tmp_pat
 
 def test_concurrency_is_bounded() -> None:
     assert ocr_module.max_processes() == max(1, len(os.sched_getaffinity(0)) // 2)
+
+
+def test_iter_ocr_failing_screenshot_stops_the_passes() -> None:
+    image = busy_console()
+    shots = 0
+
+    async def screenshot() -> Image.Image:
+        nonlocal shots
+        shots += 1
+        if shots > 1:
+            raise MachineError("screendump failed")
+        return image
+
+    async def main() -> None:
+        with pytest.raises(MachineError, match="screendump failed"):
+            async with iter_ocr(screenshot, rescreen_delays=(0.2,)) as texts:
+                async for _ in texts:
+                    pass
+        assert shots == 2
+        assert not tesseract_children()
+
+    run_sync(main())
+
+
+def test_iter_ocr_error_in_the_block_stops_the_passes() -> None:
+    image = busy_console()
+
+    async def screenshot() -> Image.Image:
+        return image
+
+    async def main() -> None:
+        with pytest.raises(KeyError, match="consumer"):
+            async with iter_ocr(screenshot, rescreen_delays=()):
+                assert await wait_until(lambda: bool(tesseract_children()), 10)
+                raise KeyError("consumer")
+        assert not tesseract_children()
+
+    run_sync(main())
+
+
+def test_iter_ocr_timeout_stops_the_passes() -> None:
+    image = busy_console()
+
+    async def screenshot() -> Image.Image:
+        return image
+
+    async def main() -> None:
+        with pytest.raises(TimeoutError):
+            async with asyncio.timeout(None) as deadline:
+                async with iter_ocr(screenshot, rescreen_delays=()) as texts:
+                    assert await wait_until(lambda: bool(tesseract_children()), 10)
+                    deadline.reschedule(asyncio.get_running_loop().time())
+                    async for _ in texts:
+                        pass
+        assert not tesseract_children()
+
+    run_sync(main())
+
+
+def test_at_most_max_processes_tesseract_at_once(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    log = tmp_path / "events"
+    fake_tesseract(tmp_path, f"echo start >> {log}; cat >/dev/null; sleep 0.1; echo end >> {log}")
+    monkeypatch.setenv("PATH", str(tmp_path))
+    images = [console("one"), console("two")]
+
+    async def main() -> None:
+        async with asyncio.TaskGroup() as group:
+            for image in images:
+                group.create_task(ocr_variants(image))
+
+    run_sync(main())
+    running = most = 0
+    for event in log.read_text().split():
+        running += 1 if event == "start" else -1
+        most = max(most, running)
+    assert most <= ocr_module.max_processes()
+    assert log.read_text().split().count("start") == 1 + 3 * len(images)  # the probe, the passes
+
+
+def test_raw_passes_take_free_slots_first() -> None:
+    async def main() -> list[str]:
+        slots = PrioritySlots(1)
+        order: list[str] = []
+        release = asyncio.Event()
+
+        async def take(name: str, priority: int) -> None:
+            async with slots.hold(priority):
+                order.append(name)
+                if name == "holder":
+                    await release.wait()
+
+        async with asyncio.TaskGroup() as group:
+            for name, priority in [("holder", 0), ("variant", 1), ("raw", 0), ("gone", 0)]:
+                task = group.create_task(take(name, priority))
+                for _ in range(3):
+                    await asyncio.sleep(0)  # let it take the slot or queue up
+            task.cancel()  # a waiter cancelled before its turn takes no slot
+            release.set()
+        return order
+
+    assert run_sync(main()) == ["holder", "raw", "variant"]

@@ -152,7 +152,7 @@ async def _engine_mode(exe: str) -> int:
     return _engine_modes[key]
 
 
-class _Slots:
+class PrioritySlots:
     """A semaphore whose waiters are served by priority (lower first), then FIFO."""
 
     def __init__(self, size: int) -> None:
@@ -188,9 +188,9 @@ class _Slots:
 
 
 @functools.cache
-def _slots() -> _Slots:
+def _slots() -> PrioritySlots:
     """The process slots every pass shares, created on first use (on the one I/O loop)."""
-    return _Slots(max_processes())
+    return PrioritySlots(max_processes())
 
 
 @functools.cache
@@ -248,7 +248,7 @@ async def passes() -> AsyncIterator[asyncio.TaskGroup]:
     except BaseExceptionGroup as failures:
         error = failures.exceptions[0]
         for other in failures.exceptions[1:]:
-            error.add_note(f"while another OCR task failed too: {other!r}")
+            error.add_note(f"another OCR task failed at the same time: {other!r}")
     if error is not None:
         context = error.__context__
         try:
