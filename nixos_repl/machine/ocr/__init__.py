@@ -15,10 +15,16 @@ Differences from nixpkgs, all deliberate:
   preprocessed ones, so a fresh screenshot is read before the variants of an old one.
 * The preprocessed images are passed with ``--dpi 300``, the density ImageMagick records in the
   PNGs nixpkgs feeds tesseract; the raw screenshot, like nixpkgs', carries none.
-* Cancelling any of the coroutines kills the tesseract processes it started.
+* Cancelling any of the coroutines, or leaving an :func:`iter_ocr` block early, kills the
+  tesseract processes it started, and returns once they are reaped.
+* :func:`iter_ocr` yields texts as the passes finish, takes fresh screenshots 1, 2 and 4 s in
+  (like nixpkgs' streamed OCR still in review), and skips an image it has read already;
+  merged nixpkgs reads every variant of one screenshot per try, a try a second.
 
-The package is split by concern: :mod:`.preprocess` (Pillow), :mod:`.tesseract` (processes and
-passes), :mod:`.stream` (the streaming reader behind :func:`iter_ocr`).
+The package is split by concern: :mod:`.preprocess` (Pillow, the ImageMagick steps),
+:mod:`.tesseract` (the binary, its processes and the passes, each under an
+:class:`asyncio.TaskGroup`), :mod:`.stream` (the streaming reader behind :func:`iter_ocr`).
+All of it runs on the one I/O loop (:mod:`nixos_repl.loop`).
 """
 
 from __future__ import annotations

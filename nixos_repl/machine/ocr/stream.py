@@ -57,7 +57,7 @@ class _Stream(AsyncIterator[str]):
         self._seen = seen
         self._texts: collections.deque[str] = collections.deque()
         self._running: set[asyncio.Task[Any]] = set()
-        self._progress = asyncio.Event()  # set when a text arrives or a task ends
+        self._progress = asyncio.Event()  # set when a task ends (a pass, after adding its text)
         self._spawn(self._drive())
 
     def _spawn(self, coro: Coroutine[Any, Any, T]) -> asyncio.Task[T]:
