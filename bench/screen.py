@@ -58,9 +58,8 @@ def main() -> None:
             if shutil.which("tesseract") is not None:
                 run_sync(ocr.ocr(image))  # probe the engine mode once
                 for variant in ocr.VARIANTS:
-                    prepared = ocr._Prepared(image)
                     t = time.perf_counter()
-                    text = run_sync(ocr._pass(prepared, variant))
+                    text = run_sync(ocr.ocr(image, variant))
                     passes[variant] = (time.perf_counter() - t, "keys-ok" in text)
                 t = time.perf_counter()
                 run_sync(ocr.ocr_variants(image))

@@ -1,4 +1,7 @@
-"""OCR with the host's tesseract on rendered console-like images (no VM)."""
+"""OCR with the host's tesseract on rendered console-like images (no VM).
+
+Everything runs on the project's one I/O loop, as the machines' OCR does.
+"""
 
 from __future__ import annotations
 
@@ -15,8 +18,10 @@ import pytest
 from PIL import Image, ImageDraw, ImageFont, ImageStat
 
 from nixos_repl.errors import MachineError
+from nixos_repl.loop import run_sync
 from nixos_repl.machine import ocr as ocr_module
 from nixos_repl.machine.ocr import iter_ocr, ocr, ocr_variants, preprocess
+from nixos_repl.machine.ocr.tesseract import PrioritySlots
 
 pytestmark = pytest.mark.skipif(shutil.which("tesseract") is None, reason="needs tesseract")
 
@@ -83,17 +88,13 @@ def no_live_tesseract() -> bool:
     return all(state == "Z" for _, state in tesseract_children())
 
 
-def no_tesseract() -> bool:
-    return not tesseract_children()
-
-
 def test_ocr_reads_console_text() -> None:
-    text = asyncio.run(ocr(console("keys-ok hello 42")))
+    text = run_sync(ocr(console("keys-ok hello 42")))
     assert EXPECTED.search(text), text
 
 
 def test_ocr_variants() -> None:
-    texts = asyncio.run(ocr_variants(console("keys-ok hello 42")))
+    texts = run_sync(ocr_variants(console("keys-ok hello 42")))
     assert len(texts) == 3
     for text in texts:  # raw, positive, negative
         assert EXPECTED.search(text), texts
@@ -120,9 +121,10 @@ def test_iter_ocr_static_screen_is_read_once() -> None:
         return image.copy()
 
     async def collect() -> list[str]:
-        return [text async for text in iter_ocr(screenshot, rescreen_delays=(0.05, 0.1))]
+        async with iter_ocr(screenshot, rescreen_delays=(0.05, 0.1)) as texts:
+            return [text async for text in texts]
 
-    texts = asyncio.run(collect())
+    texts = run_sync(collect())
     assert calls == 3
     assert len(texts) == 3  # unchanged screens are not read again
     assert all(EXPECTED.search(text) for text in texts), texts
@@ -135,9 +137,10 @@ def test_iter_ocr_reads_fresh_screenshots() -> None:
         return screens.pop(0) if len(screens) > 1 else screens[0]
 
     async def collect() -> list[str]:
-        return [text async for text in iter_ocr(screenshot, variants=False, rescreen_delays=(0.2,))]
+        async with iter_ocr(screenshot, variants=False, rescreen_delays=(0.2,)) as texts:
+            return [text async for text in texts]
 
-    texts = asyncio.run(collect())
+    texts = run_sync(collect())
     assert len(texts) == 2
     assert "waiting" in texts[0]
     assert EXPECTED.search(texts[1]), texts
@@ -151,16 +154,17 @@ def test_iter_ocr_break_kills_tesseract() -> None:
 
     async def main() -> None:
         seen_running = False
-        async for text in iter_ocr(screenshot, rescreen_delays=()):
-            assert "hello" in text
-            # The preprocessed passes start as soon as the raw one is done.
-            seen_running = await wait_until(lambda: bool(tesseract_children()), 10)
-            break
+        async with iter_ocr(screenshot, rescreen_delays=()) as texts:
+            async for text in texts:
+                assert "hello" in text
+                # The preprocessed passes start as soon as the raw one is done.
+                seen_running = await wait_until(lambda: bool(tesseract_children()), 10)
+                break
         assert seen_running
-        assert await wait_until(no_live_tesseract, 1), tesseract_children()
-        assert await wait_until(no_tesseract, 5), tesseract_children()
+        # The block ends once the pending passes' processes are killed and reaped.
+        assert not tesseract_children()
 
-    asyncio.run(main())
+    run_sync(main())
 
 
 def test_iter_ocr_aclose_kills_tesseract() -> None:
@@ -174,10 +178,9 @@ def test_iter_ocr_aclose_kills_tesseract() -> None:
             first = asyncio.ensure_future(anext(texts))
             assert await wait_until(lambda: bool(tesseract_children()), 10)
             first.cancel()  # stop waiting for the (slow) raw pass, leave the block
-        assert no_live_tesseract() or await wait_until(no_live_tesseract, 0.5)
-        assert await wait_until(no_tesseract, 5), tesseract_children()
+        assert not tesseract_children()
 
-    asyncio.run(main())
+    run_sync(main())
 
 
 def test_cancelled_ocr_kills_tesseract() -> None:
@@ -187,11 +190,10 @@ def test_cancelled_ocr_kills_tesseract() -> None:
         task.cancel()
         with pytest.raises(asyncio.CancelledError):
             await task
-        # SIGKILL was sent; under load the kernel may take a moment to finish it off.
-        assert await wait_until(no_live_tesseract, 1), tesseract_children()
-        assert await wait_until(no_tesseract, 5), tesseract_children()
+        # The task ends once its processes are killed and reaped.
+        assert not tesseract_children()
 
-    asyncio.run(main())
+    run_sync(main())
 
 
 def test_missing_tesseract(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
@@ -203,31 +205,49 @@ def test_missing_tesseract(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> N
         raise AssertionError("no screenshot is taken without tesseract")
 
     async def first_text() -> str:
-        async for text in iter_ocr(screenshot):
-            return text
+        async with iter_ocr(screenshot) as texts:
+            async for text in texts:
+                return text
         return ""
 
     with pytest.raises(MachineError) as e:
-        asyncio.run(ocr(image))
+        run_sync(ocr(image))
     assert str(e.value) == message
     with pytest.raises(MachineError, match="`tesseract` is not available"):
-        asyncio.run(ocr_variants(image))
+        run_sync(ocr_variants(image))
     with pytest.raises(MachineError, match="`tesseract` is not available"):
-        asyncio.run(first_text())
+        run_sync(first_text())
 
 
 def fake_tesseract(directory: Path, body: str) -> None:
     script = directory / "tesseract"
-    script.write_text(f"#!/bin/sh\n{body}\n")
+    # The tests put the fake alone on PATH; its own commands come from the system's.
+    script.write_text(f"#!/bin/sh\nPATH=/usr/bin:/bin\n{body}\n")
     script.chmod(script.stat().st_mode | stat.S_IXUSR)
 
 
 def test_failing_tesseract(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     fake_tesseract(tmp_path, "cat >/dev/null; echo broken >&2; exit 3")
     monkeypatch.setenv("PATH", str(tmp_path))
+    image = Image.new("RGB", (64, 64))
+
+    async def screenshot() -> Image.Image:
+        return image
+
+    async def read_stream() -> list[str]:
+        async with iter_ocr(screenshot, rescreen_delays=()) as texts:
+            return [text async for text in texts]
+
     with pytest.raises(MachineError) as e:
-        asyncio.run(ocr(Image.new("RGB", (64, 64))))
+        run_sync(ocr(image))
     assert str(e.value) == "OCR failed with exit code 3"
+    assert e.value.__notes__ == ["tesseract: broken"]
+    # The first failure itself, not an ExceptionGroup, whichever way the passes ran.
+    for run in (ocr_variants(image), read_stream()):
+        with pytest.raises(MachineError) as e:
+            run_sync(run)
+        assert str(e.value) == "OCR failed with exit code 3"
+    assert not tesseract_children()
 
 
 def test_engine_mode_is_probed_once(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
@@ -236,8 +256,8 @@ def test_engine_mode_is_probed_once(monkeypatch: pytest.MonkeyPatch, tmp_path: P
     fake_tesseract(tmp_path, f'cat >/dev/null; echo "$@" >> {log}; echo "$@"')
     monkeypatch.setenv("PATH", str(tmp_path))
     image = Image.new("RGB", (64, 64))
-    first = asyncio.run(ocr(image))
-    second = asyncio.run(ocr(image))
+    first = run_sync(ocr(image))
+    second = run_sync(ocr(image))
     assert first == second
     assert first.split() == [
         "-", "-", "--oem", "2", "-c", "debug_file=/dev/null", "--psm", "11"
@@ -249,7 +269,7 @@ def test_engine_mode_falls_back_to_lstm(monkeypatch: pytest.MonkeyPatch, tmp_pat
     body = 'cat >/dev/null; case "$*" in *"--oem 2"*) exit 1;; esac; echo "$@"'
     fake_tesseract(tmp_path, body)
     monkeypatch.setenv("PATH", str(tmp_path))
-    text = asyncio.run(ocr(Image.new("RGB", (64, 64))))
+    text = run_sync(ocr(Image.new("RGB", (64, 64))))
     assert "--oem 1" in text
     assert "--psm 11" in text
     assert "debug_file=/dev/null" in text
@@ -257,3 +277,106 @@ def test_engine_mode_falls_back_to_lstm(monkeypatch: pytest.MonkeyPatch, tmp_pat
 
 def test_concurrency_is_bounded() -> None:
     assert ocr_module.max_processes() == max(1, len(os.sched_getaffinity(0)) // 2)
+
+
+def test_iter_ocr_failing_screenshot_stops_the_passes() -> None:
+    image = busy_console()
+    shots = 0
+
+    async def screenshot() -> Image.Image:
+        nonlocal shots
+        shots += 1
+        if shots > 1:
+            raise MachineError("screendump failed")
+        return image
+
+    async def main() -> None:
+        with pytest.raises(MachineError, match="screendump failed"):
+            async with iter_ocr(screenshot, rescreen_delays=(0.2,)) as texts:
+                async for _ in texts:
+                    pass
+        assert shots == 2
+        assert not tesseract_children()
+
+    run_sync(main())
+
+
+def test_iter_ocr_error_in_the_block_stops_the_passes() -> None:
+    image = busy_console()
+
+    async def screenshot() -> Image.Image:
+        return image
+
+    async def main() -> None:
+        with pytest.raises(KeyError, match="consumer"):
+            async with iter_ocr(screenshot, rescreen_delays=()):
+                assert await wait_until(lambda: bool(tesseract_children()), 10)
+                raise KeyError("consumer")
+        assert not tesseract_children()
+
+    run_sync(main())
+
+
+def test_iter_ocr_timeout_stops_the_passes() -> None:
+    image = busy_console()
+
+    async def screenshot() -> Image.Image:
+        return image
+
+    async def main() -> None:
+        with pytest.raises(TimeoutError):
+            async with asyncio.timeout(None) as deadline:
+                async with iter_ocr(screenshot, rescreen_delays=()) as texts:
+                    assert await wait_until(lambda: bool(tesseract_children()), 10)
+                    deadline.reschedule(asyncio.get_running_loop().time())
+                    async for _ in texts:
+                        pass
+        assert not tesseract_children()
+
+    run_sync(main())
+
+
+def test_at_most_max_processes_tesseract_at_once(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    log = tmp_path / "events"
+    fake_tesseract(tmp_path, f"echo start >> {log}; cat >/dev/null; sleep 0.1; echo end >> {log}")
+    monkeypatch.setenv("PATH", str(tmp_path))
+    images = [console("one"), console("two")]
+
+    async def main() -> None:
+        async with asyncio.TaskGroup() as group:
+            for image in images:
+                group.create_task(ocr_variants(image))
+
+    run_sync(main())
+    running = most = 0
+    for event in log.read_text().split():
+        running += 1 if event == "start" else -1
+        most = max(most, running)
+    assert most <= ocr_module.max_processes()
+    assert log.read_text().split().count("start") == 1 + 3 * len(images)  # the probe, the passes
+
+
+def test_raw_passes_take_free_slots_first() -> None:
+    async def main() -> list[str]:
+        slots = PrioritySlots(1)
+        order: list[str] = []
+        release = asyncio.Event()
+
+        async def take(name: str, priority: int) -> None:
+            async with slots.hold(priority):
+                order.append(name)
+                if name == "holder":
+                    await release.wait()
+
+        async with asyncio.TaskGroup() as group:
+            for name, priority in [("holder", 0), ("variant", 1), ("raw", 0), ("gone", 0)]:
+                task = group.create_task(take(name, priority))
+                for _ in range(3):
+                    await asyncio.sleep(0)  # let it take the slot or queue up
+            task.cancel()  # a waiter cancelled before its turn takes no slot
+            release.set()
+        return order
+
+    assert run_sync(main()) == ["holder", "raw", "variant"]
