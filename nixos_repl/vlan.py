@@ -25,6 +25,7 @@ class VLan:
         self.nr = nr
         self.socket_dir = tmp_dir / f"vde{nr}.ctl"
         self.proc: asyncio.subprocess.Process | None = None
+        self._drainer: asyncio.Task[None] | None = None
 
     @property
     def pid(self) -> int | None:
@@ -83,7 +84,7 @@ class VLan:
             await self.stop()
             raise MachineError(f"vde_switch for vlan {self.nr} made no socket in {self.socket_dir}")
         # Keep reading its console so it never blocks on a full pipe.
-        asyncio.get_running_loop().create_task(self._drain())
+        self._drainer = asyncio.get_running_loop().create_task(self._drain())
         log.info("running vlan (pid %d; ctl %s)", self.proc.pid, self.socket_dir)
 
     async def _drain(self) -> None:

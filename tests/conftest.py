@@ -1,18 +1,20 @@
-"""Shared fixtures: tiny guests under TCG, booted once per session where tests can share them."""
+"""Shared fixtures: tiny guests under TCG, booted once per session where tests can share them.
+
+Every test that uses a guest (the ``guest_dir`` fixture, directly or through another fixture) is
+marked ``vm``: ``./dev.sh test -m "not vm"`` runs the fast lane.
+"""
 
 from __future__ import annotations
 
 import logging
 import os
-import signal
 import tempfile
-import threading
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
-from nixos_repl import Registry
+from nixos_repl import Machine, Registry
 from nixos_repl.guests import build_tiny
 
 # KVM guests hang on the project's machines (nested virtualisation): tests always use TCG.
@@ -20,6 +22,12 @@ os.environ["NIXOS_REPL_ACCEL"] = "tcg"
 # Sockets, VLAN switches and state directories of this run stay private to it.
 os.environ["XDG_RUNTIME_DIR"] = tempfile.mkdtemp(prefix="nixos-repl-tests-")
 logging.getLogger("qemu.qmp").setLevel(logging.WARNING)
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    for item in items:
+        if "guest_dir" in getattr(item, "fixturenames", ()):
+            item.add_marker(pytest.mark.vm)
 
 
 @pytest.fixture(scope="session")
@@ -41,14 +49,14 @@ def registry(guest_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Itera
 
 
 @pytest.fixture
-def vm1(registry: Registry):  # type: ignore[no-untyped-def]
+def vm1(registry: Registry) -> Machine:
     machine = registry["vm1"]
     machine.connect()
     return machine
 
 
 @pytest.fixture
-def vm2(registry: Registry):  # type: ignore[no-untyped-def]
+def vm2(registry: Registry) -> Machine:
     machine = registry["vm2"]
     machine.connect()
     return machine
@@ -61,18 +69,7 @@ def own_registry(guest_dir: Path, tmp_path: Path) -> Iterator[Registry]:
         yield reg
 
 
-def qemu_alive(pid: int) -> bool:
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().split(")")[-1].split()[0] != "Z"
-    except FileNotFoundError:
-        return False
-
-
-def interrupt_after(delay: float) -> threading.Timer:
-    """Deliver a real SIGINT to the main thread after ``delay`` seconds, as Ctrl-C does."""
-    main = threading.main_thread().ident
-    assert main is not None
-    timer = threading.Timer(delay, lambda: signal.pthread_kill(main, signal.SIGINT))
-    timer.start()
-    return timer
+@pytest.fixture
+def crashy(own_registry: Registry) -> Machine:
+    """The machine of ``own_registry`` (not started)."""
+    return own_registry["crashy"]

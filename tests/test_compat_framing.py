@@ -9,7 +9,7 @@ import pytest
 
 from nixos_repl import Machine, Registry
 
-from .conftest import interrupt_after
+from .helpers import interrupt_after
 
 
 @pytest.fixture(scope="module")

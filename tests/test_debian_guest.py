@@ -17,7 +17,7 @@ import pytest
 from nixos_repl import Machine, Registry, RequestedAssertionFailed
 from nixos_repl.guests import build_debian
 
-from .conftest import interrupt_after
+from .helpers import interrupt_after
 
 pytestmark = pytest.mark.skipif(
     os.environ.get("NIXOS_REPL_DEBIAN_TESTS") != "1",
@@ -47,7 +47,9 @@ def debian(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Machine]:
 
 
 def test_fast_framing_over_the_nixos_backdoor(debian: Machine) -> None:
-    assert debian.shell.fast, "the backdoor shell sees the nixos-repl ports"
+    assert debian.shell is not None and debian.shell.fast, (
+        "the backdoor shell sees the nixos-repl ports"
+    )
     assert debian.succeed("hostname") == f"{NAME}\n"
     assert debian.succeed("readlink /proc/1/exe") == "/usr/lib/systemd/systemd\n"
 

@@ -10,12 +10,10 @@ import os
 import re
 import shutil
 import stat
-import time
-from collections.abc import Callable
 from pathlib import Path
 
 import pytest
-from PIL import Image, ImageDraw, ImageFont, ImageStat
+from PIL import Image, ImageStat
 
 from nixos_repl.errors import MachineError
 from nixos_repl.loop import run_sync
@@ -23,29 +21,11 @@ from nixos_repl.machine import ocr as ocr_module
 from nixos_repl.machine.ocr import iter_ocr, ocr, ocr_variants, preprocess
 from nixos_repl.machine.ocr.tesseract import PrioritySlots
 
+from .helpers import console, tesseract_children, wait_until
+
 pytestmark = pytest.mark.skipif(shutil.which("tesseract") is None, reason="needs tesseract")
 
-FONT_PATHS = [
-    "/usr/share/fonts/truetype/dejavu/DejaVuSansMono.ttf",
-    "/usr/share/fonts/truetype/liberation/LiberationMono-Regular.ttf",
-]
 EXPECTED = re.compile(r"keys-ok\s+hello\s+42")
-
-
-def font(size: int) -> ImageFont.FreeTypeFont | ImageFont.ImageFont:
-    for path in FONT_PATHS:
-        if os.path.exists(path):
-            return ImageFont.truetype(path, size)
-    return ImageFont.load_default(size=size + 16)
-
-
-def console(*lines: str, size: int = 32) -> Image.Image:
-    """Light grey text on black, 1280x800, like a Linux virtual console."""
-    image = Image.new("RGB", (1280, 800), (0, 0, 0))
-    draw = ImageDraw.Draw(image)
-    for row, line in enumerate(lines):
-        draw.text((24, 24 + row * size * 5 // 4), line, fill=(170, 170, 170), font=font(size))
-    return image
 
 
 def busy_console() -> Image.Image:
@@ -54,38 +34,6 @@ def busy_console() -> Image.Image:
         f"[  OK  ] Started unit number {i} keys-ok hello 42 systemd-journald" for i in range(40)
     ]
     return console(*lines, size=16)
-
-
-def tesseract_children() -> list[tuple[int, str]]:
-    """(pid, state) of this process's tesseract children, zombies included."""
-    found = []
-    me = os.getpid()
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit():
-            continue
-        try:
-            with open(f"/proc/{entry}/stat") as f:
-                data = f.read()
-        except OSError:
-            continue
-        comm = data[data.index("(") + 1 : data.rindex(")")]
-        state, ppid = data[data.rindex(")") + 2 :].split()[:2]
-        if comm == "tesseract" and int(ppid) == me:
-            found.append((int(entry), state))
-    return found
-
-
-async def wait_until(condition: Callable[[], bool], timeout: float) -> bool:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if condition():
-            return True
-        await asyncio.sleep(0.01)
-    return condition()
-
-
-def no_live_tesseract() -> bool:
-    return all(state == "Z" for _, state in tesseract_children())
 
 
 def test_ocr_reads_console_text() -> None:

@@ -15,7 +15,7 @@ import pytest
 
 from nixos_repl import MachineError, Registry, UnknownMachineError
 
-from .conftest import interrupt_after, qemu_alive
+from .helpers import interrupt_after, qemu_alive
 
 
 def test_unknown_machine_names_the_known_ones(registry: Registry) -> None:

@@ -21,8 +21,9 @@ from nixos_repl.interactive.display import PNG_SIGNATURE, Screenshot
 from nixos_repl.loop import run_sync
 from nixos_repl.machine import Machine
 from nixos_repl.machine.ocr import iter_ocr
+from nixos_repl.machine.qmp import QMPSession
 
-from .test_ocr import console, no_live_tesseract
+from .helpers import console, no_live_tesseract
 
 needs_tesseract = pytest.mark.skipif(shutil.which("tesseract") is None, reason="needs tesseract")
 
@@ -72,27 +73,32 @@ def wait_for_state(machine: Machine, states: set[str], timeout: float) -> str:
 # -- QMP and the monitor ------------------------------------------------------------------------
 
 
-def test_qmp_send_and_api_errors(vm1) -> None:  # type: ignore[no-untyped-def]
-    assert vm1.qmp_client.send("query-status")["return"]["running"] is True
+def qmp(machine: Machine) -> QMPSession:
+    assert machine.qmp_client is not None, f"{machine.name} runs"
+    return machine.qmp_client
+
+
+def test_qmp_send_and_api_errors(vm1: Machine) -> None:
+    assert qmp(vm1).send("query-status")["return"]["running"] is True
     with pytest.raises(QMPAPIError) as error:
-        vm1.qmp_client.send("no-such-command")
+        qmp(vm1).send("no-such-command")
     assert error.value.class_name == "CommandNotFound"
     assert "no-such-command" in error.value.description
     assert error.value.transaction_id is None  # nixpkgs sends no id
     assert "[CommandNotFound]" in str(error.value)
     with pytest.raises(QMPAPIError) as error:
-        vm1.qmp_client.send("screendump", {"no-such-argument": 1})
+        qmp(vm1).send("screendump", {"no-such-argument": 1})
     assert error.value.class_name == "GenericError"
-    assert vm1.qmp_client.send("query-status")["return"]["status"] == "running"
+    assert qmp(vm1).send("query-status")["return"]["status"] == "running"
 
 
-def test_wait_for_qmp_event(vm1, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
-    vm1.qmp_client.send("stop")
-    vm1.qmp_client.send("cont")
+def test_wait_for_qmp_event(vm1: Machine, tmp_path: Path) -> None:
+    qmp(vm1).send("stop")
+    qmp(vm1).send("cont")
     event = vm1.wait_for_qmp_event(lambda e: e["event"] == "RESUME", dt.timedelta(seconds=10))
     assert event["event"] == "RESUME" and "timestamp" in event
     # The STOP event before it did not match: it was discarded, as in nixpkgs.
-    assert all(e["event"] != "STOP" for e in vm1.qmp_client.events())
+    assert all(e["event"] != "STOP" for e in qmp(vm1).events())
     start = time.monotonic()
     with pytest.raises(TimeoutError):
         vm1.wait_for_qmp_event(lambda e: False, timeout=dt.timedelta(seconds=0.5))
@@ -104,7 +110,7 @@ def test_wait_for_qmp_event(vm1, tmp_path: Path) -> None:  # type: ignore[no-unt
         never_started.wait_for_qmp_event(lambda e: True)
 
 
-def test_send_monitor_command_help(vm1) -> None:  # type: ignore[no-untyped-def]
+def test_send_monitor_command_help(vm1: Machine) -> None:
     text = vm1.send_monitor_command("help")
     assert len(text) > 10_000
     assert "balloon" in text
@@ -114,10 +120,10 @@ def test_send_monitor_command_help(vm1) -> None:  # type: ignore[no-untyped-def]
 # -- screenshots --------------------------------------------------------------------------------
 
 
-def test_screenshot_files_and_size(vm1, caplog: pytest.LogCaptureFixture) -> None:  # type: ignore[no-untyped-def]
+def test_screenshot_files_and_size(vm1: Machine, caplog: pytest.LogCaptureFixture) -> None:
     out_dir = Path(vm1.out_dir)
     reference = Path(vm1.state_dir) / "reference.ppm"
-    vm1.qmp_client.send("screendump", {"filename": str(reference)})
+    qmp(vm1).send("screendump", {"filename": str(reference)})
     size = ppm_size(reference)
     reference.unlink()
     assert size in CONSOLE_SIZES
@@ -146,7 +152,7 @@ def test_screenshot_files_and_size(vm1, caplog: pytest.LogCaptureFixture) -> Non
     assert not list(Path(vm1.state_dir).glob("*.ppm")), "the temporary PPMs are removed"
 
 
-def test_async_screenshots_run_together(vm1, vm2) -> None:  # type: ignore[no-untyped-def]
+def test_async_screenshots_run_together(vm1: Machine, vm2: Machine) -> None:
     import asyncio
 
     async def both() -> list[Screenshot]:
@@ -160,7 +166,7 @@ def test_async_screenshots_run_together(vm1, vm2) -> None:  # type: ignore[no-un
 
 
 @needs_tesseract
-def test_typed_keys_reach_tty1_and_the_screen(vm1) -> None:  # type: ignore[no-untyped-def]
+def test_typed_keys_reach_tty1_and_the_screen(vm1: Machine) -> None:
     vm1.send_chars("clear\n")
     vm1.wait_until_tty_matches("1", r"^root@vm1:[^\n]*\n\s*$", timeout=30)
     assert "keys-ok" not in vm1.get_tty_text("1")
@@ -173,7 +179,7 @@ def test_typed_keys_reach_tty1_and_the_screen(vm1) -> None:  # type: ignore[no-u
     assert "keys-ok" in vm1.get_screen_text()
 
 
-def test_key_table_shift_scancodes_and_tab(vm1) -> None:  # type: ignore[no-untyped-def]
+def test_key_table_shift_scancodes_and_tab(vm1: Machine) -> None:
     typed = 'A-b_c\tZ!"~|'
     vm1.send_chars("cat > /tmp/typed\n")
     vm1.wait_until_succeeds(running("cat"), timeout=30)
@@ -185,7 +191,7 @@ def test_key_table_shift_scancodes_and_tab(vm1) -> None:  # type: ignore[no-unty
     vm1.send_key("ret", delay=dt.timedelta(0))
 
 
-def test_bad_keys_raise_and_send_nothing(vm1, caplog: pytest.LogCaptureFixture) -> None:  # type: ignore[no-untyped-def]
+def test_bad_keys_raise_and_send_nothing(vm1: Machine, caplog: pytest.LogCaptureFixture) -> None:
     with pytest.raises(ValueError, match=r"'enter'.*did you mean 'ret'"):
         vm1.send_key("enter")
     with pytest.raises(ValueError, match="'nosuchkey'"):
@@ -198,7 +204,7 @@ def test_bad_keys_raise_and_send_nothing(vm1, caplog: pytest.LogCaptureFixture) 
         vm1.send_key("a", delay=True)
 
 
-def test_send_key_logs(vm1, caplog: pytest.LogCaptureFixture) -> None:  # type: ignore[no-untyped-def]
+def test_send_key_logs(vm1: Machine, caplog: pytest.LogCaptureFixture) -> None:
     with caplog.at_level(logging.INFO, logger="nixos_repl.machine.vm1"):
         vm1.send_key("shift")
         vm1.send_chars("")
@@ -210,7 +216,7 @@ def test_send_key_logs(vm1, caplog: pytest.LogCaptureFixture) -> None:  # type: 
 
 
 @needs_tesseract
-def test_wait_for_text_honours_its_timeout(vm1, caplog: pytest.LogCaptureFixture) -> None:  # type: ignore[no-untyped-def]
+def test_wait_for_text_honours_its_timeout(vm1: Machine, caplog: pytest.LogCaptureFixture) -> None:
     start = time.monotonic()
     vm1.get_screen_text()
     one_pass = time.monotonic() - start
@@ -229,7 +235,7 @@ def test_wait_for_text_honours_its_timeout(vm1, caplog: pytest.LogCaptureFixture
 
 
 @needs_tesseract
-def test_screen_text_variants(vm1) -> None:  # type: ignore[no-untyped-def]
+def test_screen_text_variants(vm1: Machine) -> None:
     vm1.send_chars("echo variants-ok\n")
     vm1.wait_until_tty_matches("1", "\nvariants-ok", timeout=30)
     texts = vm1.get_screen_text_variants()
@@ -257,8 +263,8 @@ def test_ocr_streams_can_share_what_they_have_read() -> None:
     assert shots == 2 and len(seen) == 1
 
 
-def test_missing_tesseract_is_a_clear_error(  # type: ignore[no-untyped-def]
-    vm1, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+def test_missing_tesseract_is_a_clear_error(
+    vm1: Machine, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
 ) -> None:
     monkeypatch.setenv("PATH", str(tmp_path))
     with pytest.raises(MachineError, match="OCR requested but `tesseract` is not available"):
@@ -270,7 +276,7 @@ def test_missing_tesseract_is_a_clear_error(  # type: ignore[no-untyped-def]
 # -- TTYs and the serial console ----------------------------------------------------------------
 
 
-def test_tty_helpers(vm1, caplog: pytest.LogCaptureFixture) -> None:  # type: ignore[no-untyped-def]
+def test_tty_helpers(vm1: Machine, caplog: pytest.LogCaptureFixture) -> None:
     with caplog.at_level(logging.INFO, logger="nixos_repl.machine.vm1"):
         with pytest.raises(RequestedAssertionFailed, match=r"timed out .*\(timeout=1\.0\)"):
             vm1.wait_until_tty_matches("1", "never-on-tty-[0-9]{12}", timeout=1)
@@ -280,8 +286,8 @@ def test_tty_helpers(vm1, caplog: pytest.LogCaptureFixture) -> None:  # type: ig
     vm1.dump_tty_contents("1")  # the tiny guest has no journal: nothing to check but no error
 
 
-def test_console_interact_forwards_stdin(  # type: ignore[no-untyped-def]
-    vm1, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+def test_console_interact_forwards_stdin(
+    vm1: Machine, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
 ) -> None:
     vm1.succeed(
         "rm -f /tmp/serial-in; (head -n1 /dev/ttyS0 > /tmp/serial-in) </dev/null >/dev/null 2>&1 &"
@@ -299,7 +305,7 @@ def test_console_interact_forwards_stdin(  # type: ignore[no-untyped-def]
 # -- network ------------------------------------------------------------------------------------
 
 
-def test_forward_port_reaches_the_guest(vm1) -> None:  # type: ignore[no-untyped-def]
+def test_forward_port_reaches_the_guest(vm1: Machine) -> None:
     # QEMU forwards to the guest's user-networking address, which eth0 gets by DHCP.
     vm1.wait_until_succeeds("ip addr show eth0 | grep -q 'inet 10.0.2.15/'", timeout=30)
     host_port, guest_port = free_port(), 7777
@@ -318,7 +324,7 @@ def test_forward_port_reaches_the_guest(vm1) -> None:  # type: ignore[no-untyped
     assert vm1.send_monitor_command(f"hostfwd_remove tcp:127.0.0.1:{host_port}")
 
 
-def test_block_and_unblock_the_vlan_link(vm1, vm2) -> None:  # type: ignore[no-untyped-def]
+def test_block_and_unblock_the_vlan_link(vm1: Machine, vm2: Machine) -> None:
     ping = "ping -c 1 -W 1 192.168.1.1"
     vm2.wait_until_succeeds(ping, timeout=30)
     try:

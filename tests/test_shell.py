@@ -6,29 +6,32 @@ import asyncio
 import datetime as dt
 import logging
 import time
+from pathlib import Path
 
 import pytest
 
-from nixos_repl import RequestedAssertionFailed
+from nixos_repl import Machine, RequestedAssertionFailed
 from nixos_repl.machine import shell as shell_module
 
-from .conftest import interrupt_after
+from .helpers import interrupt_after
 
 
-def test_succeed_returns_stdout(vm1) -> None:  # type: ignore[no-untyped-def]
+def test_succeed_returns_stdout(vm1: Machine) -> None:
     assert vm1.succeed("echo hello") == "hello\n"
     assert vm1.succeed("echo a", "echo b") == "a\nb\n"
-    assert vm1.shell.fast, "the tiny guest has the nixos-repl ports: the fast framing is used"
+    assert vm1.shell is not None and vm1.shell.fast, (
+        "the tiny guest has the nixos-repl ports: the fast framing is used"
+    )
 
 
-def test_execute_conventions(vm1) -> None:  # type: ignore[no-untyped-def]
+def test_execute_conventions(vm1: Machine) -> None:
     assert vm1.execute("echo out; exit 3") == (3, "out\n")
     assert vm1.execute("echo x; exit 3", check_return=False) == (-1, "x\n")
     assert vm1.execute("echo ignored", check_output=False) == (-2, "")
     assert vm1.succeed("echo next") == "next\n"
 
 
-def test_failures_raise_nixpkgs_messages(vm1) -> None:  # type: ignore[no-untyped-def]
+def test_failures_raise_nixpkgs_messages(vm1: Machine) -> None:
     with pytest.raises(RequestedAssertionFailed, match=r"command `exit 4` failed \(exit code 4\)"):
         vm1.succeed("exit 4")
     with pytest.raises(RequestedAssertionFailed, match="command `true` unexpectedly succeeded"):
@@ -36,7 +39,7 @@ def test_failures_raise_nixpkgs_messages(vm1) -> None:  # type: ignore[no-untype
     assert vm1.fail("echo no; false") == "no\n"
 
 
-def test_strict_mode_and_fresh_shell(vm1) -> None:  # type: ignore[no-untyped-def]
+def test_strict_mode_and_fresh_shell(vm1: Machine) -> None:
     assert vm1.execute("false; echo not-reached")[0] == 1
     assert vm1.execute("echo $UNDEFINED_VARIABLE")[0] != 0
     assert vm1.execute("false | true")[0] == 1
@@ -46,17 +49,17 @@ def test_strict_mode_and_fresh_shell(vm1) -> None:  # type: ignore[no-untyped-de
     assert vm1.succeed("echo $#") == "0\n"
 
 
-def test_stdout_only_stderr_goes_to_the_console(vm1) -> None:  # type: ignore[no-untyped-def]
+def test_stdout_only_stderr_goes_to_the_console(vm1: Machine) -> None:
     assert vm1.succeed("echo to-stderr-xyz >&2") == ""
     vm1.wait_for_console_text("to-stderr-xyz", timeout=10)
 
 
-def test_stdin_is_not_the_channel(vm1) -> None:  # type: ignore[no-untyped-def]
+def test_stdin_is_not_the_channel(vm1: Machine) -> None:
     assert vm1.succeed("cat") == ""
     assert vm1.succeed("echo after-cat") == "after-cat\n"
 
 
-def test_syntax_errors_stay_inside_the_command(vm1) -> None:  # type: ignore[no-untyped-def]
+def test_syntax_errors_stay_inside_the_command(vm1: Machine) -> None:
     status, _ = vm1.execute("echo 'unterminated")
     assert status == 2
     assert vm1.succeed("echo still in sync") == "still in sync\n"
@@ -64,18 +67,18 @@ def test_syntax_errors_stay_inside_the_command(vm1) -> None:  # type: ignore[no-
     assert vm1.succeed("echo \"quotes 'single' \\$dollar\"") == "quotes 'single' $dollar\n"
 
 
-def test_non_utf8_output_is_decoded_with_replacement(vm1) -> None:  # type: ignore[no-untyped-def]
+def test_non_utf8_output_is_decoded_with_replacement(vm1: Machine) -> None:
     assert vm1.succeed(r"printf 'a\377b\n'") == "a\ufffdb\n"
     assert vm1.succeed(r"printf 'no newline'") == "no newline"
 
 
-def test_ten_megabytes_of_output(vm1) -> None:  # type: ignore[no-untyped-def]
+def test_ten_megabytes_of_output(vm1: Machine) -> None:
     out = vm1.succeed("head -c 10000000 /dev/zero | tr '\\0' a")
     assert len(out) == 10_000_000 and set(out) == {"a"}
     assert vm1.succeed("echo small") == "small\n"
 
 
-def test_stray_lines_are_skipped(vm1) -> None:  # type: ignore[no-untyped-def]
+def test_stray_lines_are_skipped(vm1: Machine) -> None:
     # Something in the guest writes to the backdoor console between commands.
     vm1.succeed("(sleep 0.2; echo STRAY-LINE > /dev/hvc0) > /dev/null 2>&1 &")
     time.sleep(1)
@@ -83,7 +86,7 @@ def test_stray_lines_are_skipped(vm1) -> None:  # type: ignore[no-untyped-def]
     assert vm1.execute("exit 5") == (5, "")
 
 
-def test_keyboard_interrupt_kills_the_command_and_keeps_sync(vm1) -> None:  # type: ignore[no-untyped-def]
+def test_keyboard_interrupt_kills_the_command_and_keeps_sync(vm1: Machine) -> None:
     interrupt_after(0.5)
     start = time.monotonic()
     with pytest.raises(KeyboardInterrupt):
@@ -93,7 +96,7 @@ def test_keyboard_interrupt_kills_the_command_and_keeps_sync(vm1) -> None:  # ty
     assert "sleep 1000" not in vm1.succeed("ps -o args"), "the guest command was killed"
 
 
-def test_interrupt_during_output_keeps_sync(vm1) -> None:  # type: ignore[no-untyped-def]
+def test_interrupt_during_output_keeps_sync(vm1: Machine) -> None:
     interrupt_after(0.3)
     with pytest.raises(KeyboardInterrupt):
         vm1.succeed("while true; do echo spam; done")
@@ -101,7 +104,7 @@ def test_interrupt_during_output_keeps_sync(vm1) -> None:  # type: ignore[no-unt
         assert vm1.succeed(f"echo reply-{i}") == f"reply-{i}\n"
 
 
-def test_timeout_is_enforced_host_side(vm1) -> None:  # type: ignore[no-untyped-def]
+def test_timeout_is_enforced_host_side(vm1: Machine) -> None:
     start = time.monotonic()
     status, out = vm1.execute("echo begun; sleep 100", timeout=dt.timedelta(seconds=1))
     assert status == 124 and out == "begun\n"
@@ -110,7 +113,9 @@ def test_timeout_is_enforced_host_side(vm1) -> None:  # type: ignore[no-untyped-
     assert vm1.succeed("echo after-timeout") == "after-timeout\n"
 
 
-def test_background_job_holding_stdout_is_waited_for(vm1, monkeypatch, caplog) -> None:  # type: ignore[no-untyped-def]
+def test_background_job_holding_stdout_is_waited_for(
+    vm1: Machine, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
     monkeypatch.setattr(shell_module, "STDOUT_GRACE", 0.5)
     caplog.set_level(logging.WARNING)
     start = time.monotonic()
@@ -124,7 +129,7 @@ def test_background_job_holding_stdout_is_waited_for(vm1, monkeypatch, caplog) -
     assert time.monotonic() - start < 2.0
 
 
-def test_wait_until(vm1) -> None:  # type: ignore[no-untyped-def]
+def test_wait_until(vm1: Machine) -> None:
     vm1.succeed("rm -f /tmp/flag; (sleep 1; touch /tmp/flag) > /dev/null 2>&1 &")
     vm1.wait_until_succeeds("test -e /tmp/flag", timeout=10)
     vm1.wait_for_file("/tmp/flag", timeout=dt.timedelta(seconds=5))
@@ -134,7 +139,7 @@ def test_wait_until(vm1) -> None:  # type: ignore[no-untyped-def]
         vm1.wait_until_succeeds("false", timeout=1)
 
 
-def test_ports_and_sockets(vm1) -> None:  # type: ignore[no-untyped-def]
+def test_ports_and_sockets(vm1: Machine) -> None:
     vm1.succeed("nc -l 1234 > /dev/null 2>&1 &")
     vm1.wait_for_open_port(1234, timeout=10)
     vm1.succeed("kill $(pidof nc) 2>/dev/null || true  # the first probe may have ended it")
@@ -143,7 +148,7 @@ def test_ports_and_sockets(vm1) -> None:  # type: ignore[no-untyped-def]
     vm1.wait_for_open_unix_socket("/tmp/test.sock", timeout=10)
 
 
-def test_copies(vm1, tmp_path) -> None:  # type: ignore[no-untyped-def]
+def test_copies(vm1: Machine, tmp_path: Path) -> None:
     src = tmp_path / "hello.txt"
     src.write_text("from the host\n")
     vm1.copy_from_host(str(src), "/root/copied/hello.txt")
@@ -162,7 +167,7 @@ def test_copies(vm1, tmp_path) -> None:  # type: ignore[no-untyped-def]
     assert (vm1.out_dir / "out" / "data").read_text() == "guest-data\n"
 
 
-def test_serial_console(vm1) -> None:  # type: ignore[no-untyped-def]
+def test_serial_console(vm1: Machine) -> None:
     assert "connecting to host..." in vm1.get_console_log()
     vm1.succeed("rm -f /tmp/rx; (cat /dev/ttyS0 > /tmp/rx) > /dev/null 2>&1 &")
     time.sleep(0.3)
@@ -171,7 +176,7 @@ def test_serial_console(vm1) -> None:  # type: ignore[no-untyped-def]
     vm1.succeed("kill $(pidof cat) || true")
 
 
-def test_console_waiters_do_not_steal_lines(vm1) -> None:  # type: ignore[no-untyped-def]
+def test_console_waiters_do_not_steal_lines(vm1: Machine) -> None:
     async def both() -> list[str]:
         waiters = [
             asyncio.ensure_future(vm1.aio.wait_for_console_text(r"shared-\d+", timeout=20))
@@ -188,7 +193,7 @@ def test_console_waiters_do_not_steal_lines(vm1) -> None:  # type: ignore[no-unt
         vm1.wait_for_console_text("never-printed-text", timeout=0.5)
 
 
-def test_async_twins_run_machines_in_parallel(vm1, vm2) -> None:  # type: ignore[no-untyped-def]
+def test_async_twins_run_machines_in_parallel(vm1: Machine, vm2: Machine) -> None:
     from nixos_repl.loop import run_sync
 
     async def both() -> tuple[str, str]:
@@ -202,12 +207,12 @@ def test_async_twins_run_machines_in_parallel(vm1, vm2) -> None:  # type: ignore
     assert time.monotonic() - start < 1.9
 
 
-def test_vlan_between_machines(vm1, vm2) -> None:  # type: ignore[no-untyped-def]
+def test_vlan_between_machines(vm1: Machine, vm2: Machine) -> None:
     assert "192.168.1.1/24" in vm1.succeed("ip -4 addr show")
     vm2.succeed("ping -c 1 -W 5 192.168.1.1")
 
 
-def test_public_attributes(vm1) -> None:  # type: ignore[no-untyped-def]
+def test_public_attributes(vm1: Machine) -> None:
     assert vm1.name == "vm1"
     assert vm1.booted and vm1.connected and vm1.is_up()
     assert isinstance(vm1.pid, int)
@@ -221,7 +226,7 @@ def test_public_attributes(vm1) -> None:  # type: ignore[no-untyped-def]
         vm1.sleep(True)
 
 
-def test_interrupt_while_a_background_job_holds_stdout(vm1) -> None:  # type: ignore[no-untyped-def]
+def test_interrupt_while_a_background_job_holds_stdout(vm1: Machine) -> None:
     interrupt_after(1.0)
     start = time.monotonic()
     with pytest.raises(KeyboardInterrupt):
@@ -231,7 +236,7 @@ def test_interrupt_while_a_background_job_holds_stdout(vm1) -> None:  # type: ig
     assert vm1.succeed("echo in-sync") == "in-sync\n"
 
 
-def test_async_twins_can_be_awaited_from_another_event_loop(vm1, vm2) -> None:  # type: ignore[no-untyped-def]
+def test_async_twins_can_be_awaited_from_another_event_loop(vm1: Machine, vm2: Machine) -> None:
     # IPython and Jupyter await top-level coroutines on their own loop, not the I/O loop.
     async def cell() -> list[str]:
         return list(await asyncio.gather(vm1.aio.succeed("hostname"), vm2.aio.succeed("hostname")))

@@ -10,7 +10,7 @@ import datetime as dt
 
 import pytest
 
-from nixos_repl import RequestedAssertionFailed
+from nixos_repl import Machine, RequestedAssertionFailed
 
 FAKE_SYSTEMCTL = r"""#!/bin/sh
 state=$(cat /tmp/fake-state 2>/dev/null || echo inactive)
@@ -24,13 +24,13 @@ esac
 
 
 @pytest.fixture
-def systemd(vm2):  # type: ignore[no-untyped-def]
+def systemd(vm2: Machine) -> Machine:
     vm2.succeed(f"cat > /sbin/systemctl <<'EOF'\n{FAKE_SYSTEMCTL}EOF\nchmod +x /sbin/systemctl")
     vm2.succeed("rm -f /tmp/fake-state /tmp/fake-jobs /tmp/fake-log")
     return vm2
 
 
-def test_wait_for_unit_sees_a_unit_become_active(systemd) -> None:  # type: ignore[no-untyped-def]
+def test_wait_for_unit_sees_a_unit_become_active(systemd: Machine) -> None:
     systemd.succeed("echo activating > /tmp/fake-state")
     systemd.succeed("(sleep 1; echo active > /tmp/fake-state) > /dev/null 2>&1 &")
     systemd.wait_for_unit("foo.service", timeout=dt.timedelta(seconds=20))
@@ -39,7 +39,7 @@ def test_wait_for_unit_sees_a_unit_become_active(systemd) -> None:  # type: igno
     systemd.require_unit_state("foo.service")
 
 
-def test_wait_for_unit_fails_fast(systemd) -> None:  # type: ignore[no-untyped-def]
+def test_wait_for_unit_fails_fast(systemd: Machine) -> None:
     systemd.succeed("echo failed > /tmp/fake-state")
     failed = r'unit "foo\.service" reached state "failed"'
     with pytest.raises(RequestedAssertionFailed, match=failed):
@@ -51,7 +51,7 @@ def test_wait_for_unit_fails_fast(systemd) -> None:  # type: ignore[no-untyped-d
         systemd.require_unit_state("foo.service")
 
 
-def test_start_and_stop_job(systemd) -> None:  # type: ignore[no-untyped-def]
+def test_start_and_stop_job(systemd: Machine) -> None:
     systemd.start_job("bar.service")
     systemd.stop_job("bar.service")
     assert systemd.succeed("cat /tmp/fake-log") == "start bar.service\nstop bar.service\n"

@@ -90,6 +90,7 @@ class Lifecycle:
         self.state = MachineState.DEFINED
         self.allow_reboot = False
         self.connect_timeout: Duration = CONNECT_TIMEOUT
+        self.socket_timeout = SOCKET_TIMEOUT  # for QEMU to connect to the driver's sockets
         self.crash_report: str | None = None
         self.started_at: float | None = None  # time.time() of the last start
         self.process: QemuProcess | None = None
@@ -179,10 +180,10 @@ class Lifecycle:
         extra = driver_qemu_options(self.state_dir, allow_reboot, graphical_display_available())
         try:
             process.spawn(extra, env, self.console.feed)
-            monitor = await process.accept("monitor", SOCKET_TIMEOUT)
-            shell = await process.accept("shell", SOCKET_TIMEOUT)
-            out = await process.accept("nixos-repl-out", SOCKET_TIMEOUT)
-            ctl = await process.accept("nixos-repl-ctl", SOCKET_TIMEOUT)
+            monitor = await process.accept("monitor", self.socket_timeout)
+            shell = await process.accept("shell", self.socket_timeout)
+            out = await process.accept("nixos-repl-out", self.socket_timeout)
+            ctl = await process.accept("nixos-repl-ctl", self.socket_timeout)
             self.shell = ShellChannel(self.name, shell, out, ctl, self._out_port_open)
             self.monitor = Monitor(self.name, monitor)
             self.qmp = QMPSession(self.name, self._on_qmp_event)

@@ -168,6 +168,7 @@ class QemuProcess:
         self._pipes: list[int] = []
         self._stdout_done = asyncio.Event()
         self._stderr_done = asyncio.Event()
+        self._exit_task: asyncio.Task[None] | None = None
 
     @property
     def pid(self) -> int | None:
