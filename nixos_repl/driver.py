@@ -350,6 +350,7 @@ class Driver:
         self.polling_conditions: list[PollingCondition] = []
         # Called by the global timeout after the machines are gone, before the process ends.
         self.on_terminate: list[Callable[[], None]] = []
+        self._terminating = threading.Event()
         script = self.config.test_script
         self.script_filename = str(script) if script is not None else "<string>"
         self.tests = script.read_text() if script is not None and script.is_file() else ""
@@ -480,6 +481,7 @@ class Driver:
             try:
                 yield
             except Exception as e:
+                self._hold_if_terminating()
                 self.logger.log_test_error(f'Test "{name}" failed with error: "{e}"')
                 raise
 
@@ -603,14 +605,17 @@ class Driver:
             try:
                 exec(code, symbols)
             except MachineError:
+                self._hold_if_terminating()
                 for line in traceback.format_exc().splitlines():
                     self.logger.log_test_error(line)
                 sys.exit(1)
             except RequestedAssertionFailed as e:
+                self._hold_if_terminating()
                 self.log_assertion(e)
                 self.debug.breakpoint()
                 sys.exit(1)
             except Exception:
+                self._hold_if_terminating()
                 self.debug.breakpoint()
                 raise
 
@@ -658,7 +663,10 @@ class Driver:
 
     def terminate_test(self) -> None:
         """The global timeout: kill every machine and VLAN, then end the process with SIGTERM."""
+        self._terminating.set()
         with self.logger.nested("timeout reached; test terminating..."):
+            total = self.global_timeout.total_seconds()
+            self.logger.log_test_error(f"the global timeout of {total:g} seconds was reached")
             try:
                 self.registry.close()
             except Exception as e:
@@ -667,3 +675,8 @@ class Driver:
             with contextlib.suppress(Exception):
                 callback()
         os.kill(os.getpid(), signal.SIGTERM)
+
+    def _hold_if_terminating(self) -> None:
+        """After the global timeout, a failure is its consequence: wait for SIGTERM, say nothing."""
+        if self._terminating.is_set() and threading.current_thread() is not self.race_timer:
+            threading.Event().wait()
