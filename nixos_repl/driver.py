@@ -30,7 +30,7 @@ from abc import ABC
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from types import CodeType, TracebackType
-from typing import Any
+from typing import Any, overload
 
 from .config import DriverConfig
 from .errors import MachineError, PollingConditionError, RequestedAssertionFailed
@@ -489,6 +489,26 @@ class Driver:
         """Run before every machine command: raise if an active polling condition fails."""
         for condition in self.polling_conditions:
             condition.maybe_raise()
+
+    @overload
+    def polling_condition(
+        self,
+        fun_: Callable[[], bool | None],
+        *,
+        seconds_interval: float | dt.timedelta | None = None,
+        interval: dt.timedelta | None = None,
+        description: str | None = None,
+    ) -> Poll: ...
+
+    @overload
+    def polling_condition(
+        self,
+        fun_: None = None,
+        *,
+        seconds_interval: float | dt.timedelta | None = None,
+        interval: dt.timedelta | None = None,
+        description: str | None = None,
+    ) -> Callable[[Callable[[], bool | None]], Poll]: ...
 
     def polling_condition(
         self,
