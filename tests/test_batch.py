@@ -99,8 +99,17 @@ def batch(script: str, scripts: Sequence[Path], *extra: str) -> list[str]:
 def test_green_script_exits_0_with_junit(guest_dir: Path, dirs: tuple[Path, Path]) -> None:
     out, runtime = dirs
     scripts = [guest_dir / "run-vm1-vm", guest_dir / "run-vm2-vm"]
-    result = run(batch("green.py", scripts, "--vlans", "1"), out, runtime)
+    logfile = out / "log.xml"
+    result = run(
+        batch("green.py", scripts, "--vlans", "1"), out, runtime, {"LOGFILE": str(logfile)}
+    )
     assert result.returncode == 0, result.stderr
+    root = ET.parse(logfile).getroot()  # closed properly
+    assert root.tag == "logfile"
+    heads = [head.text for head in root.iter("head")]
+    assert heads[:3] == ["start all VLans", "run the VM test script", "start all VMs"]
+    assert "subtest: namespace" in heads and heads[-1] == "cleanup"
+    assert any(line.get("type") == "serial" for line in root.iter("line"))
     assert result.junit() == {
         "machines answer": None,
         "retry and polling conditions": None,
