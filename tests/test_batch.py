@@ -240,3 +240,21 @@ def test_config_legacy_flags_and_env_give_the_same_run(
         assert "solo: must succeed: echo $((6 * 7))" in result.stderr, name
         assert "additionally exposed symbols:\n    solo,\n" in result.stdout, name
         assert "It's deprecated to use the `machine` variable" in result.stderr, name
+
+
+@pytest.mark.skipif(
+    os.environ.get("NIXOS_REPL_DEBIAN_TESTS") != "1",
+    reason="the debian guest needs debootstrap, root and the Debian mirror: "
+    "set NIXOS_REPL_DEBIAN_TESTS=1 to run this test",
+)
+def test_systemd_script_on_debian(
+    tmp_path_factory: pytest.TempPathFactory, dirs: tuple[Path, Path]
+) -> None:
+    from nixos_repl.guests import build_debian
+
+    out, runtime = dirs
+    (script,) = build_debian(["debian1"], tmp_path_factory.mktemp("debian-guests"))
+    result = run(batch("systemd.py", [script]), out, runtime)
+    assert result.returncode == 0, result.stderr
+    assert result.junit() == {"unit info": None}
+    assert "debian1: waiting for unit multi-user.target" in result.stderr

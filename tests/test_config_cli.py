@@ -297,3 +297,26 @@ def test_test_driver_module_paths() -> None:
     )
     assert issubclass(DebugNop, DebugAbstract)
     assert isinstance(AbstractLogger, type) and isinstance(NspawnMachine, type)
+
+
+SCRIPTS = Path(__file__).parent / "scripts"
+
+
+def test_script_without_machines(tmp_path: Path) -> None:
+    command = [sys.executable, "-m", "nixos_repl", "--batch", str(SCRIPTS / "no_machines.py")]
+    result = cli([*command, "--junit-xml", "junit.xml"], tmp_path)
+    assert result.returncode == 0, result.stderr
+    assert "no machines here\n" in result.stderr
+    assert "test script finished in " in result.stderr
+    assert '<testcase name="arithmetic"' in (tmp_path / "junit.xml").read_text()
+
+
+def test_other_exceptions_exit_1_with_a_traceback(tmp_path: Path) -> None:
+    command = [sys.executable, "-m", "nixos_repl", "--batch", str(SCRIPTS / "other_error.py")]
+    result = cli(command, tmp_path)
+    assert result.returncode == 1
+    assert '!!! Test "typo" failed with error: "name \'undefined_helper\' is not defined"' in (
+        result.stderr
+    )
+    assert "NameError: name 'undefined_helper' is not defined" in result.stderr
+    assert f'File "{SCRIPTS / "other_error.py"}", line 2' in result.stderr
