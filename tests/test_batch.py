@@ -114,6 +114,7 @@ def test_green_script_exits_0_with_junit(guest_dir: Path, dirs: tuple[Path, Path
         "machines answer": None,
         "retry and polling conditions": None,
         "namespace": None,
+        "join_all": None,
     }
     log = result.stderr
     assert "additionally exposed symbols:\n    vm1, vm2,\n    vlan1,\n" in result.stdout
@@ -129,6 +130,7 @@ def test_green_script_exits_0_with_junit(guest_dir: Path, dirs: tuple[Path, Path
         "Checking polling condition 'the guest is alive'",
         "Polling condition succeeded: the guest is alive",
         "namespace checked",
+        "wait for all VMs to finish",
         "cleanup",
     ):
         assert f"\n{line}\n" in f"\n{log}" or f"{line}\n" in log, line

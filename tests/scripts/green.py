@@ -42,3 +42,9 @@ vm1.wait_for_console_text("quiet-line")
 serial_stdout_on()
 vm1.succeed("echo loud-line >&2")
 vm1.wait_for_console_text("loud-line")
+
+with subtest("join_all"):
+    vm1.shutdown()
+    vm2.shutdown()
+    join_all()
+    t.assertFalse(vm1.is_up() or vm2.is_up())
