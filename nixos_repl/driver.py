@@ -357,7 +357,7 @@ class Driver:
         self._code: CodeType | None = None
         self.race_timer = self._new_timer()
         self.registry = Registry(
-            start_scripts=[(name, str(m.start_script)) for name, m in self.config.vms.items()],
+            start_scripts=[(n, str(m.start_script.absolute())) for n, m in self.config.vms.items()],
             vlans=self.config.vlans,
             out_dir=self.out_dir,
             keep_machine_state=keep_machine_state,
