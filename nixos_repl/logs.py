@@ -62,7 +62,7 @@ _MACHINE_MODULES = frozenset(
 )
 # Loggers whose INFO records are bookkeeping, not nixpkgs log lines: shown at --log-level debug.
 _DEMOTED = ("nixos_repl.registry", "nixos_repl.loop")
-_FINISHED = "(finished: %s, in %.2f seconds)"
+FINISHED = "(finished: %s, in %.2f seconds)"
 
 BRIGHT, DIM, GREEN, RED, RESET = "\x1b[1m", "\x1b[2m", "\x1b[32m", "\x1b[31m", "\x1b[0m"
 
@@ -111,7 +111,7 @@ def nested_kind(record: logging.LogRecord) -> str | None:
     kind = getattr(record, NESTED, None)
     if kind is not None:
         return str(kind)
-    if record.msg == _FINISHED:  # a machine's nested step, logged without extra
+    if record.msg == FINISHED:  # a machine's nested step, logged without extra
         return "end"
     return None
 
@@ -491,7 +491,7 @@ class DriverLogger(AbstractLogger):
             yield
         finally:
             end = self._extra(attributes, **more, **{NESTED: "end", NESTED_MSG: message})
-            self.logger.info(_FINISHED, message, time.monotonic() - tic, extra=end)
+            self.logger.info(FINISHED, message, time.monotonic() - tic, extra=end)
 
     @contextlib.contextmanager
     def subtest(self, name: str, attributes: dict[str, str] | None = None) -> Iterator[None]:

@@ -11,6 +11,10 @@ from pathlib import Path
 import pytest
 
 from nixos_repl.logs import (
+    FINISHED,
+    IMAGE,
+    NESTED,
+    NESTED_MSG,
     DriverLogger,
     JUnitHandler,
     LogLevel,
@@ -47,6 +51,10 @@ def scenario() -> None:
     with log.nested("run the VM test script"):
         with log.nested("start all VMs"):
             vm1.info("starting vm")
+        # A machine's own nested step, with the structure the handlers read from ``extra``.
+        step = {NESTED_MSG: "must succeed: true", IMAGE: "shot.png"}
+        vm1.info("%s", "must succeed: true", extra={NESTED: "start", **step})
+        vm1.info(FINISHED, "must succeed: true", 0.5, extra={NESTED: "end", **step})
         serial.debug("%s # %s", "vm1", "Booting \x1b[0mLinux")
         with log.subtest("my subtest"):
             log.log("Subtest log")
