@@ -203,6 +203,7 @@ def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="nixos-repl",
         description="An interactive environment for NixOS VM tests.",
+        allow_abbrev=False,  # else --batch's --output_directory would take a command's --out
     )
     parser.add_argument("-v", "--verbose", action="store_true", help="log debug messages")
     parser.add_argument(

@@ -320,3 +320,11 @@ def test_other_exceptions_exit_1_with_a_traceback(tmp_path: Path) -> None:
     )
     assert "NameError: name 'undefined_helper' is not defined" in result.stderr
     assert f'File "{SCRIPTS / "other_error.py"}", line 2' in result.stderr
+
+
+def test_batch_options_leave_the_commands_alone() -> None:
+    from nixos_repl.cli import _parser
+
+    args = _parser().parse_args(["guest", "build", "tiny", "--name", "a", "--out", "d"])
+    assert args.out == Path("d") and args.output_directory is None
+    assert _parser().parse_args(["demo", "--out", "x"]).out == Path("x")
