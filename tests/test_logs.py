@@ -64,7 +64,7 @@ def scenario() -> None:
             log.log_test_error("Error occurred")
         log.debug("hidden at info")
     with log.nested("cleanup"):
-        vm1.info("kill machine (pid %d)", 42)
+        vm1.info("kill QemuMachine (pid %d)", 42)
 
 
 def test_terminal_golden() -> None:
