@@ -9,7 +9,8 @@ here, in handlers attached to the ``nixos_repl`` logger:
 * :class:`JUnitHandler`: JUnit XML, one case per subtest (``main`` when there is none).
 
 Structure travels in the records' ``extra`` attributes (the ``NESTED``, ``SUBTEST``... names
-below): :class:`DriverLogger`, the ``log`` object of test scripts, sets them. Records without
+below): :class:`DriverLogger`, the ``log`` object of test scripts, sets them, and the machine
+layer's nested steps carry the same ``step``/``phase``/``elapsed``. Records without
 them are plain lines: a record of logger ``nixos_repl.machine.<name>`` belongs to machine
 ``<name>``, and one of ``nixos_repl.machine.<name>.serial`` is a serial console line.
 """
@@ -44,8 +45,10 @@ __all__ = [
 ]
 
 # Names of the ``extra`` attributes that carry structure.
-NESTED = "nixos_nested"  # "start" or "end" of a nested step
-NESTED_MSG = "nixos_nested_msg"  # the step's message (on both records)
+# The names the machine layer's ``nested`` uses too, so its steps nest like the driver's.
+NESTED = "phase"  # "start" or "end" of a nested step
+NESTED_MSG = "step"  # the step's message (on both records)
+ELAPSED = "elapsed"  # seconds, on the "end" record
 SUBTEST = "nixos_subtest"  # the subtest's name, on the nested records of ``subtest()``
 MACHINE = "nixos_machine"  # the machine a record is about
 LEVEL = "nixos_level"  # "debug", "info" or "warning": filtered by the nixpkgs log level
@@ -490,8 +493,11 @@ class DriverLogger(AbstractLogger):
         try:
             yield
         finally:
-            end = self._extra(attributes, **more, **{NESTED: "end", NESTED_MSG: message})
-            self.logger.info(FINISHED, message, time.monotonic() - tic, extra=end)
+            elapsed = time.monotonic() - tic
+            end = self._extra(
+                attributes, **more, **{NESTED: "end", NESTED_MSG: message, ELAPSED: elapsed}
+            )
+            self.logger.info(FINISHED, message, elapsed, extra=end)
 
     @contextlib.contextmanager
     def subtest(self, name: str, attributes: dict[str, str] | None = None) -> Iterator[None]:
