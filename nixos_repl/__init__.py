@@ -6,7 +6,10 @@ The library entry point is :class:`Registry`::
         print(registry["vm1"].succeed("uname -a"))
 """
 
+from .config import DriverConfig, MachineConfig
+from .driver import Driver
 from .errors import (
+    ConfigError,
     MachineError,
     NixosReplError,
     PollingConditionError,
@@ -19,7 +22,11 @@ from .registry import Registry
 
 __all__ = [
     "BaseMachine",
+    "ConfigError",
+    "Driver",
+    "DriverConfig",
     "Machine",
+    "MachineConfig",
     "MachineError",
     "NixosReplError",
     "PollingConditionError",

@@ -4,21 +4,217 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
+import warnings
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
-from .errors import NixosReplError
+from .errors import ConfigError, NixosReplError
 
-__all__ = ["main"]
+__all__ = ["generate_driver_symbols", "main", "test_driver_main"]
+
+LOG_LEVELS = ("debug", "info", "warning", "error")
+
+
+def writeable_dir(arg: str) -> Path:
+    """An existing writable directory (nixpkgs' check for ``--output_directory``)."""
+    path = Path(arg)
+    if not path.is_dir():
+        raise argparse.ArgumentTypeError(f"{path} is not a directory")
+    if not os.access(path, os.W_OK):
+        raise argparse.ArgumentTypeError(f"{path} is not a writeable directory")
+    return path
+
+
+def _add_run_options(parser: argparse.ArgumentParser, *, legacy_positional: bool) -> None:
+    """nixpkgs' nixos-test-driver options: the JSON config, the legacy flags, output and logs."""
+    parser.add_argument(
+        "-c", "--config", type=Path, help="the test driver configuration file (JSON)"
+    )
+    parser.add_argument(
+        "--keep-vm-state", help=argparse.SUPPRESS, dest="keep_machine_state", action="store_true"
+    )
+    parser.add_argument(
+        "-K",
+        "--keep-machine-state",
+        help="re-use a machine state coming from a previous run",
+        action="store_true",
+    )
+    parser.add_argument(
+        "--start-scripts",
+        metavar="START-SCRIPT",
+        nargs="*",
+        help="start scripts for participating virtual machines (env: startScripts)",
+    )
+    parser.add_argument(
+        "--vm-names",
+        metavar="VM-NAME",
+        nargs="*",
+        help="names of participating virtual machines (env: vmNames)",
+    )
+    parser.add_argument(
+        "--vm-start-scripts",
+        metavar="VM-START-SCRIPT",
+        nargs="*",
+        help="start scripts for participating virtual machines (env: vmStartScripts)",
+    )
+    parser.add_argument(
+        "--container-names",
+        metavar="CONTAINER-NAME",
+        nargs="*",
+        help="names of participating containers (not supported; env: containerNames)",
+    )
+    parser.add_argument(
+        "--container-start-scripts",
+        metavar="CONTAINER-START-SCRIPT",
+        nargs="*",
+        help="start scripts for participating containers (not supported; "
+        "env: containerStartScripts)",
+    )
+    parser.add_argument(
+        "--vlans", metavar="VLAN", nargs="*", help="vlans to span by the driver (env: vlans)"
+    )
+    parser.add_argument(
+        "--global-timeout",
+        metavar="GLOBAL_TIMEOUT",
+        help="Timeout in seconds for the whole test (env: globalTimeout; default 3600)",
+    )
+    parser.add_argument(
+        "-o",
+        "--output_directory",
+        "--output-directory",
+        dest="output_directory",
+        help="The path to the directory where outputs copied from the machine will be placed "
+        "(screenshots, copy_from_machine, JUnit XML); default: the current directory",
+        default=None,
+        type=writeable_dir,
+    )
+    parser.add_argument(
+        "--junit-xml",
+        help="Enable JunitXML report generation to the given path (in the output directory)",
+        type=Path,
+    )
+    parser.add_argument(
+        "--log-level",
+        metavar="LOG_LEVEL",
+        choices=LOG_LEVELS,
+        help="Set the log level: debug, info, warning or error (env: logLevel)",
+    )
+    if legacy_positional:
+        parser.add_argument(
+            "testscript",
+            nargs="?",
+            type=Path,
+            help="the test script to run (env: testScript)",
+        )
+
+
+def _run(args: argparse.Namespace, prog: str, script: Path | None) -> int:
+    """Resolve the configuration and run it; configuration errors are one line and status 2."""
+    from .batch import run
+    from .config import resolve_config
+    from .logs import LogLevel
+
+    if "--keep-vm-state" in sys.argv:
+        warnings.warn(
+            "The flag '--keep-vm-state' is deprecated. Use '--keep-machine-state' instead.",
+            DeprecationWarning,
+            stacklevel=1,
+        )
+    level = args.log_level or os.environ.get("logLevel") or "info"
+    if level not in LOG_LEVELS:
+        print(f"{prog}: error: unknown log level {level!r} (choose from {', '.join(LOG_LEVELS)})",
+              file=sys.stderr)  # fmt: skip
+        return 2
+    legacy: dict[str, Any] = {
+        k: getattr(args, k)
+        for k in (
+            "start_scripts",
+            "vm_names",
+            "vm_start_scripts",
+            "container_names",
+            "container_start_scripts",
+            "vlans",
+        )
+    }
+    try:
+        config = resolve_config(
+            args.config, test_script=script, global_timeout=args.global_timeout, **legacy
+        )
+        return run(
+            config,
+            out_dir=args.output_directory or Path.cwd(),
+            junit_xml=args.junit_xml,
+            log_level=LogLevel[level.upper()],
+            keep_machine_state=args.keep_machine_state,
+            interactive=bool(getattr(args, "interactive", False)),
+            debug_hook_attach=getattr(args, "debug_hook_attach", None),
+        )
+    except ConfigError as e:
+        print(f"{prog}: error: {e}", file=sys.stderr)
+        return 2
+
+
+def _test_driver_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="nixos-test-driver",
+        description="nixos-repl as a drop-in for nixpkgs' NixOS test driver.",
+    )
+    _add_run_options(parser, legacy_positional=True)
+    parser.add_argument(
+        "-I",
+        "--interactive",
+        help="drop into a python repl and run the tests interactively",
+        action=argparse.BooleanOptionalAction,
+    )
+    parser.add_argument(
+        "--debug-hook-attach",
+        help="Enable interactive debugging breakpoints for sandboxed runs (accepted; "
+        "breakpoints only log a notice)",
+    )
+    parser.add_argument(
+        "--dump-vsocks", type=int, help=argparse.SUPPRESS
+    )  # older nixpkgs; no SSH backdoor here
+    return parser
+
+
+def test_driver_main(argv: Sequence[str] | None = None) -> int:
+    """``nixos-test-driver``: nixpkgs' command line, flag for flag."""
+    args = _test_driver_parser().parse_args(argv)
+    return _run(args, "nixos-test-driver", args.testscript)
+
+
+def generate_driver_symbols(argv: Sequence[str] | None = None) -> int:
+    """``generate-driver-symbols``: write ``driver-symbols``, the globals of test scripts.
+
+    nixpkgs' test framework lints test scripts with pyflakes using this list.
+    """
+    from .config import DriverConfig
+    from .driver import Driver
+
+    driver = Driver(DriverConfig(test_script=Path("testScriptWithTypes")), out_dir=Path())
+    Path("driver-symbols").write_text(",".join(driver.symbol_names()))
+    return 0
 
 
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="nixos-repl",
         description="An interactive environment for NixOS VM tests.",
+        allow_abbrev=False,  # else --batch's --output_directory would take a command's --out
     )
     parser.add_argument("-v", "--verbose", action="store_true", help="log debug messages")
+    parser.add_argument(
+        "--batch",
+        metavar="FILE",
+        type=Path,
+        help="run a nixpkgs testScript (.py) as nixos-test-driver does, then exit with its "
+        "status; the machines come from the options below",
+    )
+    run_options = parser.add_argument_group("--batch options (as nixos-test-driver's)")
+    _add_run_options(run_options, legacy_positional=False)  # type: ignore[arg-type]
     commands = parser.add_subparsers(dest="command", metavar="COMMAND")
 
     guest = commands.add_parser("guest", help="embedded guests for demos and tests")
@@ -60,6 +256,14 @@ def _parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     parser = _parser()
     args = parser.parse_args(argv)
+    if args.batch is not None:
+        if args.command is not None:
+            parser.error("--batch runs a test script; it takes no command")
+        if args.batch.suffix in (".ipy", ".ipynb"):
+            print(f"nixos-repl: error: {args.batch}: only .py test scripts can run with --batch",
+                  file=sys.stderr)  # fmt: skip
+            return 2
+        return _run(args, "nixos-repl", args.batch)
     quiet = args.command == "demo" and not args.verbose
     logging.basicConfig(
         level=logging.DEBUG if args.verbose else logging.WARNING if quiet else logging.INFO,

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 __all__ = [
+    "ConfigError",
     "GuestBuildError",
     "MachineError",
     "NixosReplError",
@@ -56,3 +57,10 @@ class QMPAPIError(RuntimeError):
             f"<QMP API error related to transaction {self.transaction_id} "
             f"[{self.class_name}]: {self.description}>"
         )
+
+
+class ConfigError(NixosReplError):
+    """A driver configuration that cannot be used (malformed file, missing key, bad start script).
+
+    The message is one line saying which input is wrong and why; nothing has been started.
+    """

@@ -1,0 +1,110 @@
+"""Run a testScript as nixpkgs' ``nixos-test-driver`` does, non-interactively or at a prompt.
+
+:func:`run` is what ``nixos-repl --batch`` and the ``nixos-test-driver`` drop-in call once the
+command line is parsed: it attaches the nixpkgs-shaped log handlers, builds the :class:`Driver`
+and returns the exit status (0 success, 1 a failed test or machine error; the global timeout
+ends the process with SIGTERM). Configuration errors are raised as ConfigError before anything
+starts; the command line turns them into exit status 2.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import threading
+import time
+from pathlib import Path
+
+from .config import DriverConfig, check_config
+from .driver import Debug, DebugAbstract, DebugNop, Driver
+from .logs import (
+    DriverLogger,
+    JUnitHandler,
+    LogLevel,
+    NixpkgsHandler,
+    TerminalHandler,
+    XMLLogHandler,
+    attach,
+)
+
+__all__ = ["interact", "run"]
+
+log = logging.getLogger("nixos_repl.driver")
+
+
+def run(
+    config: DriverConfig,
+    *,
+    out_dir: Path,
+    junit_xml: Path | None = None,
+    log_level: LogLevel = LogLevel.INFO,
+    keep_machine_state: bool = False,
+    interactive: bool = False,
+    debug_hook_attach: str | None = None,
+    logfile: str | None = None,
+) -> int:
+    """Run ``config``'s test script (or a prompt with ``interactive``); returns the exit status.
+
+    ``logfile`` defaults to ``$LOGFILE`` (nixpkgs' XML log); ``junit_xml`` is relative to
+    ``out_dir``. Raises ConfigError, before starting anything, for a configuration that cannot
+    run.
+    """
+    check_config(config, need_test_script=not interactive)
+    out_dir = out_dir.resolve()
+    if logfile is None:
+        logfile = os.environ.get("LOGFILE")
+    handlers: list[NixpkgsHandler] = [TerminalHandler(log_level=log_level)]
+    if logfile:
+        handlers.append(XMLLogHandler(logfile, log_level=log_level))
+    if junit_xml is not None:
+        handlers.append(JUnitHandler(out_dir / junit_xml, log_level=log_level))
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)  # the global timeout's way out
+
+    logger = DriverLogger()
+    with attach(handlers):
+        if not keep_machine_state:
+            logger.info("Machine state will be reset. To keep it, pass --keep-machine-state")
+        debug: DebugAbstract = (
+            Debug(logger, debug_hook_attach) if debug_hook_attach is not None else DebugNop()
+        )
+        try:
+            driver = Driver(config, out_dir, logger, keep_machine_state, interactive, debug=debug)
+            if not interactive:
+                try:
+                    driver.compile_script()
+                except SyntaxError as e:
+                    driver.log_syntax_error(e)
+                    return 1
+            driver.on_terminate.extend(h.close for h in handlers)
+            with driver:
+                driver.dump_machine_ssh()
+                if interactive:
+                    interact(driver)
+                else:
+                    tic = time.monotonic()
+                    driver.run_tests()
+                    logger.info(f"test script finished in {time.monotonic() - tic:.2f}s")
+        except SystemExit as e:
+            return e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
+        except KeyboardInterrupt:
+            log.error("interrupted")
+            return 130
+        except Exception:
+            log.exception("the test script failed with an unexpected error")
+            return 1
+    return 0
+
+
+def interact(driver: Driver) -> None:
+    """nixpkgs' interactive mode: an IPython prompt (ptpython UI) over the test namespace.
+
+    History goes to ``./.nixos-test-history``, as in nixpkgs.
+    """
+    from ptpython.ipython import embed
+
+    embed(  # type: ignore[no-untyped-call]
+        user_ns=driver.test_symbols(),
+        history_filename=os.path.join(os.getcwd(), ".nixos-test-history"),
+    )

@@ -1,0 +1,702 @@
+"""testScript semantics over the machine registry: nixpkgs' ``Driver`` and its namespace.
+
+:class:`Driver` wraps a :class:`~nixos_repl.registry.Registry` (the supervisor that owns the
+machines and VLANs) and adds what a nixpkgs testScript expects around it: ``start_all``,
+``subtest``, ``retry``, ``polling_condition``, ``t``, the global timeout, and
+:meth:`Driver.test_symbols`, the one namespace dict that batch runs, the REPL and the Jupyter
+kernel all execute in::
+
+    with Driver(config, out_dir=Path("out")) as driver:
+        exec(compile(src, "test.py", "exec"), driver.test_symbols())
+
+A driver built without a configuration has no machines; ``create_machine`` adds machines later and
+binds them into the same namespace.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import datetime as dt
+import os
+import re
+import signal
+import sys
+import threading
+import time
+import traceback
+import unittest
+import warnings
+from abc import ABC
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from types import CodeType, TracebackType
+from typing import Any, overload
+
+from .config import DriverConfig
+from .errors import MachineError, PollingConditionError, RequestedAssertionFailed
+from .logs import AbstractLogger, DriverLogger
+from .machine import BaseMachine, Machine, QemuMachine
+from .registry import Registry, get_tmp_dir
+from .vlan import VLan
+
+__all__ = [
+    "AssertionTester",
+    "Debug",
+    "DebugAbstract",
+    "DebugNop",
+    "Driver",
+    "NspawnMachine",
+    "PollingCondition",
+    "get_tmp_dir",
+    "pythonize_name",
+    "retry",
+]
+
+DEFAULT_TIMEOUT = dt.timedelta(minutes=15)
+DEFAULT_POLLING_INTERVAL = dt.timedelta(seconds=2)
+
+
+class AssertionTester(unittest.TestCase):
+    """``t`` in test scripts: every ``t.assert*`` raises :class:`RequestedAssertionFailed`."""
+
+    failureException = RequestedAssertionFailed
+
+
+class NspawnMachine:
+    """nixpkgs' systemd-nspawn container class, for type annotations only.
+
+    nixos-repl runs QEMU machines; a configuration with containers is refused before anything
+    starts, so ``machines_nspawn`` is always empty.
+    """
+
+    def __init__(self, *args: object, **kwargs: object) -> None:
+        raise MachineError("containers (systemd-nspawn) are not supported by nixos-repl")
+
+
+def pythonize_name(name: str) -> str:
+    """A machine name as a Python identifier: ``my-vm`` -> ``my_vm``, ``1st`` -> ``_st``."""
+    return re.sub(r"^[^A-Za-z_]|[^A-Za-z0-9_]", "_", name)
+
+
+# -- durations and retry ---------------------------------------------------------------------
+
+
+def _duration(value: object, func: str) -> dt.timedelta:
+    """nixpkgs' duration rule: a timedelta, or a bare number of seconds with a warning."""
+    if isinstance(value, bool):
+        raise TypeError(f"{func}(): a duration must be a datetime.timedelta, not bool")
+    if isinstance(value, dt.timedelta):
+        return value
+    if isinstance(value, int | float):
+        warnings.warn(
+            f"{func}(): passing a bare int/float as a duration is deprecated. "
+            "Use datetime.timedelta instead.",
+            stacklevel=3,
+        )
+        return dt.timedelta(seconds=value)
+    raise TypeError(f"{func}(): a duration must be a datetime.timedelta, not {value!r}")
+
+
+def _timeout_arg(
+    timeout_seconds: object, timeout: object, func: str, default: dt.timedelta
+) -> dt.timedelta:
+    if timeout_seconds is not None and timeout is not None:
+        raise TypeError(f"{func}(): pass either timeout or timeout_seconds, not both")
+    if timeout_seconds is not None:
+        return _duration(timeout_seconds, func)
+    if timeout is not None:
+        return _duration(timeout, func)
+    return default
+
+
+def retry(
+    fn: Callable[[bool], bool],
+    timeout_seconds: float | dt.timedelta | None = None,
+    timeout: dt.timedelta | float | None = None,
+) -> None:
+    """Call ``fn(last_try)`` every second until it returns true, then once more at the deadline.
+
+    nixpkgs' newest ``retry``: a monotonic deadline (15 minutes by default), a 1 s pause between
+    tries, and one last try with ``last_try=True`` after the deadline. Raises
+    ``RequestedAssertionFailed("action timed out after X.XX seconds (timeout=N)")``.
+    """
+    limit = _timeout_arg(timeout_seconds, timeout, "retry", DEFAULT_TIMEOUT)
+    _retry(fn, limit, time.sleep, time.monotonic)
+
+
+def _retry(
+    fn: Callable[[bool], bool],
+    limit: dt.timedelta,
+    sleep: Callable[[float], object],
+    clock: Callable[[], float],
+) -> None:
+    start = clock()
+    total = limit.total_seconds()
+    while clock() - start < total:
+        if fn(False):
+            return
+        sleep(1)
+    if not fn(True):
+        raise RequestedAssertionFailed(
+            f"action timed out after {clock() - start:.2f} seconds (timeout={total})"
+        )
+
+
+# -- polling conditions ----------------------------------------------------------------------
+
+
+class PollingCondition:
+    """A check run before every machine command (at most once per interval), as in nixpkgs.
+
+    A ``None`` result counts as success and an exception as failure. While the condition's own
+    function runs, commands it sends do not re-check it.
+    """
+
+    def __init__(
+        self,
+        condition: Callable[[], bool | None],
+        logger: AbstractLogger,
+        seconds_interval: float | dt.timedelta = DEFAULT_POLLING_INTERVAL,
+        description: str | None = None,
+    ) -> None:
+        self.condition = condition
+        self.logger = logger
+        interval = seconds_interval
+        self.interval = (
+            interval if isinstance(interval, dt.timedelta) else dt.timedelta(seconds=interval)
+        )
+        if description is None:
+            doc = getattr(condition, "__doc__", None)
+            self.description = doc if doc else getattr(condition, "__name__", repr(condition))
+        else:
+            self.description = str(description)
+        self.last_called = float("-inf")
+        self.entry_count = 0
+
+    @property
+    def seconds_interval(self) -> float:
+        return self.interval.total_seconds()
+
+    def check(self, force: bool = False) -> bool:
+        if (self.entered or not self.overdue) and not force:
+            return True
+        with self, self.logger.nested(self.nested_message):
+            since = time.monotonic() - self.last_called
+            self.logger.info(
+                f"Time since last: {since:.2f}s" if since != float("inf") else "(not called yet)"
+            )
+            try:
+                result = self.condition()
+            except Exception:
+                result = False
+            ok = result is None or bool(result)
+            self.logger.info(self.status_message(ok))
+            return ok
+
+    def maybe_raise(self) -> None:
+        if not self.check():
+            raise PollingConditionError(self.status_message(False))
+
+    def status_message(self, status: bool) -> str:
+        return f"Polling condition {'succeeded' if status else 'failed'}: {self.description}"
+
+    @property
+    def nested_message(self) -> str:
+        return f"Checking polling condition {self.description!r}"
+
+    @property
+    def overdue(self) -> bool:
+        return self.last_called + self.seconds_interval < time.monotonic()
+
+    @property
+    def entered(self) -> bool:
+        return self.entry_count > 0
+
+    def __enter__(self) -> None:
+        self.entry_count += 1
+
+    def __exit__(self, *exc: object) -> None:
+        self.entry_count -= 1
+        self.last_called = time.monotonic()
+
+
+class Poll:
+    """What ``polling_condition`` makes of a function: a context manager with ``wait()``."""
+
+    def __init__(
+        self,
+        driver: Driver,
+        fun: Callable[[], bool | None],
+        interval: dt.timedelta,
+        description: str | None,
+    ) -> None:
+        self.driver = driver
+        self.condition = PollingCondition(fun, driver.logger, interval, description)
+
+    def __enter__(self) -> None:
+        self.driver.polling_conditions.append(self.condition)
+
+    def __exit__(self, *exc: object) -> None:
+        popped = self.driver.polling_conditions.pop()
+        assert popped is self.condition
+
+    def wait(
+        self,
+        timeout_seconds: float | dt.timedelta | None = None,
+        timeout: dt.timedelta | float | None = None,
+    ) -> None:
+        """Wait until the condition holds (15 minutes by default)."""
+        limit = _timeout_arg(timeout_seconds, timeout, "wait", DEFAULT_TIMEOUT)
+        logger, description = self.driver.logger, self.condition.description
+
+        def attempt(last: bool) -> bool:
+            if last:
+                logger.info(f"Last chance for {description}")
+            ok = self.condition.check(force=True)
+            if not ok and not last:
+                logger.info(f"({description} failure not fatal yet)")
+            return ok
+
+        with logger.nested(f"waiting for {description}"):
+            _retry(attempt, limit, time.sleep, time.monotonic)
+
+
+# -- the debug hook --------------------------------------------------------------------------
+
+
+class DebugAbstract(ABC):  # noqa: B024 - nixpkgs' name; every method has a default
+    """nixpkgs' debug hook interface: ``debug.breakpoint()`` in test scripts."""
+
+    def breakpoint(self, host: str = "127.0.0.1", port: int = 4444) -> None:  # noqa: B027
+        """Stop for a debugger; the default does nothing."""
+
+
+class DebugNop(DebugAbstract):
+    """No debug hook (the default)."""
+
+
+class Debug(DebugAbstract):
+    """``--debug-hook-attach``: accepted for compatibility; breakpoints only log a notice.
+
+    nixpkgs forks a remote pdb inside the Nix sandbox; nixos-repl's answer to debugging a
+    failing test is its REPL.
+    """
+
+    def __init__(self, logger: AbstractLogger, attach_command: str) -> None:
+        self.logger = logger
+        self.attach_command = attach_command
+
+    def breakpoint(self, host: str = "127.0.0.1", port: int = 4444) -> None:
+        self.logger.warning(
+            "Breakpoint reached, but nixos-repl has no sandbox debug hook: "
+            "rerun the test with nixos-repl to inspect the machines"
+        )
+
+
+# -- the single-machine alias ----------------------------------------------------------------
+
+
+class _MachineAlias:
+    """``machine`` for a lone machine with another name: works, and warns on every use."""
+
+    def __init__(self, machine: Machine) -> None:
+        object.__setattr__(self, "_machine", machine)
+
+    def __getattr__(self, name: str) -> Any:
+        machine: Machine = object.__getattribute__(self, "_machine")
+        warnings.warn(
+            f"invoking 'QemuMachine.{name}' is deprecated: It's deprecated to use the `machine` "
+            f"variable when the only machine is called {machine.name}. This behavior will no "
+            "longer work in NixOS 27.05.",
+            stacklevel=2,
+        )
+        return getattr(machine, name)
+
+    def __setattr__(self, name: str, value: object) -> None:
+        setattr(object.__getattribute__(self, "_machine"), name, value)
+
+    def __repr__(self) -> str:
+        return repr(object.__getattribute__(self, "_machine"))
+
+
+# -- the driver ------------------------------------------------------------------------------
+
+
+class Driver:
+    """nixpkgs' ``Driver``: machines, VLANs, the global timeout and the test-script namespace.
+
+    A context manager: entering starts the VLANs (machines start lazily, on ``start_all()`` or
+    their first command); leaving kills every machine and VLAN.
+    """
+
+    def __init__(
+        self,
+        config: DriverConfig | None = None,
+        out_dir: str | os.PathLike[str] | None = None,
+        logger: AbstractLogger | None = None,
+        keep_machine_state: bool = False,
+        interactive: bool = False,
+        *,
+        debug: DebugAbstract | None = None,
+        tmp_dir: str | os.PathLike[str] | None = None,
+    ) -> None:
+        self.config = config if config is not None else DriverConfig()
+        self.out_dir = Path(out_dir) if out_dir is not None else Path.cwd()
+        self.logger: AbstractLogger = logger if logger is not None else DriverLogger()
+        self.keep_machine_state = keep_machine_state
+        self.interactive = interactive
+        self.debug: DebugAbstract = debug if debug is not None else DebugNop()
+        self.global_timeout = self.config.global_timeout
+        self.polling_conditions: list[PollingCondition] = []
+        # Called by the global timeout after the machines are gone, before the process ends.
+        self.on_terminate: list[Callable[[], None]] = []
+        self._terminating = threading.Event()
+        script = self.config.test_script
+        self.script_filename = str(script) if script is not None else "<string>"
+        self.tests = script.read_text() if script is not None and script.is_file() else ""
+        self._code: CodeType | None = None
+        self.race_timer = self._new_timer()
+        self.registry = Registry(
+            start_scripts=[(n, str(m.start_script.absolute())) for n, m in self.config.vms.items()],
+            vlans=self.config.vlans,
+            out_dir=self.out_dir,
+            keep_machine_state=keep_machine_state,
+            tmp_dir=tmp_dir,
+        )
+        for machine in self.registry.machines:
+            machine.callbacks.append(self.check_polling_conditions)
+        self._machines: list[Machine] = self.registry.machines
+        self._symbols: dict[str, Any] | None = None
+
+    # -- machines and VLANs --------------------------------------------------------------------
+
+    @property
+    def machines(self) -> list[Machine]:
+        """Every machine, sorted by name (the same list object as the ``machines`` global)."""
+        self._machines[:] = self.registry.machines
+        return self._machines
+
+    @property
+    def machines_qemu(self) -> list[Machine]:
+        return self.machines
+
+    @property
+    def machines_nspawn(self) -> list[NspawnMachine]:
+        return []
+
+    @property
+    def vlans(self) -> list[VLan]:
+        return self.registry.vlans
+
+    def __enter__(self) -> Driver:
+        with self.logger.nested("start all VLans"):
+            self.registry.__enter__()
+        if self.config.enable_ssh_backdoor:
+            self.logger.warning(
+                "the SSH backdoor is not supported by nixos-repl; machines start without it"
+            )
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        with self.logger.nested("cleanup"):
+            self.race_timer.cancel()
+            try:
+                self.registry.close()
+            except Exception as e:
+                self.logger.error(f"Error during cleanup: {e}")
+
+    def start_all(self) -> None:
+        """Start every machine, in parallel; does not wait for them to boot."""
+        with self.logger.nested("start all VMs"):
+            self.registry.start_all()
+
+    def join_all(self) -> None:
+        """Wait for every machine to shut down (and stop the global timeout)."""
+        with self.logger.nested("wait for all VMs to finish"):
+            for machine in self.machines:
+                machine.wait_for_shutdown()
+            self.race_timer.cancel()
+
+    def create_machine(
+        self,
+        start_command: str,
+        *,
+        name: str | None = None,
+        keep_machine_state: bool = False,
+    ) -> Machine:
+        """A new machine from a start command, bound into the test namespace under its name.
+
+        Unlike nixpkgs, the machine joins the registry: it is polled by polling conditions and
+        killed at cleanup like the configured ones.
+        """
+        if not isinstance(start_command, str):
+            raise TypeError(
+                "create_machine() takes a start command (the path of a run-<name>-vm script); "
+                "the dict form was removed from nixpkgs"
+            )
+        if self.config.enable_ssh_backdoor:
+            self.logger.warning(
+                f"create_machine({name}): not enabling SSH backdoor, this is not supported "
+                "for VMs created with create_machine!"
+            )
+        saved = self.registry.keep_machine_state
+        self.registry.keep_machine_state = keep_machine_state
+        try:
+            machine = self.registry.add(start_command, name=name)
+        finally:
+            self.registry.keep_machine_state = saved
+        machine.callbacks.append(self.check_polling_conditions)
+        self.machines  # noqa: B018 - refresh the shared list
+        if self._symbols is not None:
+            self._symbols[pythonize_name(machine.name)] = machine
+        return machine
+
+    # -- logging -------------------------------------------------------------------------------
+
+    def serial_stdout_on(self) -> None:
+        self.logger.print_serial_logs(True)
+
+    def serial_stdout_off(self) -> None:
+        self.logger.print_serial_logs(False)
+
+    def dump_machine_ssh(self) -> None:
+        if not self.config.enable_ssh_backdoor:
+            return
+        print(
+            "SSH backdoor enabled, but nixos-repl has no SSH backdoor: "
+            "use the machines' shell API (succeed, execute) instead"
+        )
+
+    # -- subtests and polling conditions --------------------------------------------------------
+
+    @contextlib.contextmanager
+    def subtest(self, name: str) -> Iterator[None]:
+        """Group the log under ``name`` (a JUnit case); a failure is logged and re-raised."""
+        with self.logger.subtest(name):
+            try:
+                yield
+            except Exception as e:
+                self._hold_if_terminating()
+                self.logger.log_test_error(f'Test "{name}" failed with error: "{e}"')
+                raise
+
+    def check_polling_conditions(self) -> None:
+        """Run before every machine command: raise if an active polling condition fails."""
+        for condition in self.polling_conditions:
+            condition.maybe_raise()
+
+    @overload
+    def polling_condition(
+        self,
+        fun_: Callable[[], bool | None],
+        *,
+        seconds_interval: float | dt.timedelta | None = None,
+        interval: dt.timedelta | None = None,
+        description: str | None = None,
+    ) -> Poll: ...
+
+    @overload
+    def polling_condition(
+        self,
+        fun_: None = None,
+        *,
+        seconds_interval: float | dt.timedelta | None = None,
+        interval: dt.timedelta | None = None,
+        description: str | None = None,
+    ) -> Callable[[Callable[[], bool | None]], Poll]: ...
+
+    def polling_condition(
+        self,
+        fun_: Callable[[], bool | None] | None = None,
+        *,
+        seconds_interval: float | dt.timedelta | None = None,
+        interval: dt.timedelta | None = None,
+        description: str | None = None,
+    ) -> Callable[[Callable[[], bool | None]], Poll] | Poll:
+        """``@polling_condition``, ``@polling_condition(interval=...)`` or a plain call.
+
+        The result is a context manager: while entered, the condition is checked before every
+        machine command (at most once per interval, 2 s by default).
+        """
+        if seconds_interval is not None and interval is not None:
+            raise TypeError("polling_condition(): pass either interval or seconds_interval")
+        every = DEFAULT_POLLING_INTERVAL
+        if interval is not None:
+            every = _duration(interval, "polling_condition")
+        elif seconds_interval is not None:
+            every = (
+                seconds_interval
+                if isinstance(seconds_interval, dt.timedelta)
+                else dt.timedelta(seconds=seconds_interval)
+            )
+
+        def make(fun: Callable[[], bool | None]) -> Poll:
+            return Poll(self, fun, every, description)
+
+        return make if fun_ is None else make(fun_)
+
+    # -- the test script -----------------------------------------------------------------------
+
+    def test_symbols(self) -> dict[str, Any]:
+        """The namespace test scripts run in: nixpkgs' globals, one per machine and VLAN.
+
+        The same dict on every call (front ends and ``test_script()`` share it); machines and
+        VLANs are refreshed into it. Prints nixpkgs' ``additionally exposed symbols:`` banner.
+        """
+        if self._symbols is None:
+            self._symbols = self._general_symbols()
+        symbols = self._symbols
+        general = list(self._general_symbols())
+        machines = self.machines
+        for machine in machines:
+            symbols[pythonize_name(machine.name)] = machine
+        names = {pythonize_name(m.name) for m in machines}
+        if len(machines) == 1 and "machine" not in names:
+            symbols["machine"] = _MachineAlias(machines[0])
+        for vlan in self.vlans:
+            symbols[f"vlan{vlan.nr}"] = vlan
+        print(
+            "additionally exposed symbols:\n    "
+            + ", ".join(m.name for m in machines)
+            + ",\n    "
+            + ", ".join(f"vlan{v.nr}" for v in self.vlans)
+            + ",\n    "
+            + ", ".join(general)
+        )
+        return symbols
+
+    def _general_symbols(self) -> dict[str, Any]:
+        return {
+            "start_all": self.start_all,
+            "test_script": self.test_script,
+            "machines": self.machines,
+            "machines_qemu": self.machines,
+            "machines_nspawn": self.machines_nspawn,
+            "vlans": self.vlans,
+            "driver": self,
+            "log": self.logger,
+            "os": os,
+            "create_machine": self.create_machine,
+            "subtest": self.subtest,
+            "run_tests": self.run_tests,
+            "join_all": self.join_all,
+            "retry": retry,
+            "serial_stdout_off": self.serial_stdout_off,
+            "serial_stdout_on": self.serial_stdout_on,
+            "polling_condition": self.polling_condition,
+            "BaseMachine": BaseMachine,
+            "QemuMachine": QemuMachine,
+            "NspawnMachine": NspawnMachine,
+            "t": AssertionTester(),
+            "debug": self.debug,
+            "dump_machine_ssh": self.dump_machine_ssh,
+        }
+
+    def symbol_names(self) -> list[str]:
+        """The globals a test script may use: nixpkgs' ``driver-symbols`` and ``Machine``."""
+        return [*self._general_symbols(), "Machine"]
+
+    def compile_script(self) -> CodeType:
+        """The test script compiled under its real filename (raises SyntaxError)."""
+        if self._code is None:
+            self._code = compile(self.tests, self.script_filename, "exec")
+        return self._code
+
+    def test_script(self) -> None:
+        """Run the test script in :meth:`test_symbols`, reporting failures as nixpkgs does.
+
+        An assertion failure logs a ``!!!`` traceback of the script's own frames and exits with
+        status 1; a MachineError logs the full traceback and exits 1; a syntax error names its
+        line and exits 1; anything else propagates.
+        """
+        with self.logger.nested("run the VM test script"):
+            symbols = self.test_symbols()
+            symbols.setdefault("Machine", Machine)
+            try:
+                code = self.compile_script()
+            except SyntaxError as e:
+                self.log_syntax_error(e)
+                sys.exit(1)
+            try:
+                exec(code, symbols)
+            except MachineError:
+                self._hold_if_terminating()
+                for line in traceback.format_exc().splitlines():
+                    self.logger.log_test_error(line)
+                sys.exit(1)
+            except RequestedAssertionFailed as e:
+                self._hold_if_terminating()
+                self.log_assertion(e)
+                self.debug.breakpoint()
+                sys.exit(1)
+            except Exception:
+                self._hold_if_terminating()
+                self.debug.breakpoint()
+                raise
+
+    def log_syntax_error(self, error: SyntaxError) -> None:
+        for line in "".join(traceback.format_exception_only(error)).splitlines():
+            self.logger.log_test_error(line)
+
+    def log_assertion(self, error: BaseException) -> None:
+        """nixpkgs' report: the script's frames, each with its source line, then the error."""
+        frames = [
+            f
+            for f in traceback.extract_tb(error.__traceback__)
+            if f.filename == self.script_filename
+        ]
+        code = self.tests.splitlines()
+        self.logger.log_test_error("Traceback (most recent call last):")
+        for frame in frames:
+            self.logger.log_test_error(
+                f'  File "{frame.filename}", line {frame.lineno}, in {frame.name}'
+            )
+            if frame.lineno and frame.lineno <= len(code):
+                self.logger.log_test_error(f"    {code[frame.lineno - 1].strip()}")
+        self.logger.log_test_error("")
+        for line in f"{type(error).__name__}: {error}".splitlines():
+            self.logger.log_test_error(line)
+
+    def run_tests(self) -> None:
+        """Start the global timeout, run the test script, then ``sync`` every machine that is up."""
+        total = self.global_timeout.total_seconds()
+        shown = int(total) if total == int(total) else total
+        self.logger.info(f"Test will time out and terminate in {shown} seconds")
+        if self.race_timer.is_alive() or self.race_timer.finished.is_set():
+            self.race_timer.cancel()
+            self.race_timer = self._new_timer()
+        self.race_timer.start()
+        self.test_script()
+        for machine in self.machines:
+            if machine.is_up():
+                machine.execute("sync")
+
+    def _new_timer(self) -> threading.Timer:
+        timer = threading.Timer(self.global_timeout.total_seconds(), self.terminate_test)
+        timer.daemon = True
+        return timer
+
+    def terminate_test(self) -> None:
+        """The global timeout: kill every machine and VLAN, then end the process with SIGTERM."""
+        self._terminating.set()
+        with self.logger.nested("timeout reached; test terminating..."):
+            total = self.global_timeout.total_seconds()
+            self.logger.log_test_error(f"the global timeout of {total:g} seconds was reached")
+            try:
+                self.registry.close()
+            except Exception as e:
+                self.logger.log_test_error(f"Error during cleanup: {e}")
+        for callback in self.on_terminate:
+            with contextlib.suppress(Exception):
+                callback()
+        os.kill(os.getpid(), signal.SIGTERM)
+
+    def _hold_if_terminating(self) -> None:
+        """After the global timeout, a failure is its consequence: wait for SIGTERM, say nothing."""
+        if self._terminating.is_set() and threading.current_thread() is not self.race_timer:
+            threading.Event().wait()

@@ -1,0 +1,2 @@
+with subtest("typo"):
+    undefined_helper()

@@ -1,0 +1,4 @@
+start_all()
+vm1.succeed("true")
+if True
+    vm1.succeed("true")
