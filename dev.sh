@@ -69,7 +69,7 @@ case "${1:-}" in
     test)
         setup
         echo "== ruff"; .venv/bin/ruff check . && .venv/bin/ruff format --check .
-        echo "== mypy"; .venv/bin/mypy --strict nixos_repl tests bench
+        echo "== mypy"; .venv/bin/mypy --strict nixos_repl test_driver tests bench
         echo "== pytest"; NIXOS_REPL_ACCEL="${NIXOS_REPL_ACCEL:-tcg}" .venv/bin/pytest -q "${@:2}"
         ;;
     *)

@@ -444,12 +444,7 @@ class Driver:
                 f"create_machine({name}): not enabling SSH backdoor, this is not supported "
                 "for VMs created with create_machine!"
             )
-        saved = self.registry.keep_machine_state
-        self.registry.keep_machine_state = keep_machine_state
-        try:
-            machine = self.registry.add(start_command, name=name)
-        finally:
-            self.registry.keep_machine_state = saved
+        machine = self.registry.add(start_command, name=name, keep_machine_state=keep_machine_state)
         machine.callbacks.append(self.check_polling_conditions)
         self.machines  # noqa: B018 - refresh the shared list
         if self._symbols is not None:

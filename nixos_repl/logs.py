@@ -54,7 +54,7 @@ MACHINE = "nixos_machine"  # the machine a record is about
 LEVEL = "nixos_level"  # "debug", "info" or "warning": filtered by the nixpkgs log level
 TEST_ERROR = "nixos_test_error"  # a ``!!!`` line
 SERIAL = "nixos_serial"  # a serial console line (value: the line, without the machine prefix)
-IMAGE = "nixos_image"  # a screenshot's file name, on a nested step's records (XML ``image=``)
+ATTRS = "attrs"  # a nested step's XML attributes, e.g. a screenshot's ``image``
 
 ROOT_LOGGER = "nixos_repl"
 DRIVER_LOGGER = "nixos_repl.driver"
@@ -243,9 +243,8 @@ class XMLLogHandler(NixpkgsHandler):
                 return
             kind = nested_kind(record)
             if kind == "start":
-                image = getattr(record, IMAGE, None)
-                if image is not None:
-                    attrs["image"] = str(image)
+                extra = getattr(record, ATTRS, None) or {}
+                attrs.update({str(k): str(v) for k, v in extra.items()})
                 self._xml.startElement("nest", AttributesImpl({}))
                 self._xml.startElement("head", AttributesImpl(attrs))
                 self._xml.characters(record.getMessage())

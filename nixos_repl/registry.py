@@ -111,8 +111,11 @@ class Registry:
 
     # -- machines ------------------------------------------------------------------------------
 
-    def add(self, start_command: str, name: str | None = None) -> Machine:
-        """Define a machine (not started). Names are unique."""
+    def add(
+        self, start_command: str, name: str | None = None, keep_machine_state: bool | None = None
+    ) -> Machine:
+        """Define a machine (not started). Names are unique. ``keep_machine_state`` defaults to
+        the registry's."""
         name = name or machine_name_from_start_command(start_command)
         if name in self._machines:
             raise MachineError(f"a machine named {name!r} already exists")
@@ -121,7 +124,9 @@ class Registry:
             name=name,
             tmp_dir=self.tmp_dir,
             out_dir=self.out_dir,
-            keep_machine_state=self.keep_machine_state,
+            keep_machine_state=(
+                self.keep_machine_state if keep_machine_state is None else keep_machine_state
+            ),
             env=self.vlan_env(),
             on_state_change=self._state_changed,
             shell_framing=self.shell_framing,
@@ -134,7 +139,7 @@ class Registry:
         self._watchers.append(callback)
 
     def _state_changed(self, machine: Machine) -> None:
-        log.info("%s: %s", machine.name, machine.state)
+        log.debug("%s: %s", machine.name, machine.state)
         for callback in self._watchers:
             try:
                 callback(machine)

@@ -11,8 +11,8 @@ from pathlib import Path
 import pytest
 
 from nixos_repl.logs import (
+    ATTRS,
     FINISHED,
-    IMAGE,
     NESTED,
     NESTED_MSG,
     DriverLogger,
@@ -52,7 +52,7 @@ def scenario() -> None:
         with log.nested("start all VMs"):
             vm1.info("starting vm")
         # A machine's own nested step, with the structure the handlers read from ``extra``.
-        step = {NESTED_MSG: "must succeed: true", IMAGE: "shot.png"}
+        step = {NESTED_MSG: "must succeed: true", ATTRS: {"image": "shot.png"}}
         vm1.info("%s", "must succeed: true", extra={NESTED: "start", **step})
         vm1.info(FINISHED, "must succeed: true", 0.5, extra={NESTED: "end", **step})
         serial.debug("%s # %s", "vm1", "Booting \x1b[0mLinux")

@@ -100,7 +100,7 @@ class Machine:
             self.cleanup_statedir()
 
     def __repr__(self) -> str:
-        return f"<Machine '{self.name}'>"
+        return f"<QemuMachine '{self.name}'>"
 
     # -- state (read from the lifecycle; nixpkgs' attributes) ----------------------------------
 

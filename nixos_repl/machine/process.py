@@ -49,7 +49,6 @@ __all__ = [
     "graphical_display_available",
 ]
 
-log = logging.getLogger(__name__)
 
 PR_SET_PDEATHSIG = 1
 _libc = ctypes.CDLL(None, use_errno=True)

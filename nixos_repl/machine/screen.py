@@ -120,7 +120,7 @@ class Screen:
                 f"{self.name}: cannot save screenshot {path}: the directory {directory} does "
                 "not exist (create it, or pass a name without '/' to use the output directory)"
             )
-        with nested(self.log, f"making screenshot {path}"):
+        with nested(self.log, f"making screenshot {path}", {"image": os.path.basename(path)}):
             return await self._dump(lambda ppm: _convert(ppm, path))
 
     # -- keys ----------------------------------------------------------------------------------

@@ -7,7 +7,7 @@ import contextlib
 import datetime as dt
 import logging
 import time
-from collections.abc import Awaitable, Callable, Iterator
+from collections.abc import Awaitable, Callable, Iterator, Mapping
 
 from ..errors import RequestedAssertionFailed
 
@@ -28,13 +28,14 @@ DEFAULT_TIMEOUT = dt.timedelta(minutes=15)
 
 
 @contextlib.contextmanager
-def nested(log: logging.Logger, msg: str) -> Iterator[None]:
+def nested(log: logging.Logger, msg: str, attrs: Mapping[str, str] | None = None) -> Iterator[None]:
     """Log ``msg``, run the body, then ``(finished: msg, in X.XX seconds)`` (nixpkgs' ``nested``).
 
     Both records carry ``extra`` for structured handlers: ``step`` (the message), ``phase``
-    (``"start"`` or ``"end"``) and, at the end, ``elapsed`` seconds.
+    (``"start"`` or ``"end"``), at the end ``elapsed`` seconds, and ``attrs`` (nixpkgs' XML log
+    attributes, e.g. ``{"image": "shot.png"}``) at the start.
     """
-    log.info("%s", msg, extra={"step": msg, "phase": "start"})
+    log.info("%s", msg, extra={"step": msg, "phase": "start", "attrs": dict(attrs or {})})
     start = time.monotonic()
     try:
         yield

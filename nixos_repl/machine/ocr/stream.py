@@ -25,7 +25,7 @@ from .tesseract import passes, read, tesseract
 
 __all__ = ["iter_ocr"]
 
-log = logging.getLogger(__name__)
+log = logging.getLogger("nixos_repl.ocr")  # not under nixos_repl.machine.<name>
 
 T = TypeVar("T")
 

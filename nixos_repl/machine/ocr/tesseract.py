@@ -30,7 +30,7 @@ from .preprocess import DENSITY, VARIANTS, Prepared, Variant, pnm
 
 __all__ = ["max_processes", "ocr", "ocr_variants", "passes", "read", "tesseract"]
 
-log = logging.getLogger(__name__)
+log = logging.getLogger("nixos_repl.ocr")  # not under nixos_repl.machine.<name>
 
 TESSERACT_ARGS: Final = ("-c", "debug_file=/dev/null", "--psm", "11")
 PREFERRED_OEM: Final = 2  # legacy + LSTM, what nixpkgs asks for
