@@ -35,7 +35,7 @@ from typing import Any, overload
 from .config import DriverConfig
 from .errors import MachineError, PollingConditionError, RequestedAssertionFailed
 from .logs import AbstractLogger, DriverLogger
-from .machine import BaseMachine, Machine, QemuMachine
+from .machine import DEFAULT_TIMEOUT, BaseMachine, Machine, QemuMachine
 from .registry import Registry, get_tmp_dir
 from .vlan import VLan
 
@@ -52,7 +52,6 @@ __all__ = [
     "retry",
 ]
 
-DEFAULT_TIMEOUT = dt.timedelta(minutes=15)
 DEFAULT_POLLING_INTERVAL = dt.timedelta(seconds=2)
 
 

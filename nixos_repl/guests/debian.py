@@ -291,7 +291,7 @@ def _inputs_key(vmlinuz: Path, files: dict[str, Path]) -> str:
     return h.hexdigest()[:16]
 
 
-def _run(cmd: Sequence[str], what: str) -> None:
+def _check_call(cmd: Sequence[str], what: str) -> None:
     log.debug("running %s", shlex.join(cmd))
     proc = subprocess.run(cmd, stdin=subprocess.DEVNULL, capture_output=True, text=True)
     if proc.returncode != 0:
@@ -333,8 +333,8 @@ def _configure_root(root: Path) -> None:
             fields[1] = ""
             lines[i] = ":".join(fields)
     shadow.write_text("".join(lines))
-    _run(["chroot", str(root), "systemctl", "enable", *ENABLED_UNITS], "systemctl enable")
-    _run(["chroot", str(root), "systemctl", "mask", *MASKED_UNITS], "systemctl mask")
+    _check_call(["chroot", str(root), "systemctl", "enable", *ENABLED_UNITS], "systemctl enable")
+    _check_call(["chroot", str(root), "systemctl", "mask", *MASKED_UNITS], "systemctl mask")
     for rel in PRUNED:
         path = root / rel
         if path.is_dir():
@@ -380,7 +380,7 @@ def _build(target: Path, vmlinuz: Path, moddir: Path, modules: list[str], busybo
         mirror = debian_mirror()
         log.info("debootstrap %s from %s (a minute or two)", SUITE, mirror)
         started = time.monotonic()
-        _run(
+        _check_call(
             [
                 debootstrap,
                 "--variant=minbase",
@@ -395,7 +395,7 @@ def _build(target: Path, vmlinuz: Path, moddir: Path, modules: list[str], busybo
         _configure_root(root)
         started = time.monotonic()
         image = tmp / "rootfs.img"
-        _run(
+        _check_call(
             [mkfs, "-q", "-F", "-L", "nixos", "-d", str(root), str(image), IMAGE_SIZE], "mkfs.ext4"
         )
         os.chmod(image, 0o444)  # the base of every machine's overlay: never written

@@ -205,6 +205,7 @@ class Machine:
             callback()
 
     def cleanup_statedir(self) -> None:
+        """Delete the state directory (disk images, sockets, logs) left by an earlier run."""
         if self.state_dir.exists():
             shutil.rmtree(self.state_dir)
             self.logger.info("deleting machine state directory %s", self.state_dir)

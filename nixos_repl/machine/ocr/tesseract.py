@@ -93,7 +93,9 @@ async def _reap(proc: asyncio.subprocess.Process, timeout: float = 5.0) -> bool:
     return cancelled
 
 
-async def _run(exe: str, oem: int, data: bytes, dpi: int | None = None) -> tuple[int, bytes, bytes]:
+async def _run_tesseract(
+    exe: str, oem: int, data: bytes, dpi: int | None = None
+) -> tuple[int, bytes, bytes]:
     """Run tesseract on ``data``: its exit code, stdout and stderr.
 
     Cancelled, or failing while it talks to the process, it kills the process and reaps it.
@@ -136,7 +138,7 @@ async def _engine_mode(exe: str) -> int:
     async with _probe_lock():
         if key not in _engine_modes:
             blank = pnm(Image.new("L", (32, 32), 255))
-            rc, _, err = await _run(exe, PREFERRED_OEM, blank)
+            rc, _, err = await _run_tesseract(exe, PREFERRED_OEM, blank)
             if rc == 0:
                 _engine_modes[key] = PREFERRED_OEM
             else:
@@ -214,7 +216,7 @@ async def read(prepared: Prepared, variant: Variant) -> str:
         data = await prepared.pnm(variant)
         encoded = loop.time()
         dpi = None if variant == "raw" else DENSITY
-        rc, out, err = await _run(exe, oem, data, dpi)
+        rc, out, err = await _run_tesseract(exe, oem, data, dpi)
         log.debug(
             "OCR %s pass: %.2fs preparing, %.2fs tesseract --oem %d",
             variant,
