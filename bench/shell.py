@@ -19,6 +19,7 @@ from timing import row, timed
 from nixos_repl import Registry
 from nixos_repl.guests import build_tiny
 from nixos_repl.loop import run_sync
+from nixos_repl.machine import shell as shell_module
 
 
 def main() -> None:
@@ -55,6 +56,24 @@ def main() -> None:
         t = time.perf_counter()
         _, encoded = nixpkgs(big)
         theirs_mb = len(encoded) * 3 / 4 / (time.perf_counter() - t) / 1e6
+        # 1 MB of command text: over the out port (ours) and over hvc0, as nixpkgs sends it.
+        text = ": '" + "x" * 1_000_000 + "'"
+        t = time.perf_counter()
+        vm.succeed(text)
+        ours_cmd = time.perf_counter() - t
+        t = time.perf_counter()
+        nixpkgs(text)
+        theirs_cmd = time.perf_counter() - t
+        shell_module.BIG_COMMAND, big_command = 10**9, shell_module.BIG_COMMAND
+        t = time.perf_counter()
+        vm.succeed(text)  # the same framing, but the text on hvc0
+        line_cmd = time.perf_counter() - t
+        shell_module.BIG_COMMAND = big_command
+        payload = Path(registry.tmp_dir) / "payload"
+        payload.write_bytes(os.urandom(3_000_000))
+        t = time.perf_counter()
+        vm.copy_from_host_via_shell(str(payload), "/tmp/payload")
+        copy_3mb = time.perf_counter() - t
         status = Path(f"/proc/{vm.pid}/status").read_text().splitlines()
         rss_mib = int(next(x for x in status if x.startswith("VmRSS")).split()[1]) / 1024
 
@@ -65,6 +84,10 @@ def main() -> None:
     print(row("floor (bare echo)", floor))
     print(f"10 MB read, ours           {ours_mb:6.2f} MB/s")
     print(f"10 MB read, nixpkgs        {theirs_mb:6.2f} MB/s")
+    print(f"1 MB command, ours          {ours_cmd:6.2f} s")
+    print(f"1 MB command, nixpkgs       {theirs_cmd:6.2f} s ({theirs_cmd / ours_cmd:.1f}x)")
+    print(f"1 MB command, hvc0 line     {line_cmd:6.2f} s ({line_cmd / ours_cmd:.1f}x)")
+    print(f"copy_from_host_via_shell of 3 MB: {copy_3mb:.2f} s")
     print(f"ratio nixpkgs/ours per command: {theirs[0] / ours[0]:.2f}x")
     print(f"ratio ours/floor per command:   {ours[0] / floor[0]:.2f}x")
     print(f"ratio ours/nixpkgs throughput:  {ours_mb / theirs_mb:.2f}x")

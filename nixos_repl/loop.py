@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
-import contextlib
 import functools
 import logging
 import threading
@@ -57,44 +56,53 @@ def in_loop_thread() -> bool:
 def run_sync(coro: Coroutine[Any, Any, T], timeout: float | None = None) -> T:
     """Run ``coro`` on the shared loop and wait for its result.
 
-    A KeyboardInterrupt while waiting cancels the coroutine, waits (bounded) for its cleanup, and
-    re-raises, so the caller sees the interrupt and the channel stays in sync. The wait is a plain
-    lock acquire: unlike ``Condition.wait`` it has no re-acquire step an interrupt can wedge.
+    A KeyboardInterrupt while waiting cancels the coroutine and waits (bounded) until its
+    cancellation path has finished, then re-raises: the caller sees the interrupt, and the
+    channel is in sync before the next call. The wait is a plain lock acquire: unlike
+    ``Condition.wait`` it has no re-acquire step an interrupt can wedge.
     """
     if in_loop_thread():
         coro.close()
         raise RuntimeError(
             "run_sync() called from the I/O loop thread: await the coroutine instead"
         )
+    loop = get_loop()
     done = threading.Lock()
     done.acquire()
-    outcome: list[Any] = []
-
-    def finished(_: object) -> None:
-        with contextlib.suppress(RuntimeError):
-            done.release()
+    outcome: list[tuple[bool, Any]] = []
+    task: list[asyncio.Future[T]] = []
+    cancelled = threading.Event()
 
     async def runner() -> None:
+        # Never cancelled itself, so it always reports, after ``coro``'s own cleanup.
         try:
-            outcome.append((True, await coro))
+            task.append(asyncio.ensure_future(coro))
+            if cancelled.is_set():
+                task[0].cancel()
+            outcome.append((True, await task[0]))
         except BaseException as e:
             outcome.append((False, e))
+        finally:
+            done.release()
 
-    future = asyncio.run_coroutine_threadsafe(runner(), get_loop())
-    future.add_done_callback(finished)
+    def cancel() -> None:
+        cancelled.set()
+        if task:
+            task[0].cancel()
+
+    asyncio.run_coroutine_threadsafe(runner(), loop)
     try:
         if not done.acquire(timeout=-1 if timeout is None else timeout):
-            future.cancel()
+            loop.call_soon_threadsafe(cancel)
             raise TimeoutError(f"operation did not finish within {timeout} seconds")
     except KeyboardInterrupt:
-        future.cancel()
+        loop.call_soon_threadsafe(cancel)
         try:
-            done.acquire(timeout=CANCEL_GRACE)
+            if not done.acquire(timeout=CANCEL_GRACE):
+                log.warning("the interrupted call is still cleaning up; not waiting for it")
         except KeyboardInterrupt:
             log.warning("interrupted again: not waiting for the command's cleanup")
         raise
-    if not outcome:
-        raise asyncio.CancelledError()
     ok, value = outcome[0]
     if ok:
         return value  # type: ignore[no-any-return]

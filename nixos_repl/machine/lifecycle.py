@@ -373,7 +373,7 @@ class Lifecycle:
         if self.monitor is not None:
             self.monitor.close()
         if self.process is not None:
-            self.process.close_listeners()
+            self.process.close_sockets()
         self.console.close()
 
     async def wait_for_shutdown(self, timeout: Duration | None = None) -> None:

@@ -37,6 +37,7 @@ import subprocess
 import weakref
 from collections.abc import Callable, Mapping
 from pathlib import Path
+from typing import Any
 
 from ..errors import MachineError
 
@@ -163,6 +164,7 @@ class QemuProcess:
         self.exited = asyncio.Event()
         self.returncode: int | None = None
         self._listeners: dict[str, socket.socket] = {}
+        self._accepted: list[socket.socket] = []  # closed with the listeners, adopted or not
         self._pidfd: int | None = None
         self._pipes: list[int] = []
         self._stdout_done = asyncio.Event()
@@ -221,7 +223,7 @@ class QemuProcess:
                 preexec_fn=_reaper_preexec,
             )
         except OSError as e:
-            self.close_listeners()
+            self.close_sockets()
             raise MachineError(f"{self.name}: cannot run start script {argv[0]}: {e}") from e
         _live.add(self)
         loop = asyncio.get_running_loop()
@@ -276,7 +278,7 @@ class QemuProcess:
                 await self._stdout_done.wait()
                 await self._stderr_done.wait()
         self._close_pipes()
-        self.close_listeners()
+        self.close_sockets()
         self.exited.set()
 
     def _close_pipes(self) -> None:
@@ -291,24 +293,48 @@ class QemuProcess:
                         stream.close()
 
     async def accept(self, name: str, timeout: float) -> socket.socket:
-        """Accept QEMU's connection on a driver socket, or fail if QEMU exits first."""
+        """Accept QEMU's connection on a driver socket, or fail if QEMU exits first.
+
+        The connection is recorded before anyone waits for it, so an interrupted start still
+        closes it (``close_sockets``).
+        """
         loop = asyncio.get_running_loop()
-        accept = asyncio.ensure_future(loop.sock_accept(self._listeners[name]))
+        listener = self._listeners[name]
+        fd = listener.fileno()
+        connected: asyncio.Future[socket.socket] = loop.create_future()
+
+        def ready() -> None:
+            try:
+                conn, _ = listener.accept()
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError as e:
+                conn = None
+                if not connected.done():
+                    connected.set_exception(e)
+            loop.remove_reader(fd)
+            if conn is not None:
+                self._accepted.append(conn)
+                conn.setblocking(False)
+                if not connected.done():
+                    connected.set_result(conn)
+
+        loop.add_reader(fd, ready)
         exited = asyncio.ensure_future(self.exited.wait())
+        waiting: set[asyncio.Future[Any]] = {connected, exited}
         try:
             done, _ = await asyncio.wait(
-                {accept, exited}, timeout=timeout, return_when=asyncio.FIRST_COMPLETED
+                waiting, timeout=timeout, return_when=asyncio.FIRST_COMPLETED
             )
         finally:
             exited.cancel()
-            if not accept.done():
-                accept.cancel()
-        if accept in done:
-            conn, _ = accept.result()
-            conn.setblocking(False)
+            loop.remove_reader(fd)  # also when the listener is closed: fd numbers are reused
+        if connected in done:
+            conn = connected.result()
             if name == "monitor":
                 self.qemu_pid = _peer_pid(conn)
             return conn
+        connected.cancel()
         if exited in done:
             raise MachineError(
                 f"{self.name}: QEMU exited with code {self.returncode} before connecting to the "
@@ -329,10 +355,16 @@ class QemuProcess:
         self.proc.stdin.write(data)
         self.proc.stdin.flush()
 
-    def close_listeners(self) -> None:
+    def close_sockets(self) -> None:
+        """Close the driver's listening sockets and every connection accepted on them."""
+        loop = asyncio.get_running_loop()
         for sock in self._listeners.values():
+            if sock.fileno() >= 0:
+                loop.remove_reader(sock.fileno())  # a pending accept() must not outlive it
+        for sock in [*self._listeners.values(), *self._accepted]:
             sock.close()
         self._listeners.clear()
+        self._accepted.clear()
 
     def _signal_group(self, sig: int) -> None:
         if self.proc is not None and self.returncode is None:
@@ -346,7 +378,7 @@ class QemuProcess:
     async def terminate(self, timeout: float = 5.0) -> None:
         """SIGTERM to the group, then SIGKILL after ``timeout``; returns once it is gone."""
         if self.proc is None or self.exited.is_set():
-            self.close_listeners()
+            self.close_sockets()
             return
         self._signal_group(signal.SIGTERM)
         try:

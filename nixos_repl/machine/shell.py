@@ -31,9 +31,10 @@ few functions and starts a small reader; then, per command:
   reader kills every process holding the out port, with their descendants. A ``K`` that arrives
   late (a guest frozen for a while) cannot hit a later command;
 * long command text does not go through hvc0, which bash reads a byte at a time: the host sends
-  ``__nr_big <nonce> <length>``, the guest answers ``G<nonce>``, reads ``<nonce><text><nonce>``
-  from the out port with ``head -c``, answers ``T<nonce>`` and runs it; a text that does not
-  arrive whole is refused, never run;
+  ``__nr_big <nonce> <length>``, the guest answers ``G<nonce>``, reads ``<text><nonce>`` from
+  the out port with ``head -c``, answers ``T<nonce>`` and runs it; a text that does not arrive
+  whole is refused, never run. The host never interrupts that read, so no part of a text can
+  stay behind in the port;
 * a watcher started by the setup holds a pipe from the backdoor shell; when the shell dies (for
   instance of ``kill -9 $$``) it prints ``D<token>`` on hvc0, and every command fails at once
   with a MachineError instead of waiting out its timeout.
@@ -104,10 +105,24 @@ SETUP = r"""if [[ -z ${__nr_ready-} ]]; then
   __nr_run() {
     if ! __nr_open; then printf 'E%s busy\n' "$1"; return; fi
     printf %s "$1" > "$__nr_cur"
+    __nr_c=$2
+    __nr_go "$1"
+  }
+  __nr_big() {
+    if ! __nr_open; then printf 'E%s busy\n' "$1"; return; fi
+    printf %s "$1" > "$__nr_cur"
+    printf 'G%s\n' "$1"
+    __nr_c=$(exec {__nr_w}>&-; head -c "$2" <&$__nr_fd)
+    printf 'T%s\n' "$1"
+    if [[ ${__nr_c: -16} != "$1" ]]; then __nr_c=; printf 'E%s garbled\n' "$1"; return; fi
+    __nr_c=${__nr_c:0:-16}
+    __nr_go "$1"
+  }
+  __nr_go() {
     printf '\0nixos-repl:%s\n' "$1" >&$__nr_fd
-    ( __nr_c=$2; set --; trap : INT QUIT; trap - INT QUIT; set -euo pipefail; eval "$__nr_c"
+    ( set --; trap : INT QUIT; trap - INT QUIT; set -euo pipefail; eval "$__nr_c"
     ) >&$__nr_fd {__nr_fd}>&- {__nr_w}>&- &
-    __nr_child=$! __nr_sig=
+    __nr_child=$! __nr_sig= __nr_c=
     wait "$__nr_child"; __nr_s=$?
     while [[ -n $__nr_sig ]]; do __nr_sig=; wait "$__nr_child"; __nr_s=$?; done
     __nr_child= __nr_h=0
@@ -118,17 +133,6 @@ SETUP = r"""if [[ -z ${__nr_ready-} ]]; then
     fi
     __nr_last=$__nr_pid
     printf 'E%s %s %s\n' "$1" "$__nr_s" "$__nr_h"
-  }
-  __nr_big() {
-    if ! __nr_open; then printf 'E%s busy\n' "$1"; return; fi
-    printf %s "$1" > "$__nr_cur"
-    printf 'G%s\n' "$1"
-    local t
-    t=$(exec {__nr_w}>&-; head -c "$2" <&$__nr_fd)
-    printf 'T%s\n' "$1"
-    if [[ ${t:0:16} != "$1" || ${t: -16} != "$1" ]]; then printf 'E%s garbled\n' "$1"; return; fi
-    t=${t:16}
-    __nr_run "$1" "${t:0:${#t}-16}"
   }
   __nr_pass() {
     if [[ -n $__nr_child ]]; then __nr_sig=1; kill -s "$1" "$__nr_child" 2>/dev/null
@@ -467,8 +471,8 @@ class ShellChannel:
         Shielded: once begun, the text goes whole, even if the caller is interrupted.
         """
         assert self._out is not None
-        nonce = cmd.nonce.encode()
-        sending = asyncio.ensure_future(self._send(nonce + cmd.text.encode() + nonce, self._out))
+        text = cmd.text.encode() + cmd.nonce.encode()
+        sending = asyncio.ensure_future(self._send(text, self._out))
         cmd.sent = True
         self._unsent = None
         await asyncio.shield(sending)
@@ -483,7 +487,7 @@ class ShellChannel:
         if self.fast:
             if len(cmd.text) > BIG_COMMAND:
                 cmd.sent = cmd.received = False
-                line = f"__nr_big {cmd.nonce} {len(cmd.text.encode()) + 4 * NONCE_BYTES}\n"
+                line = f"__nr_big {cmd.nonce} {len(cmd.text.encode()) + 2 * NONCE_BYTES}\n"
             else:
                 line = f"__nr_run {cmd.nonce} {shlex.quote(cmd.text)}\n"
         else:
@@ -610,6 +614,13 @@ class ShellChannel:
             with contextlib.suppress(TimeoutError, MachineError):
                 async with asyncio.timeout(KILL_GRACE):
                     await self._reply(cmd, b"T")
+            if not cmd.received:
+                self.log.warning(
+                    "the guest has not read the text of `%s` yet; it will run, and later "
+                    "commands will skip its output",
+                    abbreviate(cmd.text),
+                )
+                return
         while time.monotonic() < end:
             await self._send_ctl(f"K {cmd.nonce}\n")
             with contextlib.suppress(TimeoutError):
