@@ -568,6 +568,8 @@ class Driver:
     def adopt_namespace(self, namespace: dict[str, Any]) -> dict[str, Any]:
         """Make ``namespace`` (an IPython shell's ``user_ns``) the one test namespace: fill it
         with :meth:`test_symbols` and bind later machines (``create_machine``) into it."""
+        if self._symbols is namespace:
+            return namespace
         if self._symbols is None:
             namespace.update(self._general_symbols())
         elif self._symbols is not namespace:

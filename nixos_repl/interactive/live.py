@@ -53,7 +53,7 @@ __all__ = [
 SHOW_AFTER = 0.4
 # How often a shown status line is redrawn (elapsed time, console line).
 REFRESH = 0.25
-_CONTROL = re.compile(r"[\x00-\x1f\x7f]|\x1b\[[0-9;?]*[A-Za-z]")
+_CONTROL = re.compile(r"\x1b\[[0-9;?]*[ -/]*[@-~]|\x1b[0-~]|[\x00-\x1f\x7f]")
 
 
 def clean(text: str) -> str:
