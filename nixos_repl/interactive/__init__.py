@@ -53,7 +53,7 @@ def load_ipython_extension(ip: Any) -> None:
         session.sink.begin_cell()
 
     def after_cell(*_: Any) -> None:
-        session.presenter.sync()
+        session.presenter.settle()
         session.sink.end_cell()
 
     def details(value: BaseException) -> list[str]:
@@ -68,7 +68,7 @@ def load_ipython_extension(ip: Any) -> None:
 
     ip.events.register("pre_run_cell", before_cell)
     ip.events.register("post_run_cell", after_cell)
-    ip.set_custom_exc(HANDLED, make_handler(details))
+    ip.set_custom_exc(HANDLED, make_handler(details, session.presenter.settle))
     _loaded[id(ip)] = (session, magics, matcher, before_cell, after_cell)
 
 

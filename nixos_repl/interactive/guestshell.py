@@ -81,8 +81,12 @@ dev=/dev/hvc${{port##*p}}
 pidf=/run/nixos-repl-tty.pid
 [ -w /run ] || pidf=/tmp/nixos-repl-tty.pid
 if ! {{ read -r pid < "$pidf" && kill -0 "$pid"; }} 2>/dev/null; then
+  # Job control on: a background job of a script would ignore SIGINT (and so would
+  # everything the shell runs), and Ctrl-C would not reach the guest's foreground job.
+  set -m
   setsid bash -c {shlex.quote(inner)} login "$pidf" {shlex.quote(term)} "$dev" \\
     </dev/null >/dev/null 2>&1 &
+  set +m
 fi
 {resize_script(rows, cols, "$dev")}
 echo "$dev"

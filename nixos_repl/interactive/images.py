@@ -45,6 +45,16 @@ def renderer_name() -> str:
     return f"{cls.__module__.rsplit('.', 1)[-1]}" if cls is not None else "none"
 
 
+def _fit_height(png: bytes, rows: int) -> int:
+    """The widest image (in columns) that fits ``rows`` rows (a cell is about twice as high as
+    wide)."""
+    from PIL import Image
+
+    with Image.open(io.BytesIO(png)) as image:
+        width, height = image.size
+    return max(int(rows * 2 * width / max(height, 1)), 10)
+
+
 def render_png(png: bytes, stream: IO[str] | None = None, columns: int | None = None) -> bool:
     """Draw ``png`` on the terminal; False when images are turned off, the output is not a
     terminal, or nothing can draw."""
@@ -56,7 +66,8 @@ def render_png(png: bytes, stream: IO[str] | None = None, columns: int | None = 
         return False
     from rich.console import Console
 
-    width = columns or min(shutil.get_terminal_size((80, 24)).columns - 1, MAX_COLUMNS)
+    size = shutil.get_terminal_size((80, 24))
+    width = columns or min(size.columns - 1, MAX_COLUMNS, _fit_height(png, size.lines - 4))
     console = Console(file=out, force_terminal=True, width=width + 1)
     console.print(image_class(io.BytesIO(png), width=width))
     out.flush()

@@ -281,7 +281,7 @@ class Presenter:
             if not stack:
                 del self._steps[machine]
             self._dirty = True
-            self._wake.notify()
+            self._wake.notify_all()
 
     def line(self, text: str) -> None:
         with self._lock:
@@ -307,6 +307,22 @@ class Presenter:
                 if remaining <= 0:
                     return
                 self._wake.wait(remaining)
+
+    def settle(self, timeout: float = 1.0) -> None:
+        """Wait (bounded) until no machine step is running, then until that has been shown.
+
+        An interrupted call returns before its coroutine's cleanup has run on the I/O loop;
+        the steps it ends are reported a moment later.
+        """
+        if threading.current_thread() is not self._thread:
+            deadline = time.monotonic() + timeout
+            with self._lock:
+                while self._steps and not self._stopped:
+                    remaining = deadline - time.monotonic()
+                    if remaining <= 0:
+                        break
+                    self._wake.wait(remaining)
+        self.sync()
 
     def close(self) -> None:
         with self._lock:

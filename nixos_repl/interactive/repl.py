@@ -23,7 +23,7 @@ from traitlets import default
 from ..driver import Driver
 from ..logs import ROOT_LOGGER, TerminalHandler
 from .live import PlainSink, TerminalSink, suppressed
-from .session import Session, set_current
+from .session import Session, current, set_current
 
 __all__ = ["HISTORY_FILE", "interact", "make_shell", "run_cells", "run_repl", "split_cells"]
 
@@ -50,6 +50,12 @@ def _shell_class() -> type[Any]:
 
     class ImageDisplayHook(RichPromptDisplayHook):
         """Results with a PNG (screenshots) are drawn, then their text (the saved path)."""
+
+        def start_displayhook(self) -> None:
+            session = current()
+            if session is not None:
+                session.presenter.sync()  # the status line goes before the result shows
+            super().start_displayhook()  # type: ignore[no-untyped-call]
 
         def write_format_data(
             self, format_dict: dict[str, Any], md_dict: dict[Any, Any] | None = None
@@ -116,7 +122,7 @@ def _complete_magics_with_ipython(shell: Any) -> None:
     from prompt_toolkit.completion import Completer, Completion
 
     repl = shell.python_input
-    original = repl._completer
+    original = repl.completer
 
     class MagicLineCompleter(Completer):
         def get_completions(self, document: Any, complete_event: Any) -> Any:
@@ -130,7 +136,7 @@ def _complete_magics_with_ipython(shell: Any) -> None:
                 return
             yield from original.get_completions(document, complete_event)
 
-    repl._completer = MagicLineCompleter()
+    repl.completer = MagicLineCompleter()
 
 
 def forget_shell() -> None:

@@ -57,8 +57,12 @@ def user_traceback(tb: TracebackType | None) -> TracebackType | None:
 
 def make_handler(
     details: Callable[[BaseException], list[str]],
+    before: Callable[[], None] = lambda: None,
 ) -> Callable[..., list[str]]:
-    """An IPython ``set_custom_exc`` handler: the user's frames, the error, then ``details``."""
+    """An IPython ``set_custom_exc`` handler: the user's frames, the error, then ``details``.
+
+    ``before`` runs first (the front end removes its status line).
+    """
 
     def handler(
         shell: Any,
@@ -67,6 +71,7 @@ def make_handler(
         tb: TracebackType | None,
         tb_offset: int | None = None,
     ) -> list[str]:
+        before()
         if isinstance(value, KeyboardInterrupt):
             stb = ["KeyboardInterrupt: stopped; the machines keep running"]
         else:
