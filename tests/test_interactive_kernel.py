@@ -86,9 +86,7 @@ def wait_for_no_qemu(path: Path, timeout: float = 20) -> list[str]:
 
 
 @pytest.mark.parametrize("notebook", NOTEBOOKS, ids=[p.stem for p in NOTEBOOKS])
-def test_notebook_runs(
-    notebook: Path, jupyter_path: Path, guest_dir: Path, tmp_path: Path
-) -> None:
+def test_notebook_runs(notebook: Path, jupyter_path: Path, guest_dir: Path, tmp_path: Path) -> None:
     runtime = tmp_path / "rt"
     runtime.mkdir()
     config = machines_config(guest_dir, tmp_path, ("vm1", "vm2"))
@@ -209,9 +207,7 @@ def test_interrupt_stops_the_guest_command(kernel: tuple[Kernel, Path]) -> None:
     assert reply["status"] == "ok" and "no-sleep" in text_of(outputs)
 
 
-def test_shutdown_stops_the_machines(
-    jupyter_path: Path, guest_dir: Path, tmp_path: Path
-) -> None:
+def test_shutdown_stops_the_machines(jupyter_path: Path, guest_dir: Path, tmp_path: Path) -> None:
     runtime = tmp_path / "rt"
     runtime.mkdir()
     k = Kernel(kernel_env(runtime, machines_config(guest_dir, tmp_path, ("vm1",))))
