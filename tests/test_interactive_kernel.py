@@ -90,7 +90,8 @@ def test_notebook_runs(notebook: Path, jupyter_path: Path, guest_dir: Path, tmp_
     runtime = tmp_path / "rt"
     runtime.mkdir()
     config = machines_config(guest_dir, tmp_path, ("vm1", "vm2"))
-    nb = nbformat.read(notebook, as_version=4)
+    read: Any = nbformat.read
+    nb = read(notebook, as_version=4)
     client = NotebookClient(
         nb, kernel_name="nixos-repl", timeout=300, resources={"metadata": {"path": str(tmp_path)}}
     )
