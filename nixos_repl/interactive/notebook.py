@@ -66,6 +66,7 @@ def run_notebook(
             f"--notebook-dir={out_dir}",
             f"--MultiKernelManager.default_kernel_name={KERNEL_NAME}",
             *([] if open_browser else ["--no-browser"]),
+            *(["--allow-root"] if os.geteuid() == 0 else []),
             *extra,
         ]
         names = ", ".join(config.vms) or "none (declare them with %machines add)"
