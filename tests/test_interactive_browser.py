@@ -46,7 +46,7 @@ def free_port() -> int:
 
 
 def notebook(path: Path, *sources: str) -> None:
-    cells = [
+    cells: list[dict[str, Any]] = [
         {"cell_type": "code", "execution_count": None, "metadata": {}, "outputs": [],
          "source": source}
         for source in sources
@@ -178,6 +178,6 @@ def test_jupyterlab_shows_a_cells_screenshot(
         lambda b: b.execute_script("return arguments[0].naturalWidth", image) > 0
     )
     assert browser.execute_script("return arguments[0].naturalWidth", image) == 1280
-    assert image.get_attribute("src").startswith("data:image/png")
+    assert str(image.get_attribute("src")).startswith("data:image/png")
     browser.save_screenshot(str(tmp_path / "jupyterlab.png"))
     assert qemus_under(runtime)  # the kernel booted vm1 for the cell
