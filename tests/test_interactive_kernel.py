@@ -120,7 +120,8 @@ class Kernel:
         outputs: list[dict[str, Any]] = []
 
         def hook(msg: dict[str, Any]) -> None:
-            if msg["msg_type"] in ("stream", "error", "execute_result", "display_data"):
+            kinds = ("stream", "error", "execute_result", "display_data", "update_display_data")
+            if msg["msg_type"] in kinds:
                 outputs.append({"type": msg["msg_type"], **msg["content"]})
 
         reply = self.kc.execute_interactive(code, timeout=timeout, output_hook=hook)
@@ -190,6 +191,59 @@ def test_screenshot_is_inline_and_await_works(kernel: tuple[Kernel, Path]) -> No
     assert any("image/png" in o.get("data", {}) for o in outputs)
     _, outputs = k.run("await vm1.aio.succeed('echo awaited')")
     assert "awaited" in text_of(outputs)
+
+
+def test_a_long_wait_updates_a_status_display(kernel: tuple[Kernel, Path]) -> None:
+    k, _ = kernel
+    reply, outputs = k.run("%succeed vm1 sleep 1.5")
+    assert reply["status"] == "ok"
+    shown = [o for o in outputs if o["type"] == "display_data"]
+    updates = [o for o in outputs if o["type"] == "update_display_data"]
+    assert len(shown) == 1
+    display_id = shown[0]["transient"]["display_id"]
+    assert shown[0]["data"]["text/plain"].startswith("vm1: must succeed: sleep 1.5 (")
+    assert updates and all(u["transient"]["display_id"] == display_id for u in updates)
+    assert updates[-1]["data"]["text/plain"] == ""  # gone when done
+
+
+def test_notebook_command_serves_the_kernel(guest_dir: Path, tmp_path: Path) -> None:
+    import socket
+    import urllib.request
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    token = "nixos-repl-notebook-test"
+    home = tmp_path / "home"
+    env = {
+        **os.environ,
+        "JUPYTER_CONFIG_DIR": str(home / "config"),
+        "JUPYTER_DATA_DIR": str(home / "data"),
+        "JUPYTER_RUNTIME_DIR": str(home / "runtime"),
+    }
+    server = subprocess.Popen(
+        [str(BIN / "nixos-repl"), "notebook", "--start-scripts", str(guest_dir / "run-vm1-vm"),
+         "--no-browser", "--", f"--port={port}", "--ServerApp.ip=127.0.0.1",
+         f"--IdentityProvider.token={token}"],
+        env=env, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+    )  # fmt: skip
+    try:
+        deadline = time.monotonic() + 60
+        while True:
+            try:
+                url = f"http://127.0.0.1:{port}/api/kernelspecs?token={token}"
+                with urllib.request.urlopen(url, timeout=2) as response:
+                    specs = json.loads(response.read())
+                break
+            except OSError:
+                assert time.monotonic() < deadline and server.poll() is None, "no server"
+                time.sleep(0.2)
+        assert specs["default"] == "nixos-repl"
+        assert "nixos-repl" in specs["kernelspecs"]
+    finally:
+        server.terminate()
+        output, _ = server.communicate(timeout=30)
+    assert "kernels get the machines vm1" in output
 
 
 def test_interrupt_stops_the_guest_command(kernel: tuple[Kernel, Path]) -> None:

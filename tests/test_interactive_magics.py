@@ -50,7 +50,10 @@ def shell(guest_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator
         vlans=[1],
     )
     sink = RecordingSink()
-    session = Session(Driver(config, out_dir=out, interactive=True), sink)
+    # Its own directory for sockets, VLAN switches and state: the session's registry of
+    # conftest runs vm1 and vm2 on VLAN 1 too.
+    tmp = tmp_path_factory.mktemp("magics-rt")
+    session = Session(Driver(config, out_dir=out, interactive=True, tmp_dir=tmp), sink)
     session_mod.set_current(session)
     ip: Any = InteractiveShell.instance()
     ip.history_manager.enabled = False

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
 import tempfile
@@ -71,7 +72,18 @@ def run_notebook(
         ]
         names = ", ".join(config.vms) or "none (declare them with %machines add)"
         print(f"nixos-repl notebook: kernels get the machines {names}", flush=True)
+        server = subprocess.Popen(command, env=env)
+
+        def forward(signum: int, _frame: object) -> None:
+            server.send_signal(signum)
+
+        previous = {sig: signal.signal(sig, forward) for sig in (signal.SIGTERM, signal.SIGHUP)}
         try:
-            return subprocess.call(command, env=env)
-        except KeyboardInterrupt:
-            return 130
+            while True:
+                try:
+                    return server.wait()
+                except KeyboardInterrupt:  # Jupyter got it too, and asks or stops
+                    continue
+        finally:
+            for sig, handler in previous.items():
+                signal.signal(sig, handler)
