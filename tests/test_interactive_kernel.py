@@ -262,6 +262,23 @@ def test_interrupt_stops_the_guest_command(kernel: tuple[Kernel, Path]) -> None:
     assert reply["status"] == "ok" and "no-sleep" in text_of(outputs)
 
 
+def test_interrupt_cancels_an_awaited_twin(kernel: tuple[Kernel, Path]) -> None:
+    """A kernel interrupt during ``await vm1.aio.succeed(...)`` kills the guest command and the
+    kernel goes on. (ipykernel 7 cancels an awaited cell without sending its execute_reply and
+    aborts the next request, for any awaited cell, ``await asyncio.sleep(100)`` too.)"""
+    k, _ = kernel
+    k.kc.execute("await vm1.aio.succeed('sleep 100')")
+    time.sleep(1.5)
+    k.km.interrupt_kernel()
+    deadline = time.monotonic() + 20
+    while True:
+        reply, outputs = k.run("%succeed vm1 pgrep -x sleep || echo no-sleep")
+        if reply["status"] == "ok":
+            break
+        assert time.monotonic() < deadline, reply
+    assert "no-sleep" in text_of(outputs)
+
+
 def test_shutdown_stops_the_machines(jupyter_path: Path, guest_dir: Path, tmp_path: Path) -> None:
     runtime = tmp_path / "rt"
     runtime.mkdir()
