@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # One entry point that prepares a fresh Debian 12 machine and then runs the demo or the tests.
-#   ./dev.sh demo    boot two tiny guests and drive them through the public API
+#   ./dev.sh demo    the REPL on two tiny guests (without a terminal: a scripted tour, exit 0)
 #   ./dev.sh test    lint, type-check and run the whole test suite against real guests
 # Every step is idempotent: a second run only checks and goes straight to the work.
 set -euo pipefail
@@ -15,6 +15,8 @@ APT_PACKAGES=(
     debootstrap e2fsprogs             # the debian guest's root filesystem (mkfs.ext4 -d)
     vde2                              # VLANs (vde_switch)
     tesseract-ocr tesseract-ocr-eng   # OCR
+    tmux                              # tests drive the terminal REPL through it
+    chromium chromium-driver          # tests open JupyterLab in headless chromium
 )
 
 need_root() {
@@ -64,7 +66,7 @@ setup() {
 case "${1:-}" in
     demo)
         setup
-        NIXOS_REPL_ACCEL="${NIXOS_REPL_ACCEL:-tcg}" .venv/bin/nixos-repl demo --guests .venv/guests
+        NIXOS_REPL_ACCEL="${NIXOS_REPL_ACCEL:-tcg}" exec .venv/bin/nixos-repl --demo
         ;;
     test)
         setup

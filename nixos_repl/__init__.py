@@ -37,3 +37,16 @@ __all__ = [
     "UnknownMachineError",
 ]
 __version__ = "0.1.0"
+
+
+def load_ipython_extension(ip: object) -> None:
+    """``%load_ext nixos_repl``: the magics and the test namespace (see nixos_repl.interactive)."""
+    from .interactive import load_ipython_extension as load
+
+    load(ip)
+
+
+def unload_ipython_extension(ip: object) -> None:
+    from .interactive import unload_ipython_extension as unload
+
+    unload(ip)

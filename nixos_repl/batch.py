@@ -98,13 +98,9 @@ def run(
 
 
 def interact(driver: Driver) -> None:
-    """nixpkgs' interactive mode: an IPython prompt (ptpython UI) over the test namespace.
-
-    History goes to ``./.nixos-test-history``, as in nixpkgs.
+    """nixpkgs' interactive mode: nixos-repl's terminal REPL (ptpython in IPython mode, the
+    magics) over the test namespace. History goes to ``./.nixos-test-history``, as in nixpkgs.
     """
-    from ptpython.ipython import embed
+    from .interactive.repl import interact as repl
 
-    embed(  # type: ignore[no-untyped-call]
-        user_ns=driver.test_symbols(),
-        history_filename=os.path.join(os.getcwd(), ".nixos-test-history"),
-    )
+    repl(driver)

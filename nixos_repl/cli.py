@@ -11,6 +11,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from .config import DriverConfig
 from .errors import ConfigError, NixosReplError
 
 __all__ = ["generate_driver_symbols", "main", "test_driver_main"]
@@ -111,10 +112,32 @@ def _add_run_options(parser: argparse.ArgumentParser, *, legacy_positional: bool
         )
 
 
+_LEGACY = (
+    "start_scripts",
+    "vm_names",
+    "vm_start_scripts",
+    "container_names",
+    "container_start_scripts",
+    "vlans",
+)
+
+
+def _config(args: argparse.Namespace, script: Path | None = None) -> DriverConfig:
+    """The machines of the command line: ``--config``, the legacy flags, or the env fallbacks."""
+    from .config import resolve_config
+
+    legacy: dict[str, Any] = {k: getattr(args, k, None) for k in _LEGACY}
+    return resolve_config(
+        getattr(args, "config", None),
+        test_script=script,
+        global_timeout=getattr(args, "global_timeout", None),
+        **legacy,
+    )
+
+
 def _run(args: argparse.Namespace, prog: str, script: Path | None) -> int:
     """Resolve the configuration and run it; configuration errors are one line and status 2."""
     from .batch import run
-    from .config import resolve_config
     from .logs import LogLevel
 
     if "--keep-vm-state" in sys.argv:
@@ -128,21 +151,8 @@ def _run(args: argparse.Namespace, prog: str, script: Path | None) -> int:
         print(f"{prog}: error: unknown log level {level!r} (choose from {', '.join(LOG_LEVELS)})",
               file=sys.stderr)  # fmt: skip
         return 2
-    legacy: dict[str, Any] = {
-        k: getattr(args, k)
-        for k in (
-            "start_scripts",
-            "vm_names",
-            "vm_start_scripts",
-            "container_names",
-            "container_start_scripts",
-            "vlans",
-        )
-    }
     try:
-        config = resolve_config(
-            args.config, test_script=script, global_timeout=args.global_timeout, **legacy
-        )
+        config = _config(args, script)
         return run(
             config,
             out_dir=args.output_directory or Path.cwd(),
@@ -207,15 +217,28 @@ def _parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("-v", "--verbose", action="store_true", help="log debug messages")
     parser.add_argument(
+        "--demo",
+        action="store_true",
+        help="open the REPL on two embedded tiny guests (built on first use); without a "
+        "terminal on stdin, run a short scripted tour instead",
+    )
+    parser.add_argument(
         "--batch",
         metavar="FILE",
         type=Path,
         help="run a nixpkgs testScript (.py) as nixos-test-driver does, then exit with its "
         "status; the machines come from the options below",
     )
-    run_options = parser.add_argument_group("--batch options (as nixos-test-driver's)")
+    run_options = parser.add_argument_group(
+        "machine options (of the REPL, --batch and notebook; as nixos-test-driver's)"
+    )
     _add_run_options(run_options, legacy_positional=False)  # type: ignore[arg-type]
-    commands = parser.add_subparsers(dest="command", metavar="COMMAND")
+    commands = parser.add_subparsers(
+        dest="command",
+        metavar="COMMAND",
+        description="Without a command (and without --batch), nixos-repl opens the terminal "
+        "REPL on the machines of the machine options.",
+    )
 
     guest = commands.add_parser("guest", help="embedded guests for demos and tests")
     guest_commands = guest.add_subparsers(dest="guest_command", metavar="ACTION", required=True)
@@ -250,6 +273,41 @@ def _parser() -> argparse.ArgumentParser:
         metavar="DIR",
         help="output directory (screenshots, copies)",
     )
+
+    kernel = commands.add_parser("kernel", help="the Jupyter kernel")
+    kernel_commands = kernel.add_subparsers(dest="kernel_command", metavar="ACTION", required=True)
+    install = kernel_commands.add_parser("install", help="install the nixos-repl kernelspec")
+    where = install.add_mutually_exclusive_group()
+    where.add_argument("--user", action="store_true", help="for this user (the default)")
+    where.add_argument("--sys-prefix", action="store_true", help="into this Python's prefix")
+    where.add_argument("--prefix", type=Path, metavar="P", help="under prefix P")
+
+    notebook = commands.add_parser(
+        "notebook",
+        help="start JupyterLab with the machines of the machine options for the kernel",
+    )
+    _add_run_options(notebook, legacy_positional=False)
+    for action in notebook._actions:
+        if action.dest != "help":
+            action.default = argparse.SUPPRESS  # keep values given before the command
+    notebook.add_argument(
+        "--no-browser", action="store_true", help="do not open a browser (print the URL)"
+    )
+    notebook.add_argument(
+        "jupyter_args", nargs=argparse.REMAINDER, metavar="...", help="passed to jupyter lab"
+    )
+
+    shell = commands.add_parser(
+        "shell", help="attach this terminal to a machine's guest shell (started by %%shell NAME)"
+    )
+    shell.add_argument("name", metavar="NAME", help="the machine")
+    shell.add_argument(
+        "--state-dir",
+        type=Path,
+        required=True,
+        metavar="DIR",
+        help="the machine's state directory (%%shell NAME in a notebook prints it)",
+    )
     return parser
 
 
@@ -264,6 +322,14 @@ def main(argv: Sequence[str] | None = None) -> int:
                   file=sys.stderr)  # fmt: skip
             return 2
         return _run(args, "nixos-repl", args.batch)
+    if args.demo:
+        if args.command is not None:
+            parser.error("--demo opens the REPL; it takes no command")
+        from .interactive.tour import run_demo as run_demo_repl
+
+        return run_demo_repl(Path("demo-out"), verbose=args.verbose)
+    if args.command in (None, "notebook", "kernel", "shell"):
+        return _interactive(args)
     quiet = args.command == "demo" and not args.verbose
     logging.basicConfig(
         level=logging.DEBUG if args.verbose else logging.WARNING if quiet else logging.INFO,
@@ -287,6 +353,44 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 1
     parser.print_help()
     return 2
+
+
+def _interactive(args: argparse.Namespace) -> int:
+    """The REPL (no command), ``notebook``, ``kernel install`` and ``shell``."""
+    from .config import check_config
+
+    logging.getLogger("qemu.qmp").setLevel(logging.WARNING)
+    try:
+        if args.command == "kernel":
+            from .interactive.kernel import install
+
+            print(install(user=not (args.sys_prefix or args.prefix), prefix=args.prefix,
+                          sys_prefix=args.sys_prefix))  # fmt: skip
+            return 0
+        if args.command == "shell":
+            from .interactive.guestshell import attach_standalone
+
+            return attach_standalone(args.name, args.state_dir)
+        config = _config(args)
+        check_config(config, need_test_script=False)
+        out_dir = getattr(args, "output_directory", None) or Path.cwd()
+        if args.command == "notebook":
+            from .interactive.notebook import run_notebook
+
+            extra = [a for a in args.jupyter_args if a != "--"]
+            return run_notebook(config, out_dir, open_browser=not args.no_browser, extra=extra)
+        from .driver import Driver
+        from .interactive.repl import run_repl
+
+        keep = bool(getattr(args, "keep_machine_state", False))
+        driver = Driver(config, out_dir=out_dir, keep_machine_state=keep, interactive=True)
+        return run_repl(driver, verbose=args.verbose)
+    except ConfigError as e:
+        print(f"nixos-repl: error: {e}", file=sys.stderr)
+        return 2
+    except NixosReplError as e:
+        print(f"nixos-repl: error: {e}", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

@@ -564,6 +564,18 @@ class Driver:
         )
         return symbols
 
+    def adopt_namespace(self, namespace: dict[str, Any]) -> dict[str, Any]:
+        """Make ``namespace`` (an IPython shell's ``user_ns``) the one test namespace: fill it
+        with :meth:`test_symbols` and bind later machines (``create_machine``) into it."""
+        if self._symbols is namespace:
+            return namespace
+        if self._symbols is None:
+            namespace.update(self._general_symbols())
+        elif self._symbols is not namespace:
+            namespace.update(self._symbols)
+        self._symbols = namespace
+        return self.test_symbols()
+
     def _general_symbols(self) -> dict[str, Any]:
         return {
             "start_all": self.start_all,

@@ -117,6 +117,9 @@ def driver_qemu_options(state_dir: Path, allow_reboot: bool, graphical: bool) ->
         "-chardev", f"socket,id=shell,path={state_dir / 'shell'}",
         "-device", "virtio-serial",
         "-device", "virtconsole,chardev=shell",
+        # A guest tty for interactive shells (hvc1); QEMU listens, front ends attach to it.
+        "-chardev", f"socket,id=nixos-repl-tty,path={state_dir / 'tty'},server=on,wait=off",
+        "-device", "virtconsole,chardev=nixos-repl-tty,name=org.nixos-repl.tty",
         "-device", "virtio-rng-pci",
         "-serial", "stdio",
     ]  # fmt: skip

@@ -1,0 +1,191 @@
+"""One interactive session: a driver, its machines, and what the front end shows of them.
+
+The terminal REPL and ``nixos-repl notebook`` build the :class:`Driver` from their command
+line and make the session before IPython loads the extension; a kernel started by Jupyter, or a
+plain ``%load_ext nixos_repl``, gets one from :func:`session_from_environment`
+(``NIXOS_REPL_CONFIG`` names a ``driverConfiguration.json``; without it the session starts with
+no machines, and ``%machines add`` defines them).
+"""
+
+from __future__ import annotations
+
+import atexit
+import logging
+import os
+import sys
+import threading
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from ..config import DriverConfig, check_config, load_driver_configuration
+from ..driver import Driver
+from ..logs import ROOT_LOGGER
+from ..machine import Machine
+from .live import InteractiveHandler, JupyterSink, PlainSink, Presenter, Sink, TerminalSink
+
+__all__ = [
+    "CONFIG_ENV",
+    "Session",
+    "current",
+    "session_from_environment",
+    "set_current",
+]
+
+CONFIG_ENV = "NIXOS_REPL_CONFIG"
+
+log = logging.getLogger(__name__)
+_current: Session | None = None
+_current_lock = threading.Lock()
+
+
+def current() -> Session | None:
+    """The session of this process, if a front end made one."""
+    return _current
+
+
+def set_current(session: Session | None) -> None:
+    global _current
+    with _current_lock:
+        _current = session
+
+
+class Session:
+    """A driver (entered: its VLANs run; left by :meth:`close`: every machine stops), the
+    front end's log handler and its status presenter."""
+
+    def __init__(
+        self,
+        driver: Driver,
+        sink: Sink,
+        *,
+        verbose: bool = False,
+        color: bool = False,
+        owns_driver: bool = True,
+    ) -> None:
+        self.driver = driver
+        self.sink = sink
+        self.owns_driver = owns_driver
+        self.presenter = Presenter(sink, self._last_line)
+        self.handler = InteractiveHandler(self.presenter, color=color, verbose=verbose)
+        self._root = logging.getLogger(ROOT_LOGGER)
+        self._saved = (self._root.level, self._root.propagate)
+        self._closed = False
+        # How %shell attaches a terminal (the REPL's); None: start the shell and say how.
+        self.attach_shell: Callable[[Machine], Any] | None = None
+        self._root.setLevel(logging.DEBUG)
+        self._root.propagate = False
+        self._root.addHandler(self.handler)
+        if owns_driver:
+            try:
+                driver.__enter__()
+            except BaseException:
+                self._detach()
+                raise
+
+    # -- machines ------------------------------------------------------------------------------
+
+    @property
+    def machines(self) -> list[Machine]:
+        return self.driver.machines
+
+    def machine(self, name: str) -> Machine:
+        """The machine called ``name``; UnknownMachineError names the known ones."""
+        return self.driver.registry[name]
+
+    def machine_names(self) -> list[str]:
+        return [m.name for m in self.driver.machines]
+
+    def open_shell(self, machine: Machine) -> Any:
+        """``%shell``: attach this terminal, or start the guest shell and say how to attach."""
+        from . import guestshell
+
+        if self.attach_shell is not None:
+            return self.attach_shell(machine)
+        tty = guestshell.start(machine)
+        return guestshell.ShellHint(machine.name, tty, machine.state_dir)
+
+    def _last_line(self, name: str) -> str:
+        try:
+            tail = self.driver.registry[name].console.tail(1)
+        except (KeyError, IndexError, RuntimeError):
+            return ""
+        return tail[0] if tail else ""
+
+    # -- the end -------------------------------------------------------------------------------
+
+    def running(self) -> list[str]:
+        """Names of the machines whose QEMU runs."""
+        return [m.name for m in self.driver.machines if m.booted]
+
+    def close(self) -> list[str]:
+        """Stop every machine (and VLAN); returns the names of those that were running.
+
+        Safe to call twice (the second call returns nothing).
+        """
+        if self._closed:
+            return []
+        self._closed = True
+        stopped = self.running()
+        try:
+            if self.owns_driver:
+                self.driver.__exit__(None, None, None)
+        finally:
+            self.presenter.sync()
+            self.presenter.close()
+            self._detach()
+            if _current is self:
+                set_current(None)
+        return stopped
+
+    @property
+    def closed(self) -> bool:
+        return self._closed
+
+    def _detach(self) -> None:
+        self._root.removeHandler(self.handler)
+        self._root.setLevel(self._saved[0])
+        self._root.propagate = self._saved[1]
+
+
+def config_from_environment() -> DriverConfig:
+    """The machines ``NIXOS_REPL_CONFIG`` names, or none."""
+    path = os.environ.get(CONFIG_ENV)
+    if not path:
+        return DriverConfig()
+    config = load_driver_configuration(path)
+    check_config(config, need_test_script=False)
+    return config
+
+
+def sink_for(shell: Any) -> Sink:
+    """Jupyter's sink in a kernel, the terminal's on a terminal, else plain lines."""
+    if getattr(shell, "kernel", None) is not None:
+        return JupyterSink()
+    stream = sys.__stderr__
+    if stream is not None and stream.isatty():
+
+        def prompt_app() -> Any:
+            pt_app = getattr(shell, "pt_app", None)
+            return getattr(pt_app, "app", None)
+
+        return TerminalSink(app=prompt_app)
+    return PlainSink()
+
+
+def session_from_environment(shell: Any) -> Session:
+    """A session for a shell no front end prepared (a Jupyter kernel, ``%load_ext``).
+
+    It stops its machines when the process exits.
+    """
+    driver = Driver(config_from_environment(), out_dir=Path.cwd(), interactive=True)
+    sink = sink_for(shell)
+    session = Session(driver, sink, color=isinstance(sink, TerminalSink))
+    stdin = sys.stdin
+    if isinstance(sink, TerminalSink) and stdin is not None and stdin.isatty():
+        from .guestshell import attach_here
+
+        session.attach_shell = attach_here
+    atexit.register(session.close)
+    set_current(session)
+    return session

@@ -1,0 +1,367 @@
+"""The Jupyter kernel through the installed kernelspec: every notebook in notebooks/ executed
+by nbclient, the Jupyter project's conformance suite, bad input, interrupts and shutdown."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+import unittest
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import jupyter_kernel_test
+import nbformat
+import pytest
+from jupyter_client.manager import start_new_kernel
+from nbclient import NotebookClient
+
+BIN = Path(sys.executable).parent
+NOTEBOOKS = sorted((Path(__file__).parent.parent / "notebooks").glob("*.ipynb"))
+
+
+def install_kernelspec(prefix: Path) -> Path:
+    """``nixos-repl kernel install --prefix``; returns the JUPYTER_PATH entry that has it."""
+    subprocess.run(
+        [str(BIN / "nixos-repl"), "kernel", "install", "--prefix", str(prefix)],
+        check=True,
+        capture_output=True,
+    )
+    path = prefix / "share" / "jupyter"
+    spec = json.loads((path / "kernels" / "nixos-repl" / "kernel.json").read_text())
+    assert spec["argv"][0] == sys.executable
+    assert (path / "kernels" / "nixos-repl" / "logo-64x64.png").is_file()
+    return path
+
+
+@pytest.fixture(scope="module")
+def jupyter_path(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
+    path = install_kernelspec(tmp_path_factory.mktemp("kernelspec"))
+    saved = os.environ.get("JUPYTER_PATH")
+    os.environ["JUPYTER_PATH"] = str(path)
+    try:
+        yield path
+    finally:
+        if saved is None:
+            os.environ.pop("JUPYTER_PATH", None)
+        else:
+            os.environ["JUPYTER_PATH"] = saved
+
+
+def machines_config(guest_dir: Path, directory: Path, names: tuple[str, ...]) -> Path:
+    config = {
+        "vms": {n: {"name": n, "start_script": str(guest_dir / f"run-{n}-vm")} for n in names},
+        "containers": {},
+        "vlans": [1],
+        "global_timeout": 3600,
+        "enable_ssh_backdoor": False,
+        "test_script": "interactive",
+    }
+    path = directory / "driverConfiguration.json"
+    path.write_text(json.dumps(config))
+    return path
+
+
+def kernel_env(runtime: Path, config: Path | None) -> dict[str, str]:
+    env = {**os.environ, "XDG_RUNTIME_DIR": str(runtime), "NIXOS_REPL_ACCEL": "tcg"}
+    env.pop("NIXOS_REPL_CONFIG", None)
+    if config is not None:
+        env["NIXOS_REPL_CONFIG"] = str(config)
+    return env
+
+
+def qemus_under(path: Path) -> list[str]:
+    result = subprocess.run(["pgrep", "-af", "qemu-system"], capture_output=True, text=True)
+    return [line for line in result.stdout.splitlines() if str(path) in line]
+
+
+def wait_for_no_qemu(path: Path, timeout: float = 20) -> list[str]:
+    deadline = time.monotonic() + timeout
+    while (left := qemus_under(path)) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    return left
+
+
+@pytest.mark.parametrize("notebook", NOTEBOOKS, ids=[p.stem for p in NOTEBOOKS])
+def test_notebook_runs(notebook: Path, jupyter_path: Path, guest_dir: Path, tmp_path: Path) -> None:
+    runtime = tmp_path / "rt"
+    runtime.mkdir()
+    config = machines_config(guest_dir, tmp_path, ("vm1", "vm2"))
+    read: Any = nbformat.read
+    nb = read(notebook, as_version=4)
+    client = NotebookClient(
+        nb, kernel_name="nixos-repl", timeout=300, resources={"metadata": {"path": str(tmp_path)}}
+    )
+    client.execute(env=kernel_env(runtime, config))
+    shots = 0
+    for cell in nb.cells:
+        if cell.cell_type != "code":
+            continue
+        assert not [o for o in cell.outputs if o.output_type == "error"], cell.source
+        if "screenshot" in cell.source:
+            shots += 1
+            pngs = [o for o in cell.outputs if "image/png" in o.get("data", {})]
+            assert pngs, f"no image/png for {cell.source!r}"
+    assert shots >= 1
+    assert list(tmp_path.glob("vm1-*.png")), "the %screenshot PNG was not saved"
+    assert wait_for_no_qemu(runtime) == []  # the kernel's shutdown stopped its machines
+
+
+class Kernel:
+    """A running nixos-repl kernel and a client, with helpers to run code."""
+
+    def __init__(self, env: dict[str, str]) -> None:
+        self.km, self.kc = start_new_kernel(kernel_name="nixos-repl", env=env)
+
+    def run(self, code: str, timeout: float = 120) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+        outputs: list[dict[str, Any]] = []
+
+        def hook(msg: dict[str, Any]) -> None:
+            kinds = ("stream", "error", "execute_result", "display_data", "update_display_data")
+            if msg["msg_type"] in kinds:
+                outputs.append({"type": msg["msg_type"], **msg["content"]})
+
+        reply = self.kc.execute_interactive(code, timeout=timeout, output_hook=hook)
+        return reply["content"], outputs
+
+    def shutdown(self) -> None:
+        self.kc.stop_channels()
+        self.km.shutdown_kernel(now=False)
+
+
+def text_of(outputs: list[dict[str, Any]]) -> str:
+    parts = []
+    for o in outputs:
+        if o["type"] == "stream":
+            parts.append(o["text"])
+        elif o["type"] == "error":
+            parts.append("\n".join(o["traceback"]))
+        else:
+            parts.append(o["data"].get("text/plain", ""))
+    return "\n".join(parts)
+
+
+@pytest.fixture(scope="module")
+def kernel(
+    jupyter_path: Path, guest_dir: Path, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[tuple[Kernel, Path]]:
+    directory = tmp_path_factory.mktemp("kernel")
+    runtime = directory / "rt"
+    runtime.mkdir()
+    config = machines_config(guest_dir, directory, ("vm1",))
+    session = Kernel(kernel_env(runtime, config))
+    try:
+        yield session, runtime
+    finally:
+        session.shutdown()
+
+
+def test_bad_input_keeps_the_kernel(kernel: tuple[Kernel, Path]) -> None:
+    k, _ = kernel
+    reply, outputs = k.run("%succeed vm9 true")
+    assert reply["status"] == "error"
+    assert "no machine named 'vm9' (known machines: vm1)" in text_of(outputs)
+    reply, outputs = k.run("%wait_for_unit vm1")
+    assert reply["status"] == "error"
+    assert "usage: %wait_for_unit [--user USER] [--timeout TIMEOUT] NAME UNIT" in text_of(outputs)
+    reply, outputs = k.run("raise ValueError('from the cell')")
+    assert reply["status"] == "error" and "ValueError" in text_of(outputs)
+    reply, outputs = k.run("%succeed vm1 echo alive")
+    assert reply["status"] == "ok" and "alive" in text_of(outputs)
+
+
+def test_a_failing_command_is_explained(kernel: tuple[Kernel, Path]) -> None:
+    k, _ = kernel
+    reply, outputs = k.run("%succeed vm1 echo some-output; exit 7")
+    assert reply["status"] == "error"
+    assert reply["ename"] == "RequestedAssertionFailed"
+    text = text_of(outputs)
+    assert "command `echo some-output; exit 7` failed (exit code 7)" in text
+    assert "machine: vm1" in text and "some-output" in text and "console (last" in text
+    assert "nixos_repl/machine" not in text and "asyncio" not in text
+    assert k.run("%succeed vm1 true")[0]["status"] == "ok"
+
+
+def test_screenshot_is_inline_and_await_works(kernel: tuple[Kernel, Path]) -> None:
+    k, _ = kernel
+    _, outputs = k.run("%screenshot vm1")
+    assert any("image/png" in o.get("data", {}) for o in outputs)
+    _, outputs = k.run("await vm1.aio.succeed('echo awaited')")
+    assert "awaited" in text_of(outputs)
+
+
+def test_a_long_wait_updates_a_status_display(kernel: tuple[Kernel, Path]) -> None:
+    k, _ = kernel
+    reply, outputs = k.run("%succeed vm1 sleep 1.5")
+    assert reply["status"] == "ok"
+    shown = [o for o in outputs if o["type"] == "display_data"]
+    updates = [o for o in outputs if o["type"] == "update_display_data"]
+    assert len(shown) == 1
+    display_id = shown[0]["transient"]["display_id"]
+    assert shown[0]["data"]["text/plain"].startswith("vm1: must succeed: sleep 1.5 (")
+    assert updates and all(u["transient"]["display_id"] == display_id for u in updates)
+    assert updates[-1]["data"]["text/plain"] == ""  # gone when done
+
+
+def test_notebook_command_serves_the_kernel(guest_dir: Path, tmp_path: Path) -> None:
+    import socket
+    import urllib.request
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    token = "nixos-repl-notebook-test"
+    home = tmp_path / "home"
+    env = {
+        **os.environ,
+        "JUPYTER_CONFIG_DIR": str(home / "config"),
+        "JUPYTER_DATA_DIR": str(home / "data"),
+        "JUPYTER_RUNTIME_DIR": str(home / "runtime"),
+    }
+    server = subprocess.Popen(
+        [str(BIN / "nixos-repl"), "notebook", "--start-scripts", str(guest_dir / "run-vm1-vm"),
+         "--no-browser", "--", f"--port={port}", "--ServerApp.ip=127.0.0.1",
+         f"--IdentityProvider.token={token}"],
+        env=env, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+    )  # fmt: skip
+    try:
+        deadline = time.monotonic() + 60
+        while True:
+            try:
+                url = f"http://127.0.0.1:{port}/api/kernelspecs?token={token}"
+                with urllib.request.urlopen(url, timeout=2) as response:
+                    specs = json.loads(response.read())
+                break
+            except OSError:
+                assert time.monotonic() < deadline and server.poll() is None, "no server"
+                time.sleep(0.2)
+        assert specs["default"] == "nixos-repl"
+        assert "nixos-repl" in specs["kernelspecs"]
+    finally:
+        server.terminate()
+        output, _ = server.communicate(timeout=30)
+    assert "kernels get the machines vm1" in output
+
+
+def test_interrupt_stops_the_guest_command(kernel: tuple[Kernel, Path]) -> None:
+    k, _ = kernel
+    msg_id = k.kc.execute("%succeed vm1 sleep 100")
+    time.sleep(1.5)
+    start = time.monotonic()
+    k.km.interrupt_kernel()
+    reply = k.kc.get_shell_msg(timeout=10)
+    while reply["parent_header"].get("msg_id") != msg_id:
+        reply = k.kc.get_shell_msg(timeout=10)
+    assert time.monotonic() - start < 3
+    assert reply["content"]["status"] == "error"
+    assert reply["content"]["ename"] == "KeyboardInterrupt"
+    reply, outputs = k.run("%succeed vm1 pgrep -x sleep || echo no-sleep")
+    assert reply["status"] == "ok" and "no-sleep" in text_of(outputs)
+
+
+def test_interrupt_cancels_an_awaited_twin(kernel: tuple[Kernel, Path]) -> None:
+    """A kernel interrupt during ``await vm1.aio.succeed(...)`` kills the guest command and the
+    kernel goes on. (ipykernel 7 cancels an awaited cell without sending its execute_reply and
+    aborts the next request, for any awaited cell, ``await asyncio.sleep(100)`` too.)"""
+    k, _ = kernel
+    k.kc.execute("await vm1.aio.succeed('sleep 100')")
+    time.sleep(1.5)
+    k.km.interrupt_kernel()
+    deadline = time.monotonic() + 20
+    while True:
+        reply, outputs = k.run("%succeed vm1 pgrep -x sleep || echo no-sleep")
+        if reply["status"] == "ok":
+            break
+        assert time.monotonic() < deadline, reply
+    assert "no-sleep" in text_of(outputs)
+
+
+def test_shutdown_stops_the_machines(jupyter_path: Path, guest_dir: Path, tmp_path: Path) -> None:
+    runtime = tmp_path / "rt"
+    runtime.mkdir()
+    k = Kernel(kernel_env(runtime, machines_config(guest_dir, tmp_path, ("vm1",))))
+    try:
+        assert k.run("%start vm1")[0]["status"] == "ok"
+        assert qemus_under(runtime)
+    finally:
+        k.shutdown()
+    assert wait_for_no_qemu(runtime) == []
+
+
+def test_kernel_without_config_declares_machines(
+    jupyter_path: Path, guest_dir: Path, tmp_path: Path
+) -> None:
+    runtime = tmp_path / "rt"
+    runtime.mkdir()
+    k = Kernel(kernel_env(runtime, None))
+    try:
+        reply, outputs = k.run("%machines")
+        assert "no machines" in text_of(outputs)
+        reply, outputs = k.run(f"%machines add solo {guest_dir / 'run-solo-vm'}")
+        assert reply["status"] == "ok" and "solo" in text_of(outputs)
+        reply, outputs = k.run("solo.succeed('echo declared')")
+        assert reply["status"] == "ok" and "declared" in text_of(outputs)
+    finally:
+        k.shutdown()
+    assert wait_for_no_qemu(runtime) == []
+
+
+class NixosReplKernelConformance(jupyter_kernel_test.KernelTests):  # type: ignore[misc]
+    """The Jupyter project's kernel conformance suite, against the installed kernelspec."""
+
+    kernel_name = "nixos-repl"
+    language_name = "python"
+    file_extension = ".py"
+    code_hello_world = "print('hello, world')"
+    code_stderr = "import sys; print('test', file=sys.stderr)"
+    completion_samples = [{"text": "%machi", "matches": {"%machines"}}]
+    complete_code_samples = ["1", "print('hello, world')", "%machines"]
+    incomplete_code_samples = ["print('''hello", "def f():"]
+    invalid_code_samples = ["import = 7q"]
+    code_page_something = "print?"
+    code_generate_error = "raise ValueError('conformance')"
+    code_execute_result = [{"code": "6*7", "result": "42"}]
+    code_display_data = [
+        {"code": "from IPython.display import HTML, display; display(HTML('<b>x</b>'))",
+         "mime": "text/html"},
+    ]  # fmt: skip
+    code_history_pattern = "6*7*"
+    supported_history_operations = ("tail", "search")
+    code_inspect_sample = "print"
+    code_clear_output = "from IPython.display import clear_output; clear_output()"
+
+    _saved: str | None = None
+
+    @classmethod
+    def setUpClass(cls) -> None:
+        import tempfile
+
+        cls._saved = os.environ.get("JUPYTER_PATH")
+        os.environ["JUPYTER_PATH"] = str(install_kernelspec(Path(tempfile.mkdtemp())))
+        os.environ.pop("NIXOS_REPL_CONFIG", None)
+        super().setUpClass()
+
+    @classmethod
+    def tearDownClass(cls) -> None:
+        super().tearDownClass()
+        if cls._saved is None:
+            os.environ.pop("JUPYTER_PATH", None)
+        else:
+            os.environ["JUPYTER_PATH"] = cls._saved
+
+
+def test_kernel_info_names_nixos_repl(kernel: tuple[Kernel, Path]) -> None:
+    k, _ = kernel
+    k.kc.kernel_info()
+    reply = k.kc.get_shell_msg(timeout=10)
+    while reply["msg_type"] != "kernel_info_reply":
+        reply = k.kc.get_shell_msg(timeout=10)
+    assert reply["content"]["implementation"] == "nixos-repl"
+    assert reply["content"]["language_info"]["name"] == "python"
+
+
+if __name__ == "__main__":
+    unittest.main()
