@@ -11,13 +11,15 @@ from __future__ import annotations
 
 import logging
 import os
+import shutil
 import signal
+import tempfile
 import threading
 import time
 from pathlib import Path
 
 from .config import DriverConfig, check_config
-from .driver import Debug, DebugAbstract, DebugNop, Driver
+from .driver import Debug, DebugAbstract, DebugNop, Driver, get_tmp_dir
 from .logs import (
     DriverLogger,
     JUnitHandler,
@@ -69,8 +71,20 @@ def run(
         debug: DebugAbstract = (
             Debug(logger, debug_hook_attach) if debug_hook_attach is not None else DebugNop()
         )
+        private: Path | None = None
         try:
-            driver = Driver(config, out_dir, logger, keep_machine_state, interactive, debug=debug)
+            if not interactive and not keep_machine_state:
+                # A replay's sockets, disks and VLAN switches live in a directory of its own, so
+                # parallel runs on one host never meet, whatever their machine names. Kept state
+                # (-K) and the prompt use nixpkgs' shared places.
+                private = Path(tempfile.mkdtemp(prefix="run-", dir=get_tmp_dir()))
+                log.debug("machine state in %s", private)
+            driver = Driver(
+                config, out_dir, logger, keep_machine_state, interactive, debug=debug,
+                tmp_dir=private,
+            )  # fmt: skip
+            if private is not None:
+                driver.on_terminate.append(lambda: shutil.rmtree(private, ignore_errors=True))
             if not interactive:
                 try:
                     driver.compile_script()
@@ -94,6 +108,9 @@ def run(
         except Exception:
             log.exception("the test script failed with an unexpected error")
             return 1
+        finally:
+            if private is not None:
+                shutil.rmtree(private, ignore_errors=True)
     return 0
 
 

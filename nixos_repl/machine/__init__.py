@@ -16,9 +16,11 @@ knows nothing of IPython, Jupyter or the CLI.
 from __future__ import annotations
 
 import contextlib
+import errno
 import logging
 import re
 import shutil
+import socket
 from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 
@@ -49,6 +51,23 @@ __all__ = [
 def machine_name_from_start_command(start_command: str) -> str:
     match = re.search("run-(.+)-vm$", start_command)
     return match.group(1) if match else "machine"
+
+
+def state_dir_in_use(state_dir: Path) -> bool:
+    """Whether a running QEMU listens on the QMP socket of ``state_dir`` (a live run owns it)."""
+    probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    probe.setblocking(False)
+    try:
+        probe.connect(str(state_dir / "qmp"))
+    except BlockingIOError:
+        return True  # a listener whose queue is full: alive
+    except OSError as e:
+        if e.errno in (errno.ENOENT, errno.ECONNREFUSED, errno.ENOTDIR, errno.ENAMETOOLONG):
+            return False
+        raise
+    finally:
+        probe.close()
+    return True
 
 
 class Machine:
@@ -96,6 +115,13 @@ class Machine:
         self.screen = Screen(self.lifecycle, self.out_dir)
         self.aio = AsyncMachine(self)
         self.shared_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+        if state_dir_in_use(self.state_dir):
+            raise MachineError(
+                f"{self.name}: the machine state directory {self.state_dir} belongs to a QEMU "
+                "that is still running (another nixos-repl or test driver with a machine of the "
+                "same name); stop it, or give this run its own directory with "
+                "XDG_RUNTIME_DIR=<a private dir>"
+            )
         if not keep_machine_state and self.state_dir.exists():
             self.cleanup_statedir()
 
