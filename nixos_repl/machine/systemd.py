@@ -102,7 +102,10 @@ def format_diagnostics(unit: str | None, output: str) -> str:
         return ""
     text = []
     if "state" in sections:
-        text.append(f"state of {unit}: " + ", ".join(sections["state"]))
+        # systemd prints properties in its own order, not in the order asked for.
+        order = ["ActiveState", "SubState", "Result"]
+        state = sorted(sections["state"], key=lambda line: _rank(order, line.split("=")[0]))
+        text.append(f"state of {unit}: " + ", ".join(state))
     failed = sections.get("failed", [])
     text.append("failed units:" + ("" if failed else " none"))
     text += [f"  {line}" for line in failed]
@@ -111,3 +114,7 @@ def format_diagnostics(unit: str | None, output: str) -> str:
         text.append(f"last {JOURNAL_LINES} lines of {whose}:")
         text += [f"  {line}" for line in sections["journal"][-JOURNAL_LINES:]]
     return "\n" + "\n".join(line.rstrip() for line in text)
+
+
+def _rank(order: list[str], key: str) -> int:
+    return order.index(key) if key in order else len(order)
