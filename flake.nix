@@ -101,6 +101,7 @@
                 nativeBuildInputs = [
                   nixos-repl.devPython
                   pkgs.tmux
+                  pkgs.nix # tests/test_nix.py evaluates this flake against the stub nixpkgs
                 ]
                 ++ nixos-repl.runtimeTools;
               }

@@ -19,6 +19,7 @@ import tomllib
 from pathlib import Path
 from typing import Any
 
+import nbformat
 import pytest
 
 from nixos_repl.cli import _parser
@@ -278,6 +279,12 @@ def test_checks(summary: Any) -> None:
     tests = checks["tests"]["buildCommand"]
     assert 'pytest -q -p no:cacheprovider -m "not vm"' in tests
     assert "mypy --strict nixos_repl test_driver tests bench" in tests
+    # The fast lane includes this file: it needs nix-instantiate in the sandbox too.
+    assert {"nix", "tmux", "qemu", "vde2", "tesseract"} <= set(checks["tests"]["nativeBuildInputs"])
+
+
+# A machine named by a magic (`%succeed client ...`) or called (`server.wait_for_unit(...)`).
+MACHINE_USE = re.compile(r"^%\w+ (\w+)|^(\w+)\.\w+\(", re.M)
 
 
 def test_template(summary: Any) -> None:
@@ -289,7 +296,19 @@ def test_template(summary: Any) -> None:
     assert template["checks"] == ["batch", "test"]
     assert template["batchFeatures"] == ["nixos-test", "kvm"]
     assert command_after_exec(template["repl"]["text"])[0] == "--config"
-    assert (ROOT / "templates/default/notebooks/test.ipynb").is_file()
+    # The notebook is valid, for the nixos-repl kernel, and drives the test's own machines.
+    read: Any = nbformat.read
+    validate: Any = nbformat.validate
+    notebook = read(ROOT / "templates/default/notebooks/test.ipynb", as_version=4)
+    validate(notebook)
+    assert notebook.metadata.kernelspec.name == "nixos-repl"
+    assert template["nodes"] == ["client", "server"]
+    used = set()
+    for cell in notebook.cells:
+        if cell.cell_type == "code":
+            for magic_arg, receiver in MACHINE_USE.findall(cell.source):
+                used.add(magic_arg or receiver)
+    assert used == {"server", "client"}
 
 
 # -- the checks can fail -------------------------------------------------------------------------

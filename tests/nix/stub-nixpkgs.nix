@@ -248,6 +248,7 @@ let
         tmux = tool "tmux";
         ruff = tool "ruff";
         mypy = tool "mypy";
+        nix = tool "nix";
         # nixpkgs' own driver, so an overlay can see what it replaces.
         nixos-test-driver = lib.makeOverridable (
           args: fakeDrv "nixos-test-driver-1.1" (args // { pname = "nixos-test-driver"; })

@@ -123,6 +123,7 @@ in
   };
   checks = lib.mapAttrs (_: c: {
     inherit (c) name;
+    nativeBuildInputs = map (p: p.pname or p.name) (c.nativeBuildInputs or [ ]);
     requiredSystemFeatures = c.requiredSystemFeatures or [ ];
     buildCommand = c.buildCommand or "";
   }) self.checks.${system};
@@ -133,6 +134,7 @@ in
     inputs = lib.attrNames template.inputs;
     apps = lib.mapAttrs (_: app) templateSelf.apps.${system};
     checks = lib.attrNames templateSelf.checks.${system};
+    nodes = lib.attrNames templateSelf.checks.${system}.test.nodes;
     batchFeatures = templateSelf.checks.${system}.batch.requiredSystemFeatures;
     repl = launcher templateSelf.packages.${system}.repl;
   };
