@@ -29,6 +29,7 @@ from .logs import (
     XMLLogHandler,
     attach,
 )
+from .machine.process import SOCKETS
 
 __all__ = ["interact", "run"]
 
@@ -74,11 +75,7 @@ def run(
         private: Path | None = None
         try:
             if not interactive and not keep_machine_state:
-                # A replay's sockets, disks and VLAN switches live in a directory of its own, so
-                # parallel runs on one host never meet, whatever their machine names. Kept state
-                # (-K) and the prompt use nixpkgs' shared places.
-                private = Path(tempfile.mkdtemp(prefix="run-", dir=get_tmp_dir()))
-                log.debug("machine state in %s", private)
+                private = private_tmp_dir(config)
             driver = Driver(
                 config, out_dir, logger, keep_machine_state, interactive, debug=debug,
                 tmp_dir=private,
@@ -112,6 +109,38 @@ def run(
             if private is not None:
                 shutil.rmtree(private, ignore_errors=True)
     return 0
+
+
+# A UNIX socket path holds at most 107 bytes (sun_path is 108 with its NUL).
+SOCKET_PATH_MAX = 107
+# The longest socket name in a machine's state directory, and mkdtemp's name length (prefix "").
+LONGEST_SOCKET = max(len(name) for name in (*SOCKETS, "qmp", "tty"))
+PRIVATE_NAME = 8
+
+
+def private_tmp_dir(config: DriverConfig) -> Path | None:
+    """A directory of this run's own for its machine state and VLAN switches, so that parallel
+    runs on one host never meet, whatever their machine names (kept state, -K, and the prompt use
+    nixpkgs' shared places instead).
+
+    None, with a warning, when the extra path component would push a socket path past the UNIX
+    limit: the shared directory is used then, as nixpkgs does.
+    """
+    base = get_tmp_dir()
+    longest = max((len(os.fsencode(f"vm-state-{name}")) for name in config.vms), default=0)
+    length = len(os.fsencode(base)) + 1 + PRIVATE_NAME + 1 + longest + 1 + LONGEST_SOCKET
+    if length > SOCKET_PATH_MAX:
+        log.warning(
+            "machine state goes to the shared %s: a directory of this run's own there would make "
+            "socket paths longer than %d bytes; set XDG_RUNTIME_DIR to a shorter directory so "
+            "that parallel runs cannot collide",
+            base,
+            SOCKET_PATH_MAX,
+        )
+        return None
+    private = Path(tempfile.mkdtemp(prefix="", dir=base))
+    log.debug("machine state in %s", private)
+    return private
 
 
 def interact(driver: Driver) -> None:

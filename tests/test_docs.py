@@ -172,3 +172,29 @@ def test_shell_lines_are_split_into_commands() -> None:
     ]
     with pytest.raises(SystemExit):
         _parser().parse_args(["--no-such-flag"])
+
+
+def github_anchor(heading: str) -> str:
+    """The anchor GitHub gives a heading: lower case, punctuation dropped, spaces to dashes."""
+    text = heading.strip().lower().replace("`", "")
+    return re.sub(r"[^\w\- ]", "", text).replace(" ", "-")
+
+
+def test_links_inside_the_readme_resolve() -> None:
+    text = README.read_text()
+    anchors = {github_anchor(h) for h in re.findall(r"^#{2,3} (.+)$", text, re.M)}
+    links = re.findall(r"\]\(#([^)]+)\)", text)
+    assert len(links) >= 10
+    assert [link for link in links if link not in anchors] == []
+
+
+def test_the_architecture_names_real_files() -> None:
+    text = README.read_text()
+    section = text.split("## Architecture", 1)[1].split("\n## ", 1)[0]
+    tree = next(body for info, body in blocks(section) if not info)
+    names = re.findall(r"(?<![\w.])([\w-]+(?:\.py|\.nix|/))", tree)
+    assert len(names) >= 30
+    files = [p.relative_to(ROOT).as_posix() for p in ROOT.rglob("*") if ".venv" not in p.parts]
+    paths = {f"/{f}" for f in files} | {f"/{f}/" for f in files}
+    missing = [n for n in names if not any(p.endswith(f"/{n}") for p in paths)]
+    assert missing == [], f"the README's architecture names what the code does not have: {missing}"

@@ -16,12 +16,11 @@ from pathlib import Path
 
 import pytest
 
-from nixos_repl import MachineError, Registry
+from nixos_repl import DriverConfig, MachineConfig, MachineError, Registry
+from nixos_repl.batch import SOCKET_PATH_MAX, private_tmp_dir
 from nixos_repl.machine import Machine, state_dir_in_use
 
 from .test_batch import leftovers
-
-pytestmark = pytest.mark.vm
 
 # Both runs wait for each other once their machines are up (a barrier in a host directory), so
 # they really overlap; each copies a file naming its run out of vm1.
@@ -44,6 +43,7 @@ with subtest("outputs"):
 """
 
 
+@pytest.mark.vm
 def test_two_batch_replays_at_once_with_the_same_names(guest_dir: Path, tmp_path: Path) -> None:
     runtime, barrier = tmp_path / "run", tmp_path / "barrier"
     runtime.mkdir()
@@ -94,6 +94,7 @@ def test_two_batch_replays_at_once_with_the_same_names(guest_dir: Path, tmp_path
     assert leftovers(runtime) == []
 
 
+@pytest.mark.vm
 def test_a_state_directory_in_use_is_refused(guest_dir: Path, tmp_path: Path) -> None:
     runtime = tmp_path / "run"
     runtime.mkdir()
@@ -108,3 +109,24 @@ def test_a_state_directory_in_use_is_refused(guest_dir: Path, tmp_path: Path) ->
     assert not state_dir_in_use(solo.state_dir)
     # A stale directory (its QEMU gone) is reused as before.
     Machine(str(guest_dir / "run-solo-vm"), tmp_dir=runtime, out_dir=tmp_path)
+
+
+def test_the_private_directory_keeps_socket_paths_within_the_unix_limit(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    config = DriverConfig(vms={"server": MachineConfig("server", Path("run-server-vm"))})
+    monkeypatch.setenv("XDG_RUNTIME_DIR", str(tmp_path / "rt"))
+    private = private_tmp_dir(config)
+    assert private is not None and private.parent == tmp_path / "rt" and private.is_dir()
+    longest = private / "vm-state-server" / "nixos-repl-out"
+    assert len(str(longest)) <= SOCKET_PATH_MAX
+    # Where the extra component would not fit, the shared directory is used, with a warning.
+    # 72 bytes: 31 more fit the shared layout (/vm-state-server/nixos-repl-out), 40 do not.
+    deep = tmp_path / ("d" * (72 - len(str(tmp_path)) - 1))
+    assert len(str(deep)) == 72
+    monkeypatch.setenv("XDG_RUNTIME_DIR", str(deep))
+    assert len(str(deep / "vm-state-server" / "nixos-repl-out")) <= SOCKET_PATH_MAX
+    with caplog.at_level("WARNING", logger="nixos_repl.driver"):
+        assert private_tmp_dir(config) is None
+    assert "set XDG_RUNTIME_DIR to a shorter directory" in caplog.text
+    assert list(deep.iterdir()) == []
