@@ -50,6 +50,7 @@ let
     py.nbclient
     py.nbformat
     py.selenium
+    py.setuptools
   ]
   ++ lib.optional (jupyter-kernel-test != null) jupyter-kernel-test;
 
