@@ -20,6 +20,7 @@ import logging
 import re
 import shutil
 import socket
+import time
 from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 
@@ -52,12 +53,25 @@ def machine_name_from_start_command(start_command: str) -> str:
     return match.group(1) if match else "machine"
 
 
-def state_dir_in_use(state_dir: Path) -> bool:
-    """Whether a running QEMU listens on the QMP socket of ``state_dir`` (a live run owns it)."""
+def state_dir_in_use(state_dir: Path, grace: float = 2.0) -> bool:
+    """Whether a running QEMU listens on the QMP socket of ``state_dir`` (a live run owns it).
+
+    A QEMU that is exiting (killed a moment ago) can hold its sockets for a little while after
+    its main thread is gone: it has ``grace`` seconds to let go.
+    """
+    deadline = time.monotonic() + grace
+    while _listening(state_dir / "qmp"):
+        if time.monotonic() >= deadline:
+            return True
+        time.sleep(0.05)
+    return False
+
+
+def _listening(path: Path) -> bool:
     probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     probe.setblocking(False)
     try:
-        probe.connect(str(state_dir / "qmp"))
+        probe.connect(str(path))
     except BlockingIOError:
         return True  # a listener whose queue is full: alive
     except OSError:
