@@ -297,6 +297,24 @@ def _parser() -> argparse.ArgumentParser:
         "jupyter_args", nargs=argparse.REMAINDER, metavar="...", help="passed to jupyter lab"
     )
 
+    export = commands.add_parser(
+        "export",
+        help="write a nixpkgs testScript from a session log, a notebook or an .ipy file",
+        description="Magics become the calls they wrap, plain Python is kept, failed steps "
+        "become comments. The result replays with nixos-repl --batch on the same machines.",
+    )
+    export.add_argument(
+        "source", type=Path, metavar="SESSION.jsonl|NOTEBOOK.ipynb|FILE.ipy", help="what to export"
+    )
+    export.add_argument(
+        "-o", "--output", type=Path, required=True, metavar="FILE", help="the testScript to write"
+    )
+    export.add_argument(
+        "--keep-failures",
+        action="store_true",
+        help="keep failed succeed/fail steps as the opposite assertion instead of comments",
+    )
+
     shell = commands.add_parser(
         "shell", help="attach this terminal to a machine's guest shell (started by %%shell NAME)"
     )
@@ -330,6 +348,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return run_demo_repl(Path("demo-out"), verbose=args.verbose)
     if args.command in (None, "notebook", "kernel", "shell"):
         return _interactive(args)
+    if args.command == "export":
+        return _export(args)
     quiet = args.command == "demo" and not args.verbose
     logging.basicConfig(
         level=logging.DEBUG if args.verbose else logging.WARNING if quiet else logging.INFO,
@@ -353,6 +373,20 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 1
     parser.print_help()
     return 2
+
+
+def _export(args: argparse.Namespace) -> int:
+    """``nixos-repl export SOURCE -o FILE``."""
+    from .export import ExportError, export_file
+
+    try:
+        exported = export_file(args.source, args.output, keep_failures=args.keep_failures)
+    except ExportError as e:
+        print(f"nixos-repl: error: {e}", file=sys.stderr)
+        return 1
+    note = f", {exported.commented} left as comments" if exported.commented else ""
+    print(f"wrote {args.output} ({exported.statements} statements{note})")
+    return 0
 
 
 def _interactive(args: argparse.Namespace) -> int:
