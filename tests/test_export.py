@@ -26,9 +26,9 @@ from nixos_repl.record import SessionLog, decode_value, encode_value
 BIN = Path(sys.executable).parent
 
 
-def code(cells: list[Cell], **kwargs: bool) -> str:
+def code(cells: list[Cell], keep_failures: bool = False) -> str:
     """The exported script without its header comments."""
-    text = export_cells(cells, **kwargs).text
+    text = export_cells(cells, keep_failures=keep_failures).text
     return "\n".join(line for line in text.splitlines() if not line.startswith("# A NixOS"))
 
 
