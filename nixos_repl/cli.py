@@ -161,6 +161,7 @@ def _run(args: argparse.Namespace, prog: str, script: Path | None) -> int:
             keep_machine_state=args.keep_machine_state,
             interactive=bool(getattr(args, "interactive", False)),
             debug_hook_attach=getattr(args, "debug_hook_attach", None),
+            pause_on_failure=bool(getattr(args, "pause_on_failure", False)),
         )
     except ConfigError as e:
         print(f"{prog}: error: {e}", file=sys.stderr)
@@ -226,8 +227,15 @@ def _parser() -> argparse.ArgumentParser:
         "--batch",
         metavar="FILE",
         type=Path,
-        help="run a nixpkgs testScript (.py) as nixos-test-driver does, then exit with its "
-        "status; the machines come from the options below",
+        help="run a nixpkgs testScript (.py), an IPython script (.ipy, cells split at '# %%%%') "
+        "or a notebook (.ipynb) as nixos-test-driver does, then exit with its status; the "
+        "machines come from the options below",
+    )
+    parser.add_argument(
+        "--pause-on-failure",
+        action="store_true",
+        help="with --batch: at a failure, open the REPL with the machines still up and the "
+        "script's names loaded; leaving it exits 1",
     )
     run_options = parser.add_argument_group(
         "machine options (of the REPL, --batch and notebook; as nixos-test-driver's)"
@@ -335,8 +343,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.batch is not None:
         if args.command is not None:
             parser.error("--batch runs a test script; it takes no command")
-        if args.batch.suffix in (".ipy", ".ipynb"):
-            print(f"nixos-repl: error: {args.batch}: only .py test scripts can run with --batch",
+        if args.batch.suffix not in (".py", ".ipy", ".ipynb", ""):
+            print(f"nixos-repl: error: {args.batch}: unknown format {args.batch.suffix!r}; "
+                  "--batch runs a .py test script, an .ipy file or an .ipynb notebook",
                   file=sys.stderr)  # fmt: skip
             return 2
         return _run(args, "nixos-repl", args.batch)
