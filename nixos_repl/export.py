@@ -42,6 +42,9 @@ __all__ = [
 
 log = logging.getLogger(__name__)
 
+# The tag of a notebook cell that runs (in Jupyter and --batch) but is not exported: set-up
+# that only the kernel needs, e.g. building guests when the kernel has no machines.
+NO_EXPORT = "no-export"
 FORMATS = ".jsonl (a session log), .ipynb (a notebook) or .ipy (IPython syntax)"
 
 
@@ -61,6 +64,7 @@ class Cell:
     finished: bool = True  # False: the session ended inside this cell
     actions: list[dict[str, Any]] = field(default_factory=list)
     first_line: int = 1  # the cell's first line in its file (.ipy)
+    export: bool = True  # False: a notebook cell tagged ``no-export`` (set-up for the kernel)
 
 
 # -- reading ---------------------------------------------------------------------------------
@@ -139,6 +143,9 @@ def read_notebook(path: Path) -> list[Cell]:
         source = raw.get("source", "")
         text = "".join(source) if isinstance(source, list) else str(source)
         cell = Cell(len(cells) + 1, text)
+        metadata = raw.get("metadata")
+        tags = metadata.get("tags", []) if isinstance(metadata, dict) else []
+        cell.export = NO_EXPORT not in tags
         errors = [o for o in raw.get("outputs", []) if o.get("output_type") == "error"]
         if errors:
             cell.ok = False
@@ -606,6 +613,8 @@ def export_cells(
     statements = commented = 0
     for cell in cells:
         block: list[str] = []
+        if not cell.export:
+            continue
         if not cell.finished:
             block.append(f"# cell {cell.number} was cut short; the actions it had finished:")
             for record in cell.actions:

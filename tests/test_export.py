@@ -230,3 +230,17 @@ def test_a_cut_last_line_is_ignored(tmp_path: Path) -> None:
         '{"kind": "cell_end", "cell": 1, "ok": true}\n{"kind": "act'
     )
     assert export_file(log, tmp_path / "t.py").statements == 1
+
+
+def test_a_cell_tagged_no_export_runs_but_is_not_exported(tmp_path: Path) -> None:
+    path = tmp_path / "t.ipynb"
+    cells = [
+        {"cell_type": "code", "metadata": {"tags": ["no-export"]}, "outputs": [],
+         "source": "from nixos_repl.guests import build_tiny"},
+        {"cell_type": "code", "metadata": {}, "outputs": [], "source": "%succeed vm1 true"},
+    ]  # fmt: skip
+    path.write_text(json.dumps({"cells": cells, "metadata": {}, "nbformat": 4}))
+    out = tmp_path / "t.py"
+    export_file(path, out)
+    assert "nixos_repl" not in out.read_text().replace("by nixos-repl", "")
+    assert 'vm1.succeed("true")' in out.read_text()
