@@ -25,8 +25,9 @@ CELLS = [
 
 def write_script(path: Path) -> None:
     if path.suffix == ".ipynb":
-        cells: list[dict[str, object]] = [{"cell_type": "code", "metadata": {}, "execution_count": None, "outputs": [],
-                  "source": c} for c in CELLS]  # fmt: skip
+        cells: list[dict[str, object]] = [
+            {"cell_type": "code", "metadata": {}, "outputs": [], "source": c} for c in CELLS
+        ]
         path.write_text(json.dumps({"cells": cells, "metadata": {}, "nbformat": 4,
                                     "nbformat_minor": 5}))  # fmt: skip
     else:
