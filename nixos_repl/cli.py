@@ -395,6 +395,10 @@ def _export(args: argparse.Namespace) -> int:
         return 1
     note = f", {exported.commented} left as comments" if exported.commented else ""
     print(f"wrote {args.output} ({exported.statements} statements{note})")
+    if exported.unknown:
+        names = ", ".join(exported.unknown)
+        print(f"nixos-repl: warning: {args.output} reads names that are neither nixpkgs' test "
+              f"symbols nor defined in it: {names}", file=sys.stderr)  # fmt: skip
     return 0
 
 

@@ -359,6 +359,8 @@ def magic_calls(
     if name == "keys":
         args = _parse("keys", line)
         return [f"{_var(args.name)}.send_key({py_str(k)})" for k in args.keys]
+    if name == "machines" and line.split()[:1] == ["add"]:
+        raise _NotExported("a test defines its machines (nodes.NAME; --start-scripts to replay)")
     if name in _SHOW_ONLY:
         raise _NotExported(_SHOW_ONLY[name])
     raise _NotExported(f"%{name} is not a nixos-repl machine magic")
@@ -592,11 +594,13 @@ def action_call(record: dict[str, Any]) -> tuple[str, set[str]]:
 
 @dataclass
 class Exported:
-    """A testScript and how many of its statements are code."""
+    """A testScript, how many of its statements are code and how many comments, and the names
+    it reads that are neither nixpkgs' nor defined in it (nor machines)."""
 
     text: str
     statements: int
     commented: int
+    unknown: list[str] = field(default_factory=list)
 
 
 def export_cells(
@@ -605,8 +609,13 @@ def export_cells(
     keep_failures: bool = False,
     source: str = "",
     machines: dict[str, str] | None = None,
+    vlans: Sequence[int] | None = None,
 ) -> Exported:
-    """The testScript for ``cells``; ExportError when nothing in them is code."""
+    """The testScript for ``cells``; ExportError when nothing in them is code.
+
+    ``machines`` (name -> start script, from a session log) and ``vlans`` go in the header's
+    replay line; names the script reads that nixpkgs does not define are listed there too.
+    """
     shots = _Screenshots()
     out: list[str] = []
     imports: set[str] = set()
@@ -627,7 +636,8 @@ def export_cells(
                     block.append(f"# failed: {call}: {record.get('error', 'error')}")
                     commented += 1
         else:
-            for stmt in translate_cell(cell.source, shots):
+            translated = translate_cell(cell.source, shots)
+            for stmt in translated:
                 failed_here = (
                     cell.ok is False
                     and cell.line is not None
@@ -637,7 +647,7 @@ def export_cells(
                     cell.ok is False and cell.line is not None and stmt.lines[0] > cell.line
                 )
                 unknown_failure = cell.ok is False and cell.line is None
-                if failed_here or (unknown_failure and len(_code(cell)) == 1):
+                if failed_here or (unknown_failure and len(translated) == 1):
                     opposite = _opposite(stmt.text) if keep_failures else None
                     if opposite is not None and stmt.problem is None:
                         block.append(f"# this failed in cell {cell.number} ({cell.error}):")
@@ -668,26 +678,96 @@ def export_cells(
             f"nothing to export: the session{where} has no machine action or code to replay "
             "(nothing was written)"
         )
+    body = "\n".join(out)
+    try:
+        compile(body, source or "<export>", "exec")
+    except SyntaxError as e:  # a defect here: say so rather than write a broken script
+        raise ExportError(
+            f"the exported script does not compile (line {e.lineno}: {e.msg})"
+        ) from None
+    known = {pythonize(m) for m in machines or {}}
+    used_machines, unknown = free_names(body, known)
     head = ["# A NixOS testScript (nixpkgs' test driver API), exported by nixos-repl"]
     if source:
         head.append(f"# from {source}")
     if machines:
         head.append("# machines: " + ", ".join(sorted(machines)))
         scripts = " ".join(machines[m] for m in sorted(machines))
-        head.append(f"# replay: nixos-repl --batch THIS_FILE --start-scripts {scripts}")
+        numbers = " ".join(str(v) for v in vlans or [])
+        head.append(
+            f"# replay: nixos-repl --batch THIS_FILE --start-scripts {scripts}"
+            + (f" --vlans {numbers}" if numbers else "")
+        )
+    elif used_machines:
+        head.append("# machines: " + ", ".join(sorted(used_machines)))
+    if unknown:
+        head.append(
+            "# note: not nixpkgs test symbols nor defined here: " + ", ".join(sorted(unknown))
+        )
     head += [f"import {name}" for name in sorted(imports)]
     text = "\n".join([*head, "", *out]).rstrip("\n") + "\n"
-    try:
-        compile(text, source or "<export>", "exec")
-    except SyntaxError as e:  # a defect here: say so rather than write a broken script
-        raise ExportError(
-            f"the exported script does not compile (line {e.lineno}: {e.msg})"
-        ) from None
-    return Exported(text, statements, commented)
+    return Exported(text, statements, commented, sorted(unknown))
 
 
-def _code(cell: Cell) -> list[Statement]:
-    return translate_cell(cell.source)
+# The globals nixpkgs gives a test script besides one per machine and ``vlan<N>``
+# (``Driver.symbol_names()``, and ``machine`` for a lone machine).
+NIXPKGS_SYMBOLS = frozenset(
+    "start_all test_script machines machines_qemu machines_nspawn vlans driver log os "
+    "create_machine subtest run_tests join_all retry serial_stdout_off serial_stdout_on "
+    "polling_condition BaseMachine QemuMachine NspawnMachine t debug dump_machine_ssh Machine "
+    "machine".split()
+)
+_VLAN = re.compile(r"vlan\d+\Z")
+
+
+def pythonize(name: str) -> str:
+    return _var(name)
+
+
+def free_names(text: str, machines: set[str]) -> tuple[set[str], set[str]]:
+    """Names ``text`` reads but never binds, beyond builtins and nixpkgs' symbols: the machines
+    (``machines``, or if none are known those used like one: ``x.succeed(...)``), and the
+    others."""
+    import builtins
+
+    from .machine import Machine
+
+    tree = ast.parse(text)
+    bound: set[str] = set()
+    loaded: dict[str, ast.Name] = {}
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Name):
+            if isinstance(node.ctx, ast.Load):
+                loaded.setdefault(node.id, node)
+            else:
+                bound.add(node.id)
+        elif isinstance(node, ast.FunctionDef | ast.AsyncFunctionDef | ast.ClassDef):
+            bound.add(node.name)
+        elif isinstance(node, ast.arg):
+            bound.add(node.arg)
+        elif isinstance(node, ast.Import | ast.ImportFrom):
+            bound |= {(a.asname or a.name).split(".")[0] for a in node.names}
+        elif isinstance(node, ast.ExceptHandler) and node.name:
+            bound.add(node.name)
+    methods = {name for name in dir(Machine) if not name.startswith("_")}
+    as_machine = {
+        node.value.id
+        for node in ast.walk(tree)
+        if isinstance(node, ast.Attribute)
+        and isinstance(node.value, ast.Name)
+        and node.attr in methods
+    }
+    free = {
+        name
+        for name in loaded
+        if name not in bound
+        and name not in NIXPKGS_SYMBOLS
+        and not _VLAN.match(name)
+        and not hasattr(builtins, name)
+    }
+    # with the machines known (a session log), only they are machines; else guess from use
+    used_machines = {n for n in free if n in machines or (not machines and n in as_machine)}
+    return used_machines, free - used_machines - machines
 
 
 def export_file(
@@ -710,6 +790,7 @@ def export_file(
         keep_failures=keep_failures,
         source=str(source),
         machines=header.get("machines") or None,
+        vlans=header.get("vlans") or None,
     )
     try:
         write_atomic(target, exported.text.encode())

@@ -168,9 +168,6 @@ class SessionLog:
             self.write(record)
         self.cell = None
 
-    def machine_added(self, name: str, start_command: str) -> None:
-        self._machines[name] = start_command
-
     def observe(self, action: Action) -> None:
         """The observer: one ``action`` record."""
         if not self.enabled:

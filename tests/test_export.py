@@ -244,3 +244,32 @@ def test_a_cell_tagged_no_export_runs_but_is_not_exported(tmp_path: Path) -> Non
     export_file(path, out)
     assert "nixos_repl" not in out.read_text().replace("by nixos-repl", "")
     assert 'vm1.succeed("true")' in out.read_text()
+
+
+def test_names_outside_nixpkgs_are_listed(tmp_path: Path) -> None:
+    from nixos_repl.config import DriverConfig
+    from nixos_repl.driver import Driver
+    from nixos_repl.export import NIXPKGS_SYMBOLS
+
+    driver = Driver(DriverConfig(), out_dir=tmp_path, tmp_dir=tmp_path)
+    assert set(driver.symbol_names()) | {"machine"} == NIXPKGS_SYMBOLS
+    cells = [
+        Cell(1, "import json\nfor m in machines:\n    m.succeed('true')\n"
+             "server.wait_for_unit('x')\nvlan1.stop()\ndata = json.loads(helper(vm1))"),
+        Cell(2, "%machines add vm3 ./run-vm3-vm\ndef f(a, *, b=2):\n    return a + b + len(data)"),
+    ]  # fmt: skip
+    exported = export_cells(cells)
+    assert exported.unknown == ["helper", "vm1"]
+    assert "# machines: server\n" in exported.text
+    assert "# note: not nixpkgs test symbols nor defined here: helper, vm1\n" in exported.text
+    assert "# not exported (%machines add vm3 ./run-vm3-vm: a test defines its machines" in (
+        exported.text
+    )
+    known = export_cells(cells[:1], machines={"vm1": "/x/run-vm1-vm"}, vlans=[1])
+    assert known.unknown == ["helper", "server"]
+    assert "--start-scripts /x/run-vm1-vm --vlans 1\n" in known.text
+    script = tmp_path / "t.ipy"
+    script.write_text("%succeed vm1 true\nprint(undefined_thing)\n")
+    result = cli("export", str(script), "-o", str(tmp_path / "t.py"))
+    assert result.returncode == 0
+    assert "warning: " in result.stderr and "undefined_thing" in result.stderr
