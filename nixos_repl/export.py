@@ -73,7 +73,8 @@ class Cell:
 def read_session_log(path: Path) -> tuple[dict[str, Any], list[Cell]]:
     """The header and the cells of a session log (the actions attached to their cells)."""
     header: dict[str, Any] = {}
-    cells: dict[int, Cell] = {}
+    ordered: list[Cell] = []
+    latest: dict[int, Cell] = {}  # a number may come again (a cell run without history)
     loose: list[dict[str, Any]] = []
     text = _read_text(path)
     lines = text.split("\n")
@@ -96,31 +97,36 @@ def read_session_log(path: Path) -> tuple[dict[str, Any], list[Cell]]:
                 "nixos-repl session log?"
             )
         kind = record["kind"]
-        if kind == "session":
-            header = header or record
-        elif kind == "cell":
-            cells[int(record["cell"])] = Cell(
-                int(record["cell"]), str(record.get("source", "")), finished=False
-            )
-        elif kind == "cell_end":
-            cell = cells.get(int(record["cell"]))
-            if cell is not None:
-                cell.finished = True
-                cell.ok = bool(record.get("ok"))
-                cell.error = record.get("error")
-                line_no = record.get("line")
-                cell.line = int(line_no) if line_no is not None else None
-        elif kind == "action":
-            number_ = record.get("cell")
-            if number_ is not None and int(number_) in cells:
-                cells[int(number_)].actions.append(record)
-            else:
-                loose.append(record)
+        try:
+            if kind == "session":
+                header = header or record
+            elif kind == "cell":
+                cell = Cell(int(record["cell"]), str(record.get("source", "")), finished=False)
+                latest[cell.number] = cell
+                ordered.append(cell)
+            elif kind == "cell_end":
+                cell_ = latest.get(int(record["cell"]))
+                if cell_ is not None:
+                    cell_.finished = True
+                    cell_.ok = bool(record.get("ok"))
+                    cell_.error = record.get("error")
+                    line_no = record.get("line")
+                    cell_.line = int(line_no) if line_no is not None else None
+            elif kind == "action":
+                number_ = record.get("cell")
+                if number_ is not None and int(number_) in latest:
+                    latest[int(number_)].actions.append(record)
+                else:
+                    loose.append(record)
+        except (KeyError, TypeError, ValueError):
+            raise ExportError(
+                f"{path}: line {number} is not a valid {kind!r} record; is this a nixos-repl "
+                "session log?"
+            ) from None
     if not header:
         raise ExportError(
             f"{path}: no session header; is this a nixos-repl session log (session-*.jsonl)?"
         )
-    ordered = sorted(cells.values(), key=lambda c: c.number)
     if loose:  # actions outside any cell (a library user's session): one cell of calls
         ordered.insert(0, Cell(0, "", finished=False, actions=loose))
     return header, ordered
@@ -781,8 +787,8 @@ def export_file(
     from .files import write_atomic
 
     header, cells = read_cells(source)
-    skip = set(skip_cells)
-    cells = [c for c in cells if c.number not in skip]
+    skip = set(skip_cells)  # the cell running the export: not finished yet
+    cells = [c for c in cells if c.finished or c.number not in skip]
     if not cells:
         raise ExportError(f"nothing to export: {source} has no cells (nothing was written)")
     exported = export_cells(

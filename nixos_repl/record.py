@@ -19,6 +19,7 @@ The lines (``kind`` tells them apart)::
 
 from __future__ import annotations
 
+import asyncio
 import datetime as dt
 import json
 import logging
@@ -75,6 +76,9 @@ def decode_value(value: Any) -> Any:
 
 
 def describe_error(error: BaseException) -> str:
+    """``Type: first line of the message`` (``interrupted`` for Ctrl-C and cancellation)."""
+    if isinstance(error, KeyboardInterrupt | asyncio.CancelledError):
+        return "interrupted"
     text = str(error).strip().splitlines()
     return f"{type(error).__name__}: {text[0]}" if text else type(error).__name__
 

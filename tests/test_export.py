@@ -273,3 +273,23 @@ def test_names_outside_nixpkgs_are_listed(tmp_path: Path) -> None:
     result = cli("export", str(script), "-o", str(tmp_path / "t.py"))
     assert result.returncode == 0
     assert "warning: " in result.stderr and "undefined_thing" in result.stderr
+
+
+def test_a_cell_number_that_comes_again_starts_a_new_cell(tmp_path: Path) -> None:
+    log = tmp_path / "s.jsonl"
+    records = [
+        {"kind": "session", "version": 1},
+        {"kind": "cell", "cell": 4, "source": "a = 1"},
+        {"kind": "cell_end", "cell": 4, "ok": True},
+        {"kind": "cell", "cell": 4, "source": "%succeed vm1 echo $a"},
+        {"kind": "action", "cell": 4, "machine": "vm1", "action": "succeed", "args": ["x"]},
+        {"kind": "cell_end", "cell": 4, "ok": True},
+        {"kind": "cell", "cell": 5, "source": "%export t.py"},
+    ]
+    log.write_text("".join(json.dumps(r) + "\n" for r in records))
+    exported = export_file(log, tmp_path / "t.py", skip_cells=[5])
+    assert exported.statements == 2
+    assert 'a = 1\n\n# cell 4\nvm1.succeed("echo $a")\n' in (tmp_path / "t.py").read_text()
+    log.write_text('{"kind": "session"}\n{"kind": "cell"}\n')
+    with pytest.raises(ExportError, match="line 2 is not a valid 'cell' record"):
+        export_file(log, tmp_path / "t.py")
