@@ -83,6 +83,14 @@ def test_the_export_of_a_notebook_replays_green(guest_dir: Path, dirs: tuple[Pat
     assert result.junit() == {"main": None}
 
 
+def test_the_export_notebook_runs_in_batch(guest_dir: Path, dirs: tuple[Path, Path]) -> None:
+    out, runtime = dirs
+    notebooks = Path(__file__).parent.parent / "notebooks"
+    result = batch(notebooks / "export.ipynb", guest_dir, out, runtime)
+    assert result.returncode == 0, result.stderr
+    assert not (out / "testScript.py").exists()  # %export does nothing in a batch run
+
+
 def test_a_failing_cell_is_named_with_its_line(guest_dir: Path, dirs: tuple[Path, Path]) -> None:
     out, runtime = dirs
     path = notebook(

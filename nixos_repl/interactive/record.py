@@ -116,6 +116,8 @@ class RecordMagics(Magics):
             args = parse_argstring(self.record, line)
         except UsageError as e:
             raise UsageError(f"{e}\n{usage(self.record)}") from None
+        if self.recording is None and not self.session.driver.interactive:
+            return Output("not recording: a --batch run is not recorded")
         log = self._log()
         if (args.outputs and args.no_outputs) or (args.on and args.off):
             raise UsageError(f"contradictory options\n{usage(self.record)}")
@@ -149,6 +151,9 @@ class RecordMagics(Magics):
             args = parse_argstring(self.export, line)
         except UsageError as e:
             raise UsageError(f"{e}\n{usage(self.export)}") from None
+        if self.recording is None and not self.session.driver.interactive:
+            # a notebook replayed by --batch: the run itself is the test; nothing to export
+            return Output(f"not exported: a --batch run is not recorded ({args.file} untouched)")
         log = self._log()
         if not log.path.exists():
             raise UsageError("nothing to export: no cell has run in this session yet")
