@@ -201,7 +201,12 @@ class SessionLog:
                 record["status"] = int(match.group(1))
             elif action.action == "fail" and "unexpectedly succeeded" in str(error):
                 record["status"] = 0
-        elif action.action == "execute" and isinstance(result, tuple) and len(result) == 2:
+        elif (  # execute, systemctl, start_job...: (status, output)
+            isinstance(result, tuple)
+            and len(result) == 2
+            and isinstance(result[0], int)
+            and isinstance(result[1], str)
+        ):
             record["status"] = result[0]
             self._output(record, result[1])
         elif action.action == "succeed":

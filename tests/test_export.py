@@ -293,3 +293,13 @@ def test_a_cell_number_that_comes_again_starts_a_new_cell(tmp_path: Path) -> Non
     log.write_text('{"kind": "session"}\n{"kind": "cell"}\n')
     with pytest.raises(ExportError, match="line 2 is not a valid 'cell' record"):
         export_file(log, tmp_path / "t.py")
+
+
+def test_any_status_and_output_pair_is_recorded_as_status_and_size(tmp_path: Path) -> None:
+    log = SessionLog(tmp_path / "s.jsonl")
+    log.observe(Action("vm1", "systemctl", ("is-active x",), {}, 0.0, result=(3, "inactive\n")))
+    log.observe(Action("vm1", "get_unit_info", ("x",), {}, 0.0, result={"Id": "secret"}))
+    log.close()
+    lines = [json.loads(line) for line in (tmp_path / "s.jsonl").read_text().splitlines()]
+    assert lines[1]["status"] == 3 and lines[1]["output_size"] == 9
+    assert "inactive" not in json.dumps(lines[1]) and "secret" not in json.dumps(lines[2])
