@@ -581,8 +581,6 @@ def _opposite(text: str) -> str | None:
 
 def action_call(record: dict[str, Any]) -> tuple[str, set[str]]:
     """A recorded action as the call it was: ``vm1.succeed("true")``."""
-    from .record import decode_value  # noqa: F401 - the format's other half
-
     imports: set[str] = set()
     parts = []
     for arg in record.get("args", []):
