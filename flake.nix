@@ -33,6 +33,7 @@
         default = {
           type = "app";
           program = lib.getExe self.packages.${pkgs.stdenv.hostPlatform.system}.default;
+          meta.description = "The nixos-repl REPL (machine options as nixos-test-driver's)";
         };
       });
 

@@ -90,6 +90,7 @@ let
   app = drv: {
     type = "app";
     program = "${drv}/bin/${drv.name}";
+    inherit (drv) meta;
   };
 in
 rec {

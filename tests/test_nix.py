@@ -168,6 +168,7 @@ def test_console_scripts_and_app(summary: Any) -> None:
     assert summary["package"]["mainProgram"] == "nixos-repl"
     assert summary["app"]["type"] == "app"
     assert summary["app"]["program"].endswith("-nixos-repl-0.1.0/bin/nixos-repl")
+    assert "REPL" in summary["app"]["description"]  # apps carry meta.description
 
 
 def test_runtime_tools_are_on_the_wrapped_path(summary: Any) -> None:
@@ -226,6 +227,9 @@ def test_repl_and_notebook_apps_run_on_the_tests_machines(summary: Any, tmp_path
     lib = summary["lib"]
     assert lib["repl"]["type"] == "app"
     assert lib["repl"]["program"].endswith("/bin/" + lib["replPackage"]["name"])
+    assert lib["repl"]["description"] == (
+        "nixos-repl repl on the machines of the NixOS test nixos-repl-example"
+    )
     config = json.loads(lib["interactiveConfig"])
     assert sorted(config["vms"]) == ["client", "server"]
     assert "nixos-vm-qemu/bin/run-server-vm" in config["vms"]["server"]["start_script"]

@@ -54,6 +54,7 @@ let
   };
   app = a: {
     inherit (a) type program;
+    description = a.meta.description;
   };
 
   template = import (root + "/templates/default/flake.nix");
