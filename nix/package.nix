@@ -72,7 +72,7 @@ let
     "${sitePackages}:${py.makePythonPath pythonDeps}"
   ];
 
-  module = py.buildPythonPackage {
+  package = py.buildPythonApplication {
     pname = project.name;
     inherit (project) version;
     pyproject = true;
@@ -124,7 +124,9 @@ let
 
     passthru = {
       inherit enableOCR enableNspawn runtimeTools;
-      devPython = py.python.withPackages (_: [ module ] ++ notebook ++ dev);
+      # Python with nixos-repl as a module and its notebook and dev extras (the devShell, the
+      # tests check).
+      devPython = py.python.withPackages (_: [ (py.toPythonModule package) ] ++ notebook ++ dev);
     };
 
     meta = {
@@ -135,4 +137,4 @@ let
     };
   };
 in
-py.toPythonApplication module
+package

@@ -279,7 +279,7 @@ def test_checks(summary: Any) -> None:
     assert sorted(checks) == ["package", "tests", "vm-batch", "vm-test-driver"]
     for name in ("vm-batch", "vm-test-driver"):
         assert "kvm" in checks[name]["requiredSystemFeatures"], name
-    assert checks["package"]["name"] == "python3.13-nixos-repl-0.1.0"
+    assert checks["package"]["name"] == "nixos-repl-0.1.0"
     tests = checks["tests"]["buildCommand"]
     assert 'pytest -q -p no:cacheprovider -m "not vm"' in tests
     assert "mypy --strict nixos_repl test_driver tests bench" in tests

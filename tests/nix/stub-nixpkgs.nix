@@ -125,6 +125,22 @@ let
     "numpy"
   ];
 
+  # What buildPythonPackage and buildPythonApplication check and record (not a nixpkgs name: it
+  # stays out of the package set).
+  buildPython =
+    py: namePrefix: args:
+    assert args.pyproject or false || throw "buildPythonPackage: pyproject = true is expected";
+    assert args ? src || throw "buildPythonPackage: no src";
+    assert args.build-system or [ ] != [ ] || throw "buildPythonPackage: no build-system";
+    fakeDrv "${namePrefix}${args.pname}-${args.version}" (
+      removeAttrs args [ "passthru" ]
+      // args.passthru or { }
+      // {
+        pythonModule = py.python;
+        requiredPythonModules = args.dependencies or [ ];
+      }
+    );
+
   pythonPackagesFor =
     pkgs:
     fix (
@@ -146,21 +162,10 @@ let
           }:
           fakeDrv "${pname}-${version}.tar.gz" { inherit hash; };
         makePythonPath = lib.makeSearchPath py.python.sitePackages;
-        buildPythonPackage =
-          args:
-          assert args.pyproject or false || throw "buildPythonPackage: pyproject = true is expected";
-          assert args ? src || throw "buildPythonPackage: no src";
-          assert args.build-system or [ ] != [ ] || throw "buildPythonPackage: no build-system";
-          fakeDrv "python3.13-${args.pname}-${args.version}" (
-            removeAttrs args [ "passthru" ]
-            // args.passthru or { }
-            // {
-              pythonModule = py.python;
-              requiredPythonModules = args.dependencies or [ ];
-            }
-          );
-        buildPythonApplication = args: py.toPythonApplication (py.buildPythonPackage args);
-        toPythonApplication = drv: drv // { isPythonApplication = true; };
+        buildPythonPackage = buildPython py "python3.13-";
+        # Applications have no interpreter prefix in their name.
+        buildPythonApplication = args: buildPython py "" args // { isPythonApplication = true; };
+        toPythonModule = drv: drv // { isPythonModule = true; };
       }
       // lib.genAttrs pythonNames (
         n:
