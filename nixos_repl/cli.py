@@ -308,6 +308,19 @@ def _parser() -> argparse.ArgumentParser:
         metavar="DIR",
         help="the machine's state directory (%%shell NAME in a notebook prints it)",
     )
+    console = commands.add_parser(
+        "console",
+        help="a terminal on a running kernel (a notebook's): same machines, same namespace",
+    )
+    console.add_argument(
+        "--existing",
+        nargs="?",
+        const="",
+        required=True,
+        metavar="CONNECTION_FILE",
+        help="the kernel's connection file (a notebook cell shows it with %%connect_info; "
+        "default: the newest kernel's)",
+    )
     return parser
 
 
@@ -328,7 +341,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         from .interactive.tour import run_demo as run_demo_repl
 
         return run_demo_repl(Path("demo-out"), verbose=args.verbose)
-    if args.command in (None, "notebook", "kernel", "shell"):
+    if args.command in (None, "notebook", "kernel", "shell", "console"):
         return _interactive(args)
     quiet = args.command == "demo" and not args.verbose
     logging.basicConfig(
@@ -367,6 +380,10 @@ def _interactive(args: argparse.Namespace) -> int:
             print(install(user=not (args.sys_prefix or args.prefix), prefix=args.prefix,
                           sys_prefix=args.sys_prefix))  # fmt: skip
             return 0
+        if args.command == "console":
+            from .interactive.console import run_console
+
+            return run_console(args.existing or None)
         if args.command == "shell":
             from .interactive.guestshell import attach_standalone
 
