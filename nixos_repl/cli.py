@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import functools
 import logging
 import os
 import sys
@@ -401,6 +402,7 @@ def _interactive(args: argparse.Namespace) -> int:
 
         keep = bool(getattr(args, "keep_machine_state", False))
         driver = Driver(config, out_dir=out_dir, keep_machine_state=keep, interactive=True)
+        driver.config_source = functools.partial(_config, args)  # what rebuild() re-reads
         return run_repl(driver, verbose=args.verbose)
     except ConfigError as e:
         print(f"nixos-repl: error: {e}", file=sys.stderr)

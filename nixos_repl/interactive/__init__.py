@@ -25,6 +25,7 @@ def load_ipython_extension(ip: Any) -> None:
     """Load the extension into ``ip`` (an IPython InteractiveShell)."""
     from .completion import make_matcher
     from .magics import NixosMagics
+    from .redeploy import RebuildMagics
     from .report import HANDLED, machine_details, make_handler
     from .watch import WatchMagics
 
@@ -37,6 +38,7 @@ def load_ipython_extension(ip: Any) -> None:
     magics = NixosMagics(ip, session)
     ip.register_magics(magics)
     ip.register_magics(WatchMagics(ip, session))
+    ip.register_magics(RebuildMagics(ip, session))
 
     def parser_of(name: str) -> argparse.ArgumentParser | None:
         method = ip.magics_manager.magics["line"].get(name) or ip.magics_manager.magics["cell"].get(
