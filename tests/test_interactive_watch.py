@@ -12,9 +12,10 @@ from typing import Any
 import pytest
 from jupyter_client.manager import start_new_kernel
 
+from .test_interactive_browser import CHROMEDRIVER, CHROMIUM, TOKEN, browser, lab, notebook
 from .test_interactive_kernel import jupyter_path, kernel_env, machines_config
 
-__all__ = ["jupyter_path"]
+__all__ = ["browser", "jupyter_path", "lab"]
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 
@@ -211,3 +212,84 @@ def test_bad_input(kernel: Recorder) -> None:
     assert status == "error"
     assert "start it with %start vm2" in text(outputs)
     assert k.run("%succeed vm1 echo still-fine")[0] == "ok"
+
+
+def test_jupyterlab_updates_the_watched_screen_in_place(
+    lab: tuple[str, Path], browser: Any, tmp_path: Path
+) -> None:
+    """In a real JupyterLab: the %watch cell's image changes when a later cell types, and stays
+    one image (updated in place, not appended)."""
+    if CHROMIUM is None or CHROMEDRIVER is None:
+        pytest.skip("needs Debian's chromium and chromium-driver")
+    from selenium.webdriver.common.action_chains import ActionChains
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.common.keys import Keys
+    from selenium.webdriver.support import expected_conditions as ec
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    url, _ = lab
+    notebook(
+        tmp_path / "work" / "watch.ipynb",
+        "%start vm1\n%succeed vm1 echo 0 > /sys/class/graphics/fbcon/cursor_blink\n"
+        "%watch vm1 --interval 100",
+        "%type vm1 echo typed after the watch\\n",
+    )
+    browser.get(f"{url}/lab/tree/watch.ipynb?token={TOKEN}")
+    wait = WebDriverWait(browser, 120)
+    editor = wait.until(
+        ec.element_to_be_clickable((By.CSS_SELECTOR, ".jp-NotebookPanel .jp-Cell .cm-content"))
+    )
+    editor.click()
+
+    def shift_enter() -> None:
+        ActionChains(browser).key_down(Keys.SHIFT).send_keys(Keys.ENTER).key_up(
+            Keys.SHIFT
+        ).perform()
+
+    first_cell = ".jp-NotebookPanel .jp-CodeCell:nth-child(1) .jp-OutputArea-output img"
+    shift_enter()
+    image = WebDriverWait(browser, 180).until(
+        ec.presence_of_element_located((By.CSS_SELECTOR, first_cell))
+    )
+    before = str(image.get_attribute("src"))
+    assert before.startswith("data:image/png")
+    time.sleep(1)  # idle: the image stays as it is
+    assert str(browser.find_element(By.CSS_SELECTOR, first_cell).get_attribute("src")) == before
+    shift_enter()  # the second cell types on vm1's screen
+    WebDriverWait(browser, 60).until(
+        lambda b: str(b.find_element(By.CSS_SELECTOR, first_cell).get_attribute("src")) != before
+    )
+    assert len(browser.find_elements(By.CSS_SELECTOR, first_cell)) == 1
+    browser.save_screenshot(str(tmp_path / "jupyterlab-watch.png"))
+
+
+def test_watch_outside_jupyter_says_so(guest_dir: Path, tmp_path: Path) -> None:
+    """In a shell without a kernel (the terminal REPL's), %watch says it needs Jupyter."""
+    from IPython.core.interactiveshell import InteractiveShell
+    from IPython.utils.capture import capture_output
+
+    from nixos_repl import Driver, DriverConfig, MachineConfig
+    from nixos_repl.interactive import session as session_mod
+    from nixos_repl.interactive.live import PlainSink
+    from nixos_repl.interactive.session import Session
+
+    config = DriverConfig(vms={"vm1": MachineConfig("vm1", guest_dir / "run-vm1-vm")})
+    rt = tmp_path / "rt"
+    rt.mkdir()
+    driver = Driver(config, out_dir=tmp_path, interactive=True, tmp_dir=rt)
+    session = Session(driver, PlainSink())
+    session_mod.set_current(session)
+    ip: Any = InteractiveShell.instance()
+    ip.history_manager.enabled = False
+    ip.extension_manager.load_extension("nixos_repl")
+    try:
+        with capture_output() as captured:
+            result = ip.run_cell("%watch vm1")
+        assert not result.success
+        assert "%watch shows a live screen in Jupyter only" in captured.stderr + captured.stdout
+        assert "use %screenshot vm1" in captured.stderr + captured.stdout
+        assert driver.registry["vm1"].state == "defined"  # nothing was started
+    finally:
+        ip.extension_manager.unload_extension("nixos_repl")
+        InteractiveShell.clear_instance()
+        session.close()
