@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import contextvars
 import datetime as dt
 import logging
 import time
@@ -14,7 +15,10 @@ from ..errors import RequestedAssertionFailed
 __all__ = [
     "DEFAULT_TIMEOUT",
     "Duration",
+    "attempt_bound",
+    "attempt_expired",
     "backoff",
+    "bounded",
     "nested",
     "poll_until",
     "seconds",
@@ -82,12 +86,60 @@ def timed_out(start: float, timeout: float, detail: str = "") -> RequestedAssert
     )
 
 
-async def poll_until(check: Callable[[bool], Awaitable[bool]], timeout: float) -> None:
-    """nixpkgs' ``retry`` for machine waits: try until the deadline, then one last try."""
+# The monotonic time at which the current attempt of a retry loop ends, if it has a bound.
+_attempt_deadline: contextvars.ContextVar[float | None] = contextvars.ContextVar(
+    "attempt_deadline", default=None
+)
+
+
+@contextlib.contextmanager
+def attempt_bound(limit: float | None) -> Iterator[None]:
+    """Within the block, guest commands are cut (status 124) once ``limit`` seconds have passed.
+
+    This is ``attempt_timeout`` of nixpkgs' in-flight retry change: one blocking probe cannot
+    eat a wait's whole budget. The bound follows the context, into the I/O loop as well.
+    """
+    if limit is None:
+        yield
+        return
+    token = _attempt_deadline.set(time.monotonic() + limit)
+    try:
+        yield
+    finally:
+        _attempt_deadline.reset(token)
+
+
+def bounded(timeout: float | None) -> float | None:
+    """A command's ``timeout`` capped by the enclosing attempt's bound, if any."""
+    deadline = _attempt_deadline.get()
+    if deadline is None:
+        return timeout
+    left = max(deadline - time.monotonic(), 0.01)
+    return left if timeout is None else min(timeout, left)
+
+
+def attempt_expired() -> bool:
+    """Whether the enclosing attempt's bound has passed (its commands were cut)."""
+    deadline = _attempt_deadline.get()
+    return deadline is not None and time.monotonic() >= deadline
+
+
+async def poll_until(
+    check: Callable[[bool], Awaitable[bool]], timeout: float, attempt_timeout: float | None = None
+) -> None:
+    """nixpkgs' ``retry`` for machine waits: try until the deadline, then one last try.
+
+    With ``attempt_timeout``, guest commands of each try are cut after that many seconds.
+    """
     start = time.monotonic()
+
+    async def attempt(last_try: bool) -> bool:
+        with attempt_bound(attempt_timeout):
+            return await check(last_try)
+
     for pause in backoff(timeout):
-        if await check(False):
+        if await attempt(False):
             return
         await asyncio.sleep(pause)
-    if not await check(True):
+    if not await attempt(True):
         raise timed_out(start, timeout)
