@@ -221,6 +221,7 @@ def test_jupyterlab_updates_the_watched_screen_in_place(
     one image (updated in place, not appended)."""
     if CHROMIUM is None or CHROMEDRIVER is None:
         pytest.skip("needs Debian's chromium and chromium-driver")
+    from selenium.common.exceptions import StaleElementReferenceException
     from selenium.webdriver.common.action_chains import ActionChains
     from selenium.webdriver.common.by import By
     from selenium.webdriver.common.keys import Keys
@@ -239,6 +240,10 @@ def test_jupyterlab_updates_the_watched_screen_in_place(
     editor = wait.until(
         ec.element_to_be_clickable((By.CSS_SELECTOR, ".jp-NotebookPanel .jp-Cell .cm-content"))
     )
+    # The kernel first: keys sent while it starts may be lost.
+    WebDriverWait(browser, 120).until(
+        lambda b: "nixos-repl | Idle" in b.find_element(By.CSS_SELECTOR, "body").text
+    )
     editor.click()
 
     def shift_enter() -> None:
@@ -248,15 +253,23 @@ def test_jupyterlab_updates_the_watched_screen_in_place(
 
     first_cell = ".jp-NotebookPanel .jp-CodeCell:nth-child(1) .jp-OutputArea-output img"
     shift_enter()
-    image = WebDriverWait(browser, 180).until(
-        ec.presence_of_element_located((By.CSS_SELECTOR, first_cell))
-    )
+    try:
+        image = WebDriverWait(browser, 180).until(
+            ec.presence_of_element_located((By.CSS_SELECTOR, first_cell))
+        )
+    except Exception:
+        browser.save_screenshot(str(tmp_path / "jupyterlab-watch-failed.png"))
+        outputs = browser.find_elements(By.CSS_SELECTOR, ".jp-OutputArea-output")
+        raise AssertionError(
+            "no image in the %watch cell; outputs: " + repr([o.text for o in outputs])
+        ) from None
     before = str(image.get_attribute("src"))
     assert before.startswith("data:image/png")
     time.sleep(1)  # idle: the image stays as it is
     assert str(browser.find_element(By.CSS_SELECTOR, first_cell).get_attribute("src")) == before
     shift_enter()  # the second cell types on vm1's screen
-    WebDriverWait(browser, 60).until(
+    # JupyterLab replaces the <img> on each update: a found element may go stale at once.
+    WebDriverWait(browser, 60, ignored_exceptions=(StaleElementReferenceException,)).until(
         lambda b: str(b.find_element(By.CSS_SELECTOR, first_cell).get_attribute("src")) != before
     )
     assert len(browser.find_elements(By.CSS_SELECTOR, first_cell)) == 1
