@@ -396,7 +396,13 @@ def _interactive(args: argparse.Namespace) -> int:
             from .interactive.notebook import run_notebook
 
             extra = [a for a in args.jupyter_args if a != "--"]
-            return run_notebook(config, out_dir, open_browser=not args.no_browser, extra=extra)
+            return run_notebook(
+                config,
+                out_dir,
+                open_browser=not args.no_browser,
+                extra=extra,
+                config_file=getattr(args, "config", None),  # kernels re-read it on rebuild()
+            )
         from .driver import Driver
         from .interactive.repl import run_repl
 

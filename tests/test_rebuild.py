@@ -201,3 +201,15 @@ def test_rebuild_magic_without_a_config_file(guest_dir: Path, tmp_path: Path) ->
         ip.extension_manager.unload_extension("nixos_repl")
         InteractiveShell.clear_instance()
         session.close()
+
+
+def test_notebook_kernels_read_the_config_file_itself(guest_dir: Path, tmp_path: Path) -> None:
+    """``nixos-repl notebook --config FILE``: kernels get FILE, so a rebuild re-reads it."""
+    from nixos_repl.interactive.notebook import notebook_env
+
+    config = config_json(tmp_path / "config.json", {"vm1": guest_dir / "run-vm1-vm"}, [1])
+    loaded = load_driver_configuration(config)
+    env = notebook_env(loaded, tmp_path / "server", config)
+    assert env["NIXOS_REPL_CONFIG"] == str(config.absolute())
+    copied = notebook_env(loaded, tmp_path / "server2")
+    assert copied["NIXOS_REPL_CONFIG"] == str(tmp_path / "server2" / "driverConfiguration.json")
