@@ -36,6 +36,7 @@ from .config import DriverConfig
 from .errors import MachineError, PollingConditionError, RequestedAssertionFailed
 from .logs import AbstractLogger, DriverLogger
 from .machine import DEFAULT_TIMEOUT, BaseMachine, Machine, QemuMachine
+from .machine.actions import observing
 from .machine.timing import attempt_bound
 from .registry import Registry, get_tmp_dir
 from .vlan import VLan
@@ -431,8 +432,9 @@ class Driver:
 
     def start_all(self) -> None:
         """Start every machine, in parallel; does not wait for them to boot."""
-        with self.logger.nested("start all VMs"):
-            self.registry.start_all()
+        with observing(self.registry.observers, None, "start_all"):
+            with self.logger.nested("start all VMs"):
+                self.registry.start_all()
 
     def join_all(self) -> None:
         """Wait for every machine to shut down (and stop the global timeout)."""
