@@ -483,7 +483,13 @@ class Driver:
         """
         from .rebuild import rebuild
 
-        return rebuild(self, cmd, config)
+        # One action: the machines it restarts are not recorded on their own.
+        kwargs = {"config": str(config)} if config is not None else {}
+        with observing(self.registry.observers, None, "rebuild", (cmd,), kwargs) as action:
+            result = rebuild(self, cmd, config)
+            if action is not None:
+                action.result = result.summary()
+            return result
 
     # -- logging -------------------------------------------------------------------------------
 

@@ -118,7 +118,14 @@ def test_rebuild_redeploys_what_changed(guest_dir: Path, tmp_path: Path, lines: 
         old_vlan = ns["vlan1"]
         assert "deploy=v1" in ns["vm1"].succeed("cat /proc/cmdline")
 
+        actions: list[Any] = []
+        driver.registry.observers.append(actions.append)
         result = ns["rebuild"](f"sh {build}")
+        # One recorded action: the machines it restarted are not recorded on their own.
+        assert [(a.machine, a.action, a.args) for a in actions] == [
+            (None, "rebuild", (f"sh {build}",))
+        ]
+        driver.registry.observers.remove(actions.append)
 
         assert isinstance(result, Redeploy)
         assert result.restarted == ["vm1"] and result.added == ["solo"]
