@@ -24,6 +24,22 @@ os.environ["XDG_RUNTIME_DIR"] = tempfile.mkdtemp(prefix="nixos-repl-tests-")
 logging.getLogger("qemu.qmp").setLevel(logging.WARNING)
 
 
+REPO = Path(__file__).resolve().parents[1]
+
+
+def _repo_files() -> set[str]:
+    return {p.name for p in REPO.iterdir()}
+
+
+@pytest.fixture(scope="session", autouse=True)
+def nothing_left_in_the_checkout() -> Iterator[None]:
+    """Tests write into temporary directories: a screenshot or log in the checkout is a leak."""
+    before = _repo_files()
+    yield
+    leaked = sorted(_repo_files() - before)
+    assert not leaked, f"tests left files in {REPO}: {leaked}"
+
+
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     for item in items:
         if "guest_dir" in getattr(item, "fixturenames", ()):
