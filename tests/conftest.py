@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 import os
+import subprocess
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
@@ -28,7 +29,12 @@ REPO = Path(__file__).resolve().parents[1]
 
 
 def _repo_files() -> set[str]:
-    return {p.name for p in REPO.iterdir()}
+    """Files in the checkout that git neither tracks nor ignores."""
+    listing = subprocess.run(
+        ["git", "ls-files", "--others", "--exclude-standard"],
+        cwd=REPO, capture_output=True, text=True, check=False,
+    )  # fmt: skip
+    return set(listing.stdout.splitlines())
 
 
 @pytest.fixture(scope="session", autouse=True)
