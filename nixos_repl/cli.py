@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import functools
 import logging
 import os
 import sys
@@ -334,6 +335,19 @@ def _parser() -> argparse.ArgumentParser:
         metavar="DIR",
         help="the machine's state directory (%%shell NAME in a notebook prints it)",
     )
+    console = commands.add_parser(
+        "console",
+        help="a terminal on a running kernel (a notebook's): same machines, same namespace",
+    )
+    console.add_argument(
+        "--existing",
+        nargs="?",
+        const="",
+        required=True,
+        metavar="CONNECTION_FILE",
+        help="the kernel's connection file (a notebook cell shows it with %%connect_info; "
+        "default: the newest kernel's)",
+    )
     return parser
 
 
@@ -355,7 +369,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         from .interactive.tour import run_demo as run_demo_repl
 
         return run_demo_repl(Path("demo-out"), verbose=args.verbose)
-    if args.command in (None, "notebook", "kernel", "shell"):
+    if args.command in (None, "notebook", "kernel", "shell", "console"):
         return _interactive(args)
     if args.command == "export":
         return _export(args)
@@ -414,6 +428,10 @@ def _interactive(args: argparse.Namespace) -> int:
             print(install(user=not (args.sys_prefix or args.prefix), prefix=args.prefix,
                           sys_prefix=args.sys_prefix))  # fmt: skip
             return 0
+        if args.command == "console":
+            from .interactive.console import run_console
+
+            return run_console(args.existing or None)
         if args.command == "shell":
             from .interactive.guestshell import attach_standalone
 
@@ -425,12 +443,19 @@ def _interactive(args: argparse.Namespace) -> int:
             from .interactive.notebook import run_notebook
 
             extra = [a for a in args.jupyter_args if a != "--"]
-            return run_notebook(config, out_dir, open_browser=not args.no_browser, extra=extra)
+            return run_notebook(
+                config,
+                out_dir,
+                open_browser=not args.no_browser,
+                extra=extra,
+                config_file=getattr(args, "config", None),  # kernels re-read it on rebuild()
+            )
         from .driver import Driver
         from .interactive.repl import run_repl
 
         keep = bool(getattr(args, "keep_machine_state", False))
         driver = Driver(config, out_dir=out_dir, keep_machine_state=keep, interactive=True)
+        driver.config_source = functools.partial(_config, args)  # what rebuild() re-reads
         return run_repl(driver, verbose=args.verbose)
     except ConfigError as e:
         print(f"nixos-repl: error: {e}", file=sys.stderr)

@@ -137,6 +137,14 @@ class Registry:
         self._machines[name] = machine
         return machine
 
+    def remove(self, name: str) -> Machine:
+        """Forget a machine (stop it first: a running one is refused)."""
+        machine = self[name]
+        if machine.booted:
+            raise MachineError(f"{name} is {machine.state}: stop it before removing it")
+        del self._machines[name]
+        return machine
+
     def watch(self, callback: Callable[[Machine], None]) -> None:
         """Call ``callback(machine)`` after every state change (on the I/O thread: be quick)."""
         self._watchers.append(callback)

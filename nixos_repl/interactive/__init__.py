@@ -26,7 +26,9 @@ def load_ipython_extension(ip: Any) -> None:
     from .completion import make_matcher
     from .magics import NixosMagics
     from .record import install as install_recording
+    from .redeploy import RebuildMagics
     from .report import HANDLED, machine_details, make_handler
+    from .watch import WatchMagics
 
     if id(ip) in _loaded:
         return
@@ -36,6 +38,8 @@ def load_ipython_extension(ip: Any) -> None:
     session.driver.adopt_namespace(ip.user_ns)
     magics = NixosMagics(ip, session)
     ip.register_magics(magics)
+    ip.register_magics(WatchMagics(ip, session))
+    ip.register_magics(RebuildMagics(ip, session))
 
     def parser_of(name: str) -> argparse.ArgumentParser | None:
         method = ip.magics_manager.magics["line"].get(name) or ip.magics_manager.magics["cell"].get(
