@@ -39,6 +39,7 @@ let
     py.textual-image
     py.rich
     py.jupyter-client
+    py.jupyter-console
   ];
   notebook = [ py.jupyterlab ];
   dev = [

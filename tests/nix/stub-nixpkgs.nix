@@ -113,6 +113,7 @@ let
     "textual-image"
     "rich"
     "jupyter-client"
+    "jupyter-console"
     "jupyterlab"
     "pytest"
     "pytest-timeout"
