@@ -17,6 +17,7 @@ APT_PACKAGES=(
     tesseract-ocr tesseract-ocr-eng   # OCR
     tmux                              # tests drive the terminal REPL through it
     chromium chromium-driver          # tests open JupyterLab in headless chromium
+    nix-bin                           # tests parse flake.nix and evaluate it against a stub nixpkgs
 )
 
 need_root() {

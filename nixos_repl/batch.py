@@ -11,14 +11,16 @@ from __future__ import annotations
 
 import logging
 import os
+import shutil
 import signal
 import sys
+import tempfile
 import threading
 import time
 from pathlib import Path
 
 from .config import DriverConfig, check_config
-from .driver import Debug, DebugAbstract, DebugNop, Driver
+from .driver import Debug, DebugAbstract, DebugNop, Driver, get_tmp_dir
 from .errors import ConfigError
 from .export import ExportError
 from .logs import (
@@ -30,6 +32,7 @@ from .logs import (
     XMLLogHandler,
     attach,
 )
+from .machine.process import SOCKETS
 from .replay import CellScript, CellSyntaxError, is_cell_script
 
 __all__ = ["interact", "pause", "run"]
@@ -81,8 +84,16 @@ def run(
         debug: DebugAbstract = (
             Debug(logger, debug_hook_attach) if debug_hook_attach is not None else DebugNop()
         )
+        private: Path | None = None
         try:
-            driver = Driver(config, out_dir, logger, keep_machine_state, interactive, debug=debug)
+            if not interactive and not keep_machine_state:
+                private = private_tmp_dir(config)
+            driver = Driver(
+                config, out_dir, logger, keep_machine_state, interactive, debug=debug,
+                tmp_dir=private,
+            )  # fmt: skip
+            if private is not None:
+                driver.on_terminate.append(lambda: shutil.rmtree(private, ignore_errors=True))
             if cells is not None:
                 try:
                     cells.compile()
@@ -122,7 +133,42 @@ def run(
         except Exception:
             log.exception("the test script failed with an unexpected error")
             return 1
+        finally:
+            if private is not None:
+                shutil.rmtree(private, ignore_errors=True)
     return 0
+
+
+# A UNIX socket path holds at most 107 bytes (sun_path is 108 with its NUL).
+SOCKET_PATH_MAX = 107
+# The longest socket name in a machine's state directory, and mkdtemp's name length (prefix "").
+LONGEST_SOCKET = max(len(name) for name in (*SOCKETS, "qmp", "tty"))
+PRIVATE_NAME = 8
+
+
+def private_tmp_dir(config: DriverConfig) -> Path | None:
+    """A directory of this run's own for its machine state and VLAN switches, so that parallel
+    runs on one host never meet, whatever their machine names (kept state, -K, and the prompt use
+    nixpkgs' shared places instead).
+
+    None, with a warning, when the extra path component would push a socket path past the UNIX
+    limit: the shared directory is used then, as nixpkgs does.
+    """
+    base = get_tmp_dir()
+    longest = max((len(os.fsencode(f"vm-state-{name}")) for name in config.vms), default=0)
+    length = len(os.fsencode(base)) + 1 + PRIVATE_NAME + 1 + longest + 1 + LONGEST_SOCKET
+    if length > SOCKET_PATH_MAX:
+        log.warning(
+            "machine state goes to the shared %s: a directory of this run's own there would make "
+            "socket paths longer than %d bytes; set XDG_RUNTIME_DIR to a shorter directory so "
+            "that parallel runs cannot collide",
+            base,
+            SOCKET_PATH_MAX,
+        )
+        return None
+    private = Path(tempfile.mkdtemp(prefix="", dir=base))
+    log.debug("machine state in %s", private)
+    return private
 
 
 def pause(driver: Driver, cells: CellScript | None = None) -> None:

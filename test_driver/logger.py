@@ -2,4 +2,7 @@
 
 from nixos_repl.logs import AbstractLogger, DriverLogger, LogLevel
 
-__all__ = ["AbstractLogger", "DriverLogger", "LogLevel"]
+# nixpkgs' name for the class of ``log`` (its test-script-prepend.py imports it).
+CompositeLogger = DriverLogger
+
+__all__ = ["AbstractLogger", "CompositeLogger", "DriverLogger", "LogLevel"]

@@ -19,6 +19,8 @@ import contextlib
 import logging
 import re
 import shutil
+import socket
+import time
 from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 
@@ -52,6 +54,34 @@ __all__ = [
 def machine_name_from_start_command(start_command: str) -> str:
     match = re.search("run-(.+)-vm$", start_command)
     return match.group(1) if match else "machine"
+
+
+def state_dir_in_use(state_dir: Path, grace: float = 2.0) -> bool:
+    """Whether a running QEMU listens on the QMP socket of ``state_dir`` (a live run owns it).
+
+    A QEMU that is exiting (killed a moment ago) can hold its sockets for a little while after
+    its main thread is gone: it has ``grace`` seconds to let go.
+    """
+    deadline = time.monotonic() + grace
+    while _listening(state_dir / "qmp"):
+        if time.monotonic() >= deadline:
+            return True
+        time.sleep(0.05)
+    return False
+
+
+def _listening(path: Path) -> bool:
+    probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    probe.setblocking(False)
+    try:
+        probe.connect(str(path))
+    except BlockingIOError:
+        return True  # a listener whose queue is full: alive
+    except OSError:
+        return False  # no socket, nobody listening, or a path no QEMU could have bound
+    finally:
+        probe.close()
+    return True
 
 
 class Machine:
@@ -102,6 +132,13 @@ class Machine:
         self.screen = Screen(self.lifecycle, self.out_dir)
         self.aio = AsyncMachine(self)
         self.shared_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+        if state_dir_in_use(self.state_dir):
+            raise MachineError(
+                f"{self.name}: the machine state directory {self.state_dir} belongs to a QEMU "
+                "that is still running (another nixos-repl or test driver with a machine of the "
+                "same name); stop it, or give this run its own directory with "
+                "XDG_RUNTIME_DIR=<a private dir>"
+            )
         if not keep_machine_state and self.state_dir.exists():
             self.cleanup_statedir()
 
