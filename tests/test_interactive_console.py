@@ -172,6 +172,7 @@ def test_console_bad_input(tmp_path: Path) -> None:
     result = run_console("--existing", str(stale), env=env)
     assert result.returncode == 1
     assert "does not answer" in result.stderr and "still running" in result.stderr
+    assert "nothing listens on its shell port 1" in result.stderr
     assert time.monotonic() - started < 30
 
     result = run_console(env=env)

@@ -163,6 +163,7 @@ def test_the_terminal_repl(tmux: Tmux, tmp_path: Path, repl_env: dict[str, str])
     assert (tmp_path / ".nixos-test-history").exists()
 
 
+@pytest.mark.vm
 def test_demo_tour_without_a_terminal(tmp_path: Path, repl_env: dict[str, str]) -> None:
     result = subprocess.run(
         [str(BIN / "nixos-repl"), "--demo"],

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import json
 import logging
+import socket
 import sys
 from pathlib import Path
 from typing import Any
@@ -61,7 +62,7 @@ def find_kernel(connection_file: str | None) -> Path:
         ) from None
 
 
-def _check_file(path: Path) -> None:
+def _check_file(path: Path) -> dict[str, Any]:
     try:
         info = json.loads(path.read_text())
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
@@ -69,13 +70,32 @@ def _check_file(path: Path) -> None:
     needed = ("shell_port", "iopub_port", "stdin_port", "control_port", "hb_port", "key")
     if not isinstance(info, dict) or any(k not in info for k in needed):
         raise ConsoleError(f"{path} is not a kernel connection file (it needs {', '.join(needed)})")
+    return info
+
+
+def _nothing_listens(info: dict[str, Any]) -> bool:
+    """Whether the kernel's TCP shell port refuses connections (its kernel is gone)."""
+    if info.get("transport", "tcp") != "tcp":
+        return False
+    try:
+        with socket.create_connection(
+            (str(info.get("ip", "127.0.0.1")), int(info["shell_port"])), 2
+        ):
+            return False
+    except (OSError, ValueError):
+        return True
 
 
 def probe(path: Path, timeout: float = PROBE_TIMEOUT) -> dict[str, Any]:
     """The kernel's ``kernel_info_reply`` content; ConsoleError if it does not answer."""
     from jupyter_client.blocking.client import BlockingKernelClient
 
-    _check_file(path)
+    info = _check_file(path)
+    if _nothing_listens(info):
+        raise ConsoleError(
+            f"the kernel of {path} does not answer (nothing listens on its shell port "
+            f"{info['shell_port']}): is the notebook's kernel still running?"
+        )
     client = BlockingKernelClient(connection_file=str(path))
     client.load_connection_file()
     client.start_channels()
