@@ -214,7 +214,7 @@ def _apply(driver: Driver, new: DriverConfig, before: dict[str, str]) -> Redeplo
 
         # VLANs: stop those that left, start the new ones, give every machine the new set.
         for vlan in [v for v in registry.vlans if v.nr in result.vlans_removed]:
-            run_sync(vlan.stop())
+            vlan.stop()
             registry.vlans.remove(vlan)
             if symbols is not None:
                 symbols.pop(f"vlan{vlan.nr}", None)

@@ -193,7 +193,7 @@ class Registry:
             if any(v.nr == nr for v in self.vlans):
                 continue
             vlan = VLan(nr, self.tmp_dir)
-            run_sync(vlan.start())
+            vlan.start()
             self.vlans.append(vlan)
         env = self.vlan_env()
         for machine in self._machines.values():
@@ -226,7 +226,7 @@ class Registry:
             await asyncio.gather(
                 *(m.aio.release() for m in self._machines.values()), return_exceptions=True
             )
-            await asyncio.gather(*(v.stop() for v in self.vlans), return_exceptions=True)
+            await asyncio.gather(*(v.aio.stop() for v in self.vlans), return_exceptions=True)
 
         run_sync(release_all())
         self.vlans.clear()

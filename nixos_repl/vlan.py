@@ -10,6 +10,7 @@ import socket
 from pathlib import Path
 
 from .errors import MachineError
+from .loop import run_sync
 from .machine.process import die_with_parent
 
 __all__ = ["VLan"]
@@ -19,17 +20,39 @@ START_TIMEOUT = 5.0
 
 
 class VLan:
-    """A hub (``--hub``, so 802.1Q frames pass) whose control socket directory QEMU joins."""
+    """A hub (``--hub``, so 802.1Q frames pass) whose control socket directory QEMU joins.
+
+    As nixpkgs' ``VLan``: ``nr``, ``socket_dir``, ``pid``, ``process``, and a blocking
+    ``stop()`` a test script may call (``vlan1.stop()``); the coroutines are ``vlan1.aio.start()``
+    and ``vlan1.aio.stop()``, as for machines.
+    """
 
     def __init__(self, nr: int, tmp_dir: Path) -> None:
         self.nr = nr
         self.socket_dir = tmp_dir / f"vde{nr}.ctl"
         self.proc: asyncio.subprocess.Process | None = None
         self._drainer: asyncio.Task[None] | None = None
+        self.aio = AsyncVLan(self)
+
+    def __repr__(self) -> str:
+        return f"<VLan {self.nr}>"
 
     @property
     def pid(self) -> int | None:
         return self.proc.pid if self.proc else None
+
+    @property
+    def process(self) -> asyncio.subprocess.Process | None:
+        """The ``vde_switch`` process (nixpkgs' name)."""
+        return self.proc
+
+    def start(self) -> None:
+        """Start the switch and wait until its control socket exists."""
+        run_sync(self.aio.start())
+
+    def stop(self) -> None:
+        """Stop the switch (``kill vlan (pid N)``); machines on it lose the link."""
+        run_sync(self.aio.stop())
 
     def _clear_stale_socket(self) -> None:
         """Remove a switch directory left by a process that died; refuse one still in use."""
@@ -50,7 +73,7 @@ class VLan:
             "its own directory with XDG_RUNTIME_DIR=<a private dir>"
         )
 
-    async def start(self) -> None:
+    async def _start(self) -> None:
         log.info("start vlan %d", self.nr)
         self._clear_stale_socket()
         try:
@@ -78,10 +101,10 @@ class VLan:
                     if b"1000 Success" in line:
                         break
         except TimeoutError:
-            await self.stop()
+            await self._stop()
             raise MachineError(f"vde_switch for vlan {self.nr} did not start: {seen}") from None
         if not (self.socket_dir / "ctl").exists():
-            await self.stop()
+            await self._stop()
             raise MachineError(f"vde_switch for vlan {self.nr} made no socket in {self.socket_dir}")
         # Keep reading its console so it never blocks on a full pipe.
         self._drainer = asyncio.get_running_loop().create_task(self._drain())
@@ -92,7 +115,7 @@ class VLan:
         while await self.proc.stdout.read(4096):
             pass
 
-    async def stop(self) -> None:
+    async def _stop(self) -> None:
         if self.proc is None or self.proc.returncode is not None:
             return
         log.info("kill vlan (pid %d)", self.proc.pid)
@@ -103,3 +126,18 @@ class VLan:
         except TimeoutError:
             self.proc.kill()
             await self.proc.wait()
+
+
+class AsyncVLan:
+    """The coroutines of a :class:`VLan`, for the I/O loop and async callers."""
+
+    def __init__(self, vlan: VLan) -> None:
+        self._vlan = vlan
+
+    async def start(self) -> None:
+        """Start the switch and wait until its control socket exists."""
+        await self._vlan._start()
+
+    async def stop(self) -> None:
+        """Stop the switch."""
+        await self._vlan._stop()

@@ -214,15 +214,15 @@ def test_a_guest_that_reboots_itself_comes_back(own_registry: Registry) -> None:
 
 
 def test_vlan_switch_directories(tmp_path: Path) -> None:
-    from nixos_repl.loop import run_sync
     from nixos_repl.vlan import VLan
 
     stale = VLan(9, tmp_path)
     stale.socket_dir.mkdir()
     (stale.socket_dir / "ctl").write_text("")  # left behind by a killed run
-    run_sync(stale.start())
+    stale.start()
     try:
         with pytest.raises(MachineError, match="VLAN 9 is in use"):
-            run_sync(VLan(9, tmp_path).start())
+            VLan(9, tmp_path).start()
     finally:
-        run_sync(stale.stop())
+        stale.stop()  # blocking, as nixpkgs' vlan1.stop() in a test script
+    assert stale.process is not None and stale.process.returncode is not None
