@@ -71,6 +71,21 @@ def screenshot_name(machine: str) -> str:
     return f"{machine}-{now:%Y%m%d-%H%M%S}-{now.microsecond // 1000:03d}"
 
 
+def machine_and_rest(metavar: str, help: str) -> _Decorator:
+    """A line magic taking ``NAME`` and the rest of the line raw (no ``$var`` expansion).
+
+    The rest (``CMD...``, ``REGEX``, ``TEXT``) is declared for ``%name?`` and the usage line;
+    the magic itself splits the line with ``NixosMagics._target``.
+    """
+
+    def decorate(fn: F) -> F:
+        fn = no_var_expand(line_magic(fn))
+        fn = argument("rest", nargs=argparse.REMAINDER, metavar=metavar, help=help)(fn)
+        return magic_arguments()(argument("name", metavar="NAME", help="the machine")(fn))
+
+    return decorate
+
+
 def _seconds(value: str) -> float:
     try:
         seconds = float(value)
@@ -167,11 +182,7 @@ class NixosMagics(Magics):
 
     # -- commands ------------------------------------------------------------------------------
 
-    @magic_arguments()
-    @argument("name", metavar="NAME", help="the machine")
-    @argument("command", nargs=argparse.REMAINDER, metavar="CMD", help="a shell command")
-    @no_var_expand
-    @line_magic
+    @machine_and_rest("CMD", "a shell command")
     def succeed(self, line: str) -> Output:
         """Run a command in the guest's root shell; it must exit 0. Shows its output.
 
@@ -180,21 +191,13 @@ class NixosMagics(Magics):
         machine, command = self._target(self.succeed, line, "the command")
         return Output(machine.succeed(command))
 
-    @magic_arguments()
-    @argument("name", metavar="NAME", help="the machine")
-    @argument("command", nargs=argparse.REMAINDER, metavar="CMD", help="a shell command")
-    @no_var_expand
-    @line_magic
+    @machine_and_rest("CMD", "a shell command")
     def fail(self, line: str) -> Output:
         """Run a command in the guest's root shell; it must exit non-zero. Shows its output."""
         machine, command = self._target(self.fail, line, "the command")
         return Output(machine.fail(command))
 
-    @magic_arguments()
-    @argument("name", metavar="NAME", help="the machine")
-    @argument("command", nargs=argparse.REMAINDER, metavar="CMD", help="a shell command")
-    @no_var_expand
-    @line_magic
+    @machine_and_rest("CMD", "a shell command")
     def execute(self, line: str) -> Execution:
         """Run a command in the guest's root shell; shows its output and exit status."""
         machine, command = self._target(self.execute, line, "the command")
@@ -222,11 +225,7 @@ class NixosMagics(Magics):
         args = self._parse(self.wait_for_unit, line)
         self._machine(args.name).wait_for_unit(args.unit, args.user, args.timeout)
 
-    @magic_arguments()
-    @argument("name", metavar="NAME", help="the machine")
-    @argument("regex", nargs=argparse.REMAINDER, metavar="REGEX", help="a Python regex")
-    @no_var_expand
-    @line_magic
+    @machine_and_rest("REGEX", "a Python regex")
     def wait_for_console(self, line: str) -> Output:
         """Wait until the serial console shows a match of REGEX (the rest of the line)."""
         machine, regex = self._target(self.wait_for_console, line, "the regex")
@@ -259,11 +258,7 @@ class NixosMagics(Magics):
         for key in args.keys:
             machine.send_key(key)
 
-    @magic_arguments()
-    @argument("name", metavar="NAME", help="the machine")
-    @argument("text", nargs=argparse.REMAINDER, metavar="TEXT", help="what to type")
-    @no_var_expand
-    @line_magic
+    @machine_and_rest("TEXT", "what to type")
     def type(self, line: str) -> None:
         r"""Type TEXT (the rest of the line) on the machine's keyboard; ``\n`` is Enter."""
         machine, text = self._target(self.type, line, "the text")
