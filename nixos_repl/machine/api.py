@@ -31,7 +31,7 @@ from typing import TYPE_CHECKING, Any, Concatenate, ParamSpec, Protocol, TypeVar
 
 from ..errors import MachineError, RequestedAssertionFailed
 from ..loop import on_io_loop, run_sync
-from . import systemd
+from . import systemd, waits
 from .monitor import hmp_output, tcp_port
 from .screenshot import Screenshot
 from .shell import abbreviate
@@ -231,14 +231,18 @@ class AsyncMachine:
     async def _wait_for_status(self, command: str, want_success: bool, timeout: Duration) -> str:
         limit = seconds(timeout)
         assert limit is not None
-        output = ""
+        start = time.monotonic()
+        if not self._m.callbacks:  # polling conditions run before each try: the host loops
+            seen, output = await waits.until(self, command, want_success, limit)
+            if seen:
+                return output
 
         async def check(_last_try: bool) -> bool:
             nonlocal output
             status, output = await self.execute(command, timeout=limit)
             return (status == 0) == want_success
 
-        await poll_until(check, limit)
+        await poll_until(check, limit, start)
         return output
 
     @on_io_loop
@@ -340,7 +344,10 @@ class AsyncMachine:
         assert limit is not None
         with_user = f" with user {user}" if user is not None else ""
         with nested(self._m.logger, f"waiting for unit {unit}{with_user}"):
-            await poll_until(active, limit)
+            start = time.monotonic()
+            if not self._m.callbacks:  # wait in the guest until there is something to check
+                await waits.until(self, waits.unit_settled(unit, user), True, limit)
+            await poll_until(active, limit, start)
 
     # -- files and ports -----------------------------------------------------------------------
 

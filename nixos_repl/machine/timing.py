@@ -82,12 +82,19 @@ def timed_out(start: float, timeout: float, detail: str = "") -> RequestedAssert
     )
 
 
-async def poll_until(check: Callable[[bool], Awaitable[bool]], timeout: float) -> None:
-    """nixpkgs' ``retry`` for machine waits: try until the deadline, then one last try."""
-    start = time.monotonic()
-    for pause in backoff(timeout):
+async def poll_until(
+    check: Callable[[bool], Awaitable[bool]], timeout: float, start: float | None = None
+) -> None:
+    """nixpkgs' ``retry`` for machine waits: try until the deadline, then one last try.
+
+    ``start`` (a ``time.monotonic()`` value) is when the wait began, if before this call: the
+    deadline is ``start + timeout``, and the timeout message counts from it.
+    """
+    began = time.monotonic() if start is None else start
+    remaining = max(0.0, timeout - (time.monotonic() - began))
+    for pause in backoff(remaining):
         if await check(False):
             return
         await asyncio.sleep(pause)
     if not await check(True):
-        raise timed_out(start, timeout)
+        raise timed_out(began, timeout)
