@@ -33,6 +33,7 @@ from .process import QemuProcess, driver_qemu_options, graphical_display_availab
 from .qmp import QMPSession
 from .shell import OUT_CHARDEV, ShellChannel
 from .timing import Duration, nested, seconds
+from .turbo import turbo_env
 
 __all__ = ["CONNECT_TIMEOUT", "Lifecycle", "MachineState", "ShellFraming"]
 
@@ -159,6 +160,10 @@ class Lifecycle:
             await self._start(allow_reboot)
 
     async def _start(self, allow_reboot: bool) -> None:
+        # Before anything changes: an interrupt here leaves nothing to undo.
+        turbo = await asyncio.to_thread(
+            turbo_env, self.name, self.start_command, {**os.environ, **self.extra_env}, self.log
+        )
         self.crash_report = None
         self._shutdown_reason = None
         self._reset_expected = False
@@ -177,6 +182,7 @@ class Lifecycle:
             "SHARED_DIR": str(self.shared_dir),
             "USE_TMPDIR": "1",
         }
+        env.update(turbo)
         extra = driver_qemu_options(self.state_dir, allow_reboot, graphical_display_available())
         try:
             process.spawn(extra, env, self.console.feed)
