@@ -36,6 +36,7 @@ from .config import DriverConfig
 from .errors import MachineError, PollingConditionError, RequestedAssertionFailed
 from .logs import AbstractLogger, DriverLogger
 from .machine import DEFAULT_TIMEOUT, BaseMachine, Machine, QemuMachine
+from .machine.timing import attempt_bound
 from .registry import Registry, get_tmp_dir
 from .vlan import VLan
 
@@ -112,15 +113,19 @@ def retry(
     fn: Callable[[bool], bool],
     timeout_seconds: float | dt.timedelta | None = None,
     timeout: dt.timedelta | float | None = None,
+    attempt_timeout: dt.timedelta | float | None = None,
 ) -> None:
     """Call ``fn(last_try)`` every second until it returns true, then once more at the deadline.
 
     nixpkgs' newest ``retry``: a monotonic deadline (15 minutes by default), a 1 s pause between
     tries, and one last try with ``last_try=True`` after the deadline. Raises
     ``RequestedAssertionFailed("action timed out after X.XX seconds (timeout=N)")``.
+    ``attempt_timeout`` (nixpkgs' in-flight per-attempt bound) cuts the guest commands a try
+    sends once the try has run that long, so one blocking probe cannot use the whole budget.
     """
     limit = _timeout_arg(timeout_seconds, timeout, "retry", DEFAULT_TIMEOUT)
-    _retry(fn, limit, time.sleep, time.monotonic)
+    per_try = None if attempt_timeout is None else _duration(attempt_timeout, "retry")
+    _retry(fn, limit, time.sleep, time.monotonic, per_try)
 
 
 def _retry(
@@ -128,14 +133,21 @@ def _retry(
     limit: dt.timedelta,
     sleep: Callable[[float], object],
     clock: Callable[[], float],
+    attempt_timeout: dt.timedelta | None = None,
 ) -> None:
     start = clock()
     total = limit.total_seconds()
+    per_try = None if attempt_timeout is None else attempt_timeout.total_seconds()
+
+    def attempt(last_try: bool) -> bool:
+        with attempt_bound(per_try):
+            return fn(last_try)
+
     while clock() - start < total:
-        if fn(False):
+        if attempt(False):
             return
         sleep(1)
-    if not fn(True):
+    if not attempt(True):
         raise RequestedAssertionFailed(
             f"action timed out after {clock() - start:.2f} seconds (timeout={total})"
         )

@@ -116,6 +116,19 @@ def test_start_and_stop_a_real_unit(debian: Machine) -> None:
     debian.stop_job("test-sleeper.service")
 
 
+def test_a_real_failed_unit_is_explained_with_its_journal(debian: Machine) -> None:
+    debian.succeed("systemd-run --unit=test-broken sh -c 'echo broken-because-42; exit 3'")
+    debian.wait_for_unit_active_state("test-broken.service", "failed", timeout=30)
+    with pytest.raises(RequestedAssertionFailed) as failure:
+        debian.wait_for_unit("test-broken.service", timeout=30)
+    message = str(failure.value)
+    assert message.startswith('unit "test-broken.service" reached state "failed"\n')
+    assert "ActiveState=failed, SubState=failed, Result=exit-code" in message
+    assert "test-broken.service" in message.split("failed units:")[1]
+    assert "broken-because-42" in message.split("journal:")[1]
+    debian.succeed("systemctl reset-failed test-broken.service")
+
+
 def test_wait_for_open_port(debian: Machine) -> None:
     debian.succeed("systemd-run --unit=test-listener nc -lk 8080")
     debian.wait_for_open_port(8080, timeout=30)

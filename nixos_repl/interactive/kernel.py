@@ -1,6 +1,7 @@
 """The Jupyter kernel: ipykernel's IPythonKernel with the nixos-repl extension preloaded.
 
-The subclass only sets its identity; the kernel app loads the extension, which builds the
+The subclass sets its identity and makes a kernel interrupt end an awaited cell at once (see
+``_cancel_on_sigint``); the kernel app loads the extension, which builds the
 session from ``NIXOS_REPL_CONFIG`` (a driverConfiguration.json; without it the kernel starts
 with no machines). Everything else is ipykernel's: top-level ``await`` of the async twins, a
 kernel interrupt delivered as SIGINT (which stops the running guest command as Ctrl-C does),
@@ -13,11 +14,16 @@ ipykernel's ``make_ipkernel_cmd``: ``python -m nixos_repl.interactive.kernel -f
 
 from __future__ import annotations
 
+import asyncio
 import json
 import shutil
+import signal
 import sys
 import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
+from types import FrameType
 from typing import Any
 
 from ipykernel.ipkernel import IPythonKernel
@@ -38,6 +44,29 @@ class NixosReplKernel(IPythonKernel):
         "nixos-repl: NixOS VM tests in Jupyter. %machines, %start --all, %succeed vm1 CMD, "
         "%screenshot vm1; %magic? for help"
     )
+
+    @contextmanager
+    def _cancel_on_sigint(self, future: asyncio.Future[Any]) -> Iterator[None]:
+        """While an awaited cell runs, a kernel interrupt cancels it, and the loop wakes up.
+
+        ipykernel's own version schedules the cancellation with a callback that does not wake
+        the event loop (7.4): the interrupted cell got its reply only when the next request
+        arrived, and that request was then aborted. ``call_soon_threadsafe`` wakes the loop.
+        """
+        loop = asyncio.get_running_loop()
+
+        def cancel() -> None:
+            if not future.done():
+                future.cancel()
+
+        def on_sigint(_signum: int, _frame: FrameType | None) -> None:
+            loop.call_soon_threadsafe(cancel)
+
+        saved = signal.signal(signal.SIGINT, on_sigint)
+        try:
+            yield
+        finally:
+            signal.signal(signal.SIGINT, saved)
 
 
 def kernel_argv(python: str = "python3") -> list[str]:

@@ -255,6 +255,7 @@ class Machine:
     get_unit_property = sync(AsyncMachine.get_unit_property)
     require_unit_state = sync(AsyncMachine.require_unit_state)
     wait_for_unit = sync(AsyncMachine.wait_for_unit)
+    wait_for_unit_active_state = sync(AsyncMachine.wait_for_unit_active_state)
 
     wait_for_file = sync(AsyncMachine.wait_for_file)
     wait_for_open_port = sync(AsyncMachine.wait_for_open_port)

@@ -35,7 +35,16 @@ from . import systemd, waits
 from .monitor import hmp_output, tcp_port
 from .screenshot import Screenshot
 from .shell import abbreviate
-from .timing import DEFAULT_TIMEOUT, Duration, nested, poll_until, seconds, timed_out
+from .timing import (
+    DEFAULT_TIMEOUT,
+    Duration,
+    attempt_expired,
+    bounded,
+    nested,
+    poll_until,
+    seconds,
+    timed_out,
+)
 
 if TYPE_CHECKING:
     from . import Machine
@@ -177,13 +186,14 @@ class AsyncMachine:
         ``(-2, "")`` at once, and the command still stops at ``timeout``.
 
         Differences from nixpkgs: the timeout is enforced by the driver; Ctrl-C kills the command
-        and what it started in the guest; stdin is ``/dev/null``.
+        and what it started in the guest; stdin is ``/dev/null``. Inside a try of a wait with
+        ``attempt_timeout``, the command is also cut when that try's time is up.
         """
         await self._polling_conditions()
         lifecycle = self._m.lifecycle
         shell = await lifecycle.connect()
         try:
-            status, out = await shell.execute(command, seconds(timeout), wait=check_output)
+            status, out = await shell.execute(command, bounded(seconds(timeout)), wait=check_output)
         except (MachineError, ConnectionError) as e:
             await lifecycle.explain_death()
             if isinstance(e, MachineError):
@@ -228,11 +238,20 @@ class AsyncMachine:
                 output += out
         return output
 
-    async def _wait_for_status(self, command: str, want_success: bool, timeout: Duration) -> str:
+    async def _wait_for_status(
+        self,
+        command: str,
+        want_success: bool,
+        timeout: Duration,
+        attempt_timeout: Duration | None = None,
+    ) -> str:
         limit = seconds(timeout)
         assert limit is not None
         start = time.monotonic()
-        if not self._m.callbacks:  # polling conditions run before each try: the host loops
+        output = ""
+        # Polling conditions run before each try, and a bounded try is the host's to cut: in
+        # those cases the host loops.
+        if attempt_timeout is None and not self._m.callbacks:
             seen, output = await waits.until(self, command, want_success, limit)
             if seen:
                 return output
@@ -240,27 +259,40 @@ class AsyncMachine:
         async def check(_last_try: bool) -> bool:
             nonlocal output
             status, output = await self.execute(command, timeout=limit)
-            return (status == 0) == want_success
+            # A try cut by ``attempt_timeout`` neither succeeded nor failed.
+            return (status == 0) == want_success and not attempt_expired()
 
-        await poll_until(check, limit, start)
+        await poll_until(check, limit, seconds(attempt_timeout), start)
         return output
 
     @on_io_loop
-    async def wait_until_succeeds(self, command: str, timeout: Duration = DEFAULT_TIMEOUT) -> str:
+    async def wait_until_succeeds(
+        self,
+        command: str,
+        timeout: Duration = DEFAULT_TIMEOUT,
+        attempt_timeout: Duration | None = None,
+    ) -> str:
         """Run ``command`` until it exits 0; returns its last output.
 
         Raises ``RequestedAssertionFailed`` (``action timed out after ...``) after ``timeout``.
-        Tries again after 50 ms, doubling up to 1 s (nixpkgs: every second).
+        Tries again after 50 ms, doubling up to 1 s (nixpkgs: every second). With
+        ``attempt_timeout`` (nixpkgs' in-flight per-attempt bound) a try that blocks is killed
+        after that long and the next one starts; without it one try may use the whole budget.
         """
         with nested(self._m.logger, f"waiting for success: {abbreviate(command)}"):
-            return await self._wait_for_status(command, True, timeout)
+            return await self._wait_for_status(command, True, timeout, attempt_timeout)
 
     @on_io_loop
-    async def wait_until_fails(self, command: str, timeout: Duration = DEFAULT_TIMEOUT) -> str:
+    async def wait_until_fails(
+        self,
+        command: str,
+        timeout: Duration = DEFAULT_TIMEOUT,
+        attempt_timeout: Duration | None = None,
+    ) -> str:
         """Run ``command`` until it exits non-zero; returns its last output (see
         ``wait_until_succeeds``)."""
         with nested(self._m.logger, f"waiting for failure: {abbreviate(command)}"):
-            return await self._wait_for_status(command, False, timeout)
+            return await self._wait_for_status(command, False, timeout, attempt_timeout)
 
     @on_io_loop
     async def sleep(self, secs: Duration | None = None, duration: Duration | None = None) -> None:
@@ -316,6 +348,47 @@ class AsyncMachine:
                     f"'{require_state}' but it is in state '{state}'"
                 )
 
+    async def _explained(
+        self, error: RequestedAssertionFailed, unit: str | None, user: str | None
+    ) -> RequestedAssertionFailed:
+        """``error`` with what systemd says appended (the unit's state, failed units, journal).
+
+        nixpkgs' message stays the first line; nothing is added on a guest without systemd or
+        when the guest cannot answer.
+        """
+        try:
+            _, output = await self.execute(
+                systemd.diagnostics_script(unit, user), check_return=False, timeout=10
+            )
+        except (MachineError, ConnectionError):
+            return error
+        extra = systemd.format_diagnostics(unit, output)
+        return RequestedAssertionFailed(f"{error}{extra}") if extra else error
+
+    async def _wait_for_unit_state(
+        self,
+        unit: str,
+        user: str | None,
+        timeout: Duration,
+        done: Callable[[str], Coroutine[Any, Any, bool]],
+        probe: Callable[[str, str | None], str] | None = None,
+    ) -> None:
+        """Poll the unit's ActiveState until ``done``; a guest-side wait on ``probe`` (a shell
+        probe for the unit and user) first, when there are no polling conditions."""
+
+        async def check(_last_try: bool) -> bool:
+            return await done(await self.get_unit_property(unit, "ActiveState", user))
+
+        limit = seconds(timeout)
+        assert limit is not None
+        start = time.monotonic()
+        try:
+            if probe is not None and not self._m.callbacks:
+                await waits.until(self, probe(unit, user), True, limit)
+            await poll_until(check, limit, None, start)
+        except RequestedAssertionFailed as e:
+            raise await self._explained(e, unit, user) from None
+
     @on_io_loop
     async def wait_for_unit(
         self, unit: str, user: str | None = None, timeout: Duration = DEFAULT_TIMEOUT
@@ -323,11 +396,13 @@ class AsyncMachine:
         """Wait until the unit is active.
 
         Fails at once if it reaches "failed", or if it is inactive with no job pending (as
-        nixpkgs does); ``RequestedAssertionFailed`` after ``timeout``.
+        nixpkgs does); ``RequestedAssertionFailed`` after ``timeout``. Beyond nixpkgs, the
+        failure message goes on with the unit's state, the failed units and the last 30 lines
+        of the unit's journal. For a unit that may be inactive for a while before it starts
+        (a oneshot, ``user@1000.service``), use ``wait_for_unit_active_state(unit, "active")``.
         """
 
-        async def active(_last_try: bool) -> bool:
-            state = await self.get_unit_property(unit, "ActiveState", user)
+        async def active(state: str) -> bool:
             if state == "failed":
                 raise RequestedAssertionFailed(f'unit "{unit}" reached state "failed"')
             if state == "inactive":
@@ -340,14 +415,33 @@ class AsyncMachine:
                         )
             return state == "active"
 
-        limit = seconds(timeout)
-        assert limit is not None
         with_user = f" with user {user}" if user is not None else ""
         with nested(self._m.logger, f"waiting for unit {unit}{with_user}"):
-            start = time.monotonic()
-            if not self._m.callbacks:  # wait in the guest until there is something to check
-                await waits.until(self, waits.unit_settled(unit, user), True, limit)
-            await poll_until(active, limit, start)
+            await self._wait_for_unit_state(unit, user, timeout, active, waits.unit_settled)
+
+    @on_io_loop
+    async def wait_for_unit_active_state(
+        self,
+        unit: str,
+        state: str,
+        timeout: Duration = DEFAULT_TIMEOUT,
+        user: str | None = None,
+    ) -> None:
+        """Wait until the unit's ActiveState is ``state`` (``active``, ``failed``, ``inactive``...).
+
+        Unlike ``wait_for_unit`` it does not fail early on "failed" or "inactive", so it can
+        wait for a unit to fail or to stop, or for a unit that starts late (nixpkgs #395622).
+        ``RequestedAssertionFailed`` after ``timeout``, with the unit's state, the failed units
+        and its journal.
+        """
+
+        async def reached(current: str) -> bool:
+            return current == state
+
+        with_user = f" with user {user}" if user is not None else ""
+        with nested(self._m.logger, f"waiting for unit {unit}{with_user} to be {state}"):
+            probe = functools.partial(waits.unit_in_state, state=state)
+            await self._wait_for_unit_state(unit, user, timeout, reached, probe)
 
     # -- files and ports -----------------------------------------------------------------------
 
@@ -361,9 +455,16 @@ class AsyncMachine:
     async def wait_for_open_port(
         self, port: int, addr: str = "localhost", timeout: Duration = DEFAULT_TIMEOUT
     ) -> None:
-        """Wait until something listens on TCP ``addr:port`` in the guest (``nc -z``)."""
+        """Wait until something listens on TCP ``addr:port`` in the guest (``nc -z``).
+
+        Beyond nixpkgs, a timeout's message goes on with the failed units and the journal's
+        last 30 lines.
+        """
         with nested(self._m.logger, f"waiting for TCP port {port} on {addr}"):
-            await self._wait_for_status(f"nc -z {addr} {port}", True, timeout)
+            try:
+                await self._wait_for_status(f"nc -z {addr} {port}", True, timeout)
+            except RequestedAssertionFailed as e:
+                raise await self._explained(e, None, None) from None
 
     @on_io_loop
     async def wait_for_closed_port(

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import contextvars
 import datetime as dt
 import logging
 import time
@@ -14,7 +15,10 @@ from ..errors import RequestedAssertionFailed
 __all__ = [
     "DEFAULT_TIMEOUT",
     "Duration",
+    "attempt_bound",
+    "attempt_expired",
     "backoff",
+    "bounded",
     "nested",
     "poll_until",
     "seconds",
@@ -82,19 +86,66 @@ def timed_out(start: float, timeout: float, detail: str = "") -> RequestedAssert
     )
 
 
+# The monotonic time at which the current attempt of a retry loop ends, if it has a bound.
+_attempt_deadline: contextvars.ContextVar[float | None] = contextvars.ContextVar(
+    "attempt_deadline", default=None
+)
+
+
+@contextlib.contextmanager
+def attempt_bound(limit: float | None) -> Iterator[None]:
+    """Within the block, guest commands are cut (status 124) once ``limit`` seconds have passed.
+
+    This is ``attempt_timeout`` of nixpkgs' in-flight retry change: one blocking probe cannot
+    eat a wait's whole budget. The bound follows the context, into the I/O loop as well.
+    """
+    if limit is None:
+        yield
+        return
+    token = _attempt_deadline.set(time.monotonic() + limit)
+    try:
+        yield
+    finally:
+        _attempt_deadline.reset(token)
+
+
+def bounded(timeout: float | None) -> float | None:
+    """A command's ``timeout`` capped by the enclosing attempt's bound, if any."""
+    deadline = _attempt_deadline.get()
+    if deadline is None:
+        return timeout
+    left = max(deadline - time.monotonic(), 0.01)
+    return left if timeout is None else min(timeout, left)
+
+
+def attempt_expired() -> bool:
+    """Whether the enclosing attempt's bound has passed (its commands were cut)."""
+    deadline = _attempt_deadline.get()
+    return deadline is not None and time.monotonic() >= deadline
+
+
 async def poll_until(
-    check: Callable[[bool], Awaitable[bool]], timeout: float, start: float | None = None
+    check: Callable[[bool], Awaitable[bool]],
+    timeout: float,
+    attempt_timeout: float | None = None,
+    start: float | None = None,
 ) -> None:
     """nixpkgs' ``retry`` for machine waits: try until the deadline, then one last try.
 
-    ``start`` (a ``time.monotonic()`` value) is when the wait began, if before this call: the
-    deadline is ``start + timeout``, and the timeout message counts from it.
+    With ``attempt_timeout``, guest commands of each try are cut after that many seconds.
+    ``start`` (a ``time.monotonic()`` value) is when the wait began, if before this call (a
+    guest-side wait came first): the deadline is ``start + timeout``, and the timeout message
+    counts from it.
     """
     began = time.monotonic() if start is None else start
-    remaining = max(0.0, timeout - (time.monotonic() - began))
-    for pause in backoff(remaining):
-        if await check(False):
+
+    async def attempt(last_try: bool) -> bool:
+        with attempt_bound(attempt_timeout):
+            return await check(last_try)
+
+    for pause in backoff(max(0.0, timeout - (time.monotonic() - began))):
+        if await attempt(False):
             return
         await asyncio.sleep(pause)
-    if not await check(True):
+    if not await attempt(True):
         raise timed_out(began, timeout)

@@ -24,7 +24,7 @@ from . import systemd
 if TYPE_CHECKING:
     from .api import AsyncMachine
 
-__all__ = ["INTERVAL", "loop_script", "unit_settled", "until"]
+__all__ = ["INTERVAL", "loop_script", "unit_in_state", "unit_settled", "until"]
 
 # Pause between two tries inside the guest.
 INTERVAL = 0.05
@@ -91,3 +91,9 @@ def unit_settled(unit: str, user: str | None = None) -> str:
         "esac\n"
         "exit 1\n"
     )
+
+
+def unit_in_state(unit: str, user: str | None = None, *, state: str) -> str:
+    """A probe that succeeds once the unit's ActiveState is ``state`` (or cannot be read)."""
+    show = systemd.systemctl_command(f'--no-pager show "{unit}" --property="ActiveState"', user)
+    return f'__nr_s=$({show}) || exit 0\n[ "$__nr_s" = {shlex.quote("ActiveState=" + state)} ]\n'
