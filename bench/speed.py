@@ -167,7 +167,7 @@ def raw_all_up(scripts: list[Path]) -> float:
                         shells.append(listener)
                 env = {**os.environ, "TMPDIR": str(state), "USE_TMPDIR": "1"}
                 env.update(turbo_env(script.name, str(script), env, logging.getLogger("raw")))
-                argv = [str(script), *driver_qemu_options(state, False, False)]
+                argv = [str(script.resolve()), *driver_qemu_options(state, False, False)]
                 quiet = subprocess.DEVNULL
                 procs.append(
                     subprocess.Popen(

@@ -160,10 +160,6 @@ class Lifecycle:
             await self._start(allow_reboot)
 
     async def _start(self, allow_reboot: bool) -> None:
-        # Before anything changes: an interrupt here leaves nothing to undo.
-        turbo = await asyncio.to_thread(
-            turbo_env, self.name, self.start_command, {**os.environ, **self.extra_env}, self.log
-        )
         self.crash_report = None
         self._shutdown_reason = None
         self._reset_expected = False
@@ -172,6 +168,9 @@ class Lifecycle:
         self.state_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
         os.chmod(self.state_dir, 0o700)
         self.console.reset(self.state_dir / "console.log")
+        # Synchronous (no await), so a start is never cut between its state and its process. A
+        # bzImage is hashed once per process and extracted once per content.
+        turbo = turbo_env(self.name, self.start_command, {**os.environ, **self.extra_env}, self.log)
         process = QemuProcess(self.name, self.start_command, self.state_dir)
         self.process = process
         self._set_state(MachineState.STARTING)

@@ -66,22 +66,30 @@ def _script_kernel(start_command: str) -> tuple[str, Path] | None:
     return match.group(1), Path(match.group(2))
 
 
+_extracted: dict[tuple[str, int, int], Path] = {}  # (path, size, mtime) -> cached ELF
+
+
 def elf_kernel(kernel: Path, cache: Path) -> Path | None:
     """The ELF vmlinux of ``kernel`` (a bzImage), extracted once into ``cache``."""
     from ..files import write_atomic
     from ..guests import extract_vmlinux
 
+    with kernel.open("rb") as f:
+        if f.read(4) == b"\x7fELF":
+            return None  # already an ELF kernel
+    info = kernel.stat()
+    key = (str(kernel), info.st_size, info.st_mtime_ns)
+    if (known := _extracted.get(key)) is not None and known.exists():
+        return known
     data = kernel.read_bytes()
-    if data.startswith(b"\x7fELF"):
-        return None  # already an ELF kernel
     target = cache / f"vmlinux-{hashlib.sha256(data).hexdigest()[:24]}"
-    if target.exists():
-        return target
-    vmlinux = extract_vmlinux(data)
-    if vmlinux is None:
-        return None
-    cache.mkdir(parents=True, exist_ok=True)
-    write_atomic(target, vmlinux, 0o644)
+    if not target.exists():
+        vmlinux = extract_vmlinux(data)
+        if vmlinux is None:
+            return None
+        cache.mkdir(parents=True, exist_ok=True)
+        write_atomic(target, vmlinux, 0o644)
+    _extracted[key] = target
     return target
 
 
