@@ -108,4 +108,4 @@ def test_the_unit_probe_uses_nixpkgs_commands() -> None:
     assert '--no-pager show "nginx.service" --property="ActiveState"' in probe
     assert "su -l alice --shell /bin/sh" in probe and "list-jobs --full" in probe
     script = waits.loop_script("true", True, 2.5)
-    assert "2500000" in script and "read -r -t 0.05" in script
+    assert "2500000" in script and "> 50000 ? __nr_n - __nr_t : 50000" in script

@@ -4,9 +4,11 @@ nixpkgs' waits send one command per try and sleep a second between tries on the 
 host sends one command: a bash loop that runs the probe, in a fresh ``set -euo pipefail`` subshell
 with stdin ``/dev/null`` exactly as ``execute`` runs a command, every ``INTERVAL`` seconds (a
 ``read -t`` on an idle pipe: no process per pause) until the probe's status is the wanted one or
-the deadline passes. A condition that becomes true is seen within one interval plus one probe,
-with no round trip per try. The probe's output is captured whole (trailing newlines included) and
-only the last try's output is returned.
+the deadline passes. A probe that takes longer than the interval (``systemctl`` under TCG) is
+followed by a pause as long as itself, so the loop never takes more than half of the guest's
+CPU from what it waits for. A condition that becomes true is seen within one pause plus one
+probe, with no round trip per try. The probe's output is captured whole (trailing newlines
+included) and only the last try's output is returned.
 
 The callers keep nixpkgs' semantics around this: after a loop that did not see the condition, they
 make their usual last try on the host and raise nixpkgs' messages. A loop is interrupted like any
@@ -35,24 +37,32 @@ SLACK = 10.0
 def loop_script(probe: str, want_success: bool, limit: float, interval: float = INTERVAL) -> str:
     """The bash text of a guest loop over ``probe`` (see the module's documentation).
 
+    The pause between tries is ``interval``, or as long as the last try took if that was longer.
+
     It exits 0 once the probe's status is the wanted one (0 when ``want_success``, else non-zero),
     printing that try's output; 1 at the deadline, printing the last try's output.
     """
     met = "-eq" if want_success else "-ne"
     micros = max(0, int(limit * 1_000_000))
+    pause = max(1, int(interval * 1_000_000))
     return (
         "set +e\n"
         f"__nr_end=$(( ${{EPOCHREALTIME//[!0-9]/}} + {micros} ))\n"
         "exec {__nr_z}<> <(:)\n"
         f"__nr_p={shlex.quote(probe)}\n"
         "while :; do\n"
+        "  __nr_t=${EPOCHREALTIME//[!0-9]/}\n"
         '  __nr_o=$( ( set -euo pipefail; eval "$__nr_p" ) {__nr_z}<&- </dev/null; '
         "__nr_r=$?; echo x; exit $__nr_r )\n"
-        "  __nr_r=$?\n"
+        "  __nr_r=$? __nr_n=${EPOCHREALTIME//[!0-9]/}\n"
         f'  if [ "$__nr_r" {met} 0 ]; then printf %s "${{__nr_o%x}}"; exit 0; fi\n'
-        "  if (( ${EPOCHREALTIME//[!0-9]/} >= __nr_end )); then "
+        "  if (( __nr_n >= __nr_end )); then "
         'printf %s "${__nr_o%x}"; exit 1; fi\n'
-        f"  read -r -t {interval} -u $__nr_z\n"
+        # Pause as long as the try took (at least the interval): the probe never takes more
+        # than half of a slow guest's CPU away from what it waits for.
+        f"  __nr_d=$(( __nr_n - __nr_t > {pause} ? __nr_n - __nr_t : {pause} ))\n"
+        "  printf -v __nr_d '%d.%06d' $(( __nr_d / 1000000 )) $(( __nr_d % 1000000 ))\n"
+        "  read -r -t $__nr_d -u $__nr_z\n"
         "done\n"
     )
 
