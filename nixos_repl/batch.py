@@ -12,12 +12,15 @@ from __future__ import annotations
 import logging
 import os
 import signal
+import sys
 import threading
 import time
 from pathlib import Path
 
 from .config import DriverConfig, check_config
 from .driver import Debug, DebugAbstract, DebugNop, Driver
+from .errors import ConfigError
+from .export import ExportError
 from .logs import (
     DriverLogger,
     JUnitHandler,
@@ -27,8 +30,9 @@ from .logs import (
     XMLLogHandler,
     attach,
 )
+from .replay import CellScript, CellSyntaxError, is_cell_script
 
-__all__ = ["interact", "run"]
+__all__ = ["interact", "pause", "run"]
 
 log = logging.getLogger("nixos_repl.driver")
 
@@ -43,6 +47,7 @@ def run(
     interactive: bool = False,
     debug_hook_attach: str | None = None,
     logfile: str | None = None,
+    pause_on_failure: bool = False,
 ) -> int:
     """Run ``config``'s test script (or a prompt with ``interactive``); returns the exit status.
 
@@ -51,6 +56,13 @@ def run(
     run.
     """
     check_config(config, need_test_script=not interactive)
+    cells: CellScript | None = None
+    if not interactive and is_cell_script(config.test_script):
+        assert config.test_script is not None
+        try:
+            cells = CellScript.read(config.test_script)
+        except ExportError as e:  # unreadable, or no code: a bad input, nothing started
+            raise ConfigError(str(e)) from None
     out_dir = out_dir.resolve()
     if logfile is None:
         logfile = os.environ.get("LOGFILE")
@@ -71,7 +83,16 @@ def run(
         )
         try:
             driver = Driver(config, out_dir, logger, keep_machine_state, interactive, debug=debug)
-            if not interactive:
+            if cells is not None:
+                try:
+                    cells.compile()
+                except CellSyntaxError as e:
+                    for line in str(e).splitlines():
+                        logger.log_test_error(line)
+                    return 1
+                script = cells
+                setattr(driver, "test_script", lambda: script.run(driver))  # noqa: B010
+            elif not interactive:
                 try:
                     driver.compile_script()
                 except SyntaxError as e:
@@ -84,7 +105,14 @@ def run(
                     interact(driver)
                 else:
                     tic = time.monotonic()
-                    driver.run_tests()
+                    try:
+                        driver.run_tests()
+                    except (SystemExit, Exception) as e:
+                        failed = not isinstance(e, SystemExit) or e.code not in (0, None)
+                        if pause_on_failure and failed:
+                            pause(driver, cells)
+                            return 1
+                        raise
                     logger.info(f"test script finished in {time.monotonic() - tic:.2f}s")
         except SystemExit as e:
             return e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
@@ -95,6 +123,21 @@ def run(
             log.exception("the test script failed with an unexpected error")
             return 1
     return 0
+
+
+def pause(driver: Driver, cells: CellScript | None = None) -> None:
+    """``--pause-on-failure``: the terminal REPL at the failure, machines up, namespace loaded."""
+    driver.race_timer.cancel()  # the person at the prompt takes the time they need
+    if cells is not None:
+        cells.close()
+    running = ", ".join(m.name for m in driver.machines if m.booted) or "none"
+    print(
+        f"\npaused at the failure (--pause-on-failure): machines up: {running}; the script's "
+        "names are loaded. Leave with Ctrl-D (the run then exits 1).",
+        file=sys.stderr,
+        flush=True,
+    )
+    interact(driver)
 
 
 def interact(driver: Driver) -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import functools
 import logging
 import os
 import sys
@@ -161,6 +162,7 @@ def _run(args: argparse.Namespace, prog: str, script: Path | None) -> int:
             keep_machine_state=args.keep_machine_state,
             interactive=bool(getattr(args, "interactive", False)),
             debug_hook_attach=getattr(args, "debug_hook_attach", None),
+            pause_on_failure=bool(getattr(args, "pause_on_failure", False)),
         )
     except ConfigError as e:
         print(f"{prog}: error: {e}", file=sys.stderr)
@@ -226,8 +228,15 @@ def _parser() -> argparse.ArgumentParser:
         "--batch",
         metavar="FILE",
         type=Path,
-        help="run a nixpkgs testScript (.py) as nixos-test-driver does, then exit with its "
-        "status; the machines come from the options below",
+        help="run a nixpkgs testScript (.py), an IPython script (.ipy, cells split at '# %%%%') "
+        "or a notebook (.ipynb) as nixos-test-driver does, then exit with its status; the "
+        "machines come from the options below",
+    )
+    parser.add_argument(
+        "--pause-on-failure",
+        action="store_true",
+        help="with --batch: at a failure, open the REPL with the machines still up and the "
+        "script's names loaded; leaving it exits 1",
     )
     run_options = parser.add_argument_group(
         "machine options (of the REPL, --batch and notebook; as nixos-test-driver's)"
@@ -297,6 +306,24 @@ def _parser() -> argparse.ArgumentParser:
         "jupyter_args", nargs=argparse.REMAINDER, metavar="...", help="passed to jupyter lab"
     )
 
+    export = commands.add_parser(
+        "export",
+        help="write a nixpkgs testScript from a session log, a notebook or an .ipy file",
+        description="Magics become the calls they wrap, plain Python is kept, failed steps "
+        "become comments. The result replays with nixos-repl --batch on the same machines.",
+    )
+    export.add_argument(
+        "source", type=Path, metavar="SESSION.jsonl|NOTEBOOK.ipynb|FILE.ipy", help="what to export"
+    )
+    export.add_argument(
+        "-o", "--output", type=Path, required=True, metavar="FILE", help="the testScript to write"
+    )
+    export.add_argument(
+        "--keep-failures",
+        action="store_true",
+        help="keep failed succeed/fail steps as the opposite assertion instead of comments",
+    )
+
     shell = commands.add_parser(
         "shell", help="attach this terminal to a machine's guest shell (started by %%shell NAME)"
     )
@@ -308,6 +335,19 @@ def _parser() -> argparse.ArgumentParser:
         metavar="DIR",
         help="the machine's state directory (%%shell NAME in a notebook prints it)",
     )
+    console = commands.add_parser(
+        "console",
+        help="a terminal on a running kernel (a notebook's): same machines, same namespace",
+    )
+    console.add_argument(
+        "--existing",
+        nargs="?",
+        const="",
+        required=True,
+        metavar="CONNECTION_FILE",
+        help="the kernel's connection file (a notebook cell shows it with %%connect_info; "
+        "default: the newest kernel's)",
+    )
     return parser
 
 
@@ -317,8 +357,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.batch is not None:
         if args.command is not None:
             parser.error("--batch runs a test script; it takes no command")
-        if args.batch.suffix in (".ipy", ".ipynb"):
-            print(f"nixos-repl: error: {args.batch}: only .py test scripts can run with --batch",
+        if args.batch.suffix not in (".py", ".ipy", ".ipynb", ""):
+            print(f"nixos-repl: error: {args.batch}: unknown format {args.batch.suffix!r}; "
+                  "--batch runs a .py test script, an .ipy file or an .ipynb notebook",
                   file=sys.stderr)  # fmt: skip
             return 2
         return _run(args, "nixos-repl", args.batch)
@@ -328,8 +369,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         from .interactive.tour import run_demo as run_demo_repl
 
         return run_demo_repl(Path("demo-out"), verbose=args.verbose)
-    if args.command in (None, "notebook", "kernel", "shell"):
+    if args.command in (None, "notebook", "kernel", "shell", "console"):
         return _interactive(args)
+    if args.command == "export":
+        return _export(args)
     quiet = args.command == "demo" and not args.verbose
     logging.basicConfig(
         level=logging.DEBUG if args.verbose else logging.WARNING if quiet else logging.INFO,
@@ -355,6 +398,24 @@ def main(argv: Sequence[str] | None = None) -> int:
     return 2
 
 
+def _export(args: argparse.Namespace) -> int:
+    """``nixos-repl export SOURCE -o FILE``."""
+    from .export import ExportError, export_file
+
+    try:
+        exported = export_file(args.source, args.output, keep_failures=args.keep_failures)
+    except ExportError as e:
+        print(f"nixos-repl: error: {e}", file=sys.stderr)
+        return 1
+    note = f", {exported.commented} left as comments" if exported.commented else ""
+    print(f"wrote {args.output} ({exported.statements} statements{note})")
+    if exported.unknown:
+        names = ", ".join(exported.unknown)
+        print(f"nixos-repl: warning: {args.output} reads names that are neither nixpkgs' test "
+              f"symbols nor defined in it: {names}", file=sys.stderr)  # fmt: skip
+    return 0
+
+
 def _interactive(args: argparse.Namespace) -> int:
     """The REPL (no command), ``notebook``, ``kernel install`` and ``shell``."""
     from .config import check_config
@@ -367,6 +428,10 @@ def _interactive(args: argparse.Namespace) -> int:
             print(install(user=not (args.sys_prefix or args.prefix), prefix=args.prefix,
                           sys_prefix=args.sys_prefix))  # fmt: skip
             return 0
+        if args.command == "console":
+            from .interactive.console import run_console
+
+            return run_console(args.existing or None)
         if args.command == "shell":
             from .interactive.guestshell import attach_standalone
 
@@ -378,12 +443,19 @@ def _interactive(args: argparse.Namespace) -> int:
             from .interactive.notebook import run_notebook
 
             extra = [a for a in args.jupyter_args if a != "--"]
-            return run_notebook(config, out_dir, open_browser=not args.no_browser, extra=extra)
+            return run_notebook(
+                config,
+                out_dir,
+                open_browser=not args.no_browser,
+                extra=extra,
+                config_file=getattr(args, "config", None),  # kernels re-read it on rebuild()
+            )
         from .driver import Driver
         from .interactive.repl import run_repl
 
         keep = bool(getattr(args, "keep_machine_state", False))
         driver = Driver(config, out_dir=out_dir, keep_machine_state=keep, interactive=True)
+        driver.config_source = functools.partial(_config, args)  # what rebuild() re-reads
         return run_repl(driver, verbose=args.verbose)
     except ConfigError as e:
         print(f"nixos-repl: error: {e}", file=sys.stderr)

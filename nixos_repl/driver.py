@@ -36,6 +36,7 @@ from .config import DriverConfig
 from .errors import MachineError, PollingConditionError, RequestedAssertionFailed
 from .logs import AbstractLogger, DriverLogger
 from .machine import DEFAULT_TIMEOUT, BaseMachine, Machine, QemuMachine
+from .machine.actions import observing
 from .machine.timing import attempt_bound
 from .registry import Registry, get_tmp_dir
 from .vlan import VLan
@@ -378,6 +379,14 @@ class Driver:
             machine.callbacks.append(self.check_polling_conditions)
         self._machines: list[Machine] = self.registry.machines
         self._symbols: dict[str, Any] | None = None
+        # rebuild(): where the configuration is re-read from (None: the same start scripts),
+        # and the start scripts' fingerprints as deployed.
+        self.config_source: Callable[[], DriverConfig] | None = None
+        self.deployed: dict[str, str] = {}
+        if interactive:
+            from .rebuild import fingerprint
+
+            self.deployed = {m.name: fingerprint(m.start_command) for m in self.machines}
 
     # -- machines and VLANs --------------------------------------------------------------------
 
@@ -423,8 +432,9 @@ class Driver:
 
     def start_all(self) -> None:
         """Start every machine, in parallel; does not wait for them to boot."""
-        with self.logger.nested("start all VMs"):
-            self.registry.start_all()
+        with observing(self.registry.observers, None, "start_all"):
+            with self.logger.nested("start all VMs"):
+                self.registry.start_all()
 
     def join_all(self) -> None:
         """Wait for every machine to shut down (and stop the global timeout)."""
@@ -461,6 +471,25 @@ class Driver:
         if self._symbols is not None:
             self._symbols[pythonize_name(machine.name)] = machine
         return machine
+
+    def rebuild(self, cmd: str, config: str | os.PathLike[str] | None = None) -> Any:
+        """Run the build command ``cmd``, then redeploy: machines whose start script changed
+        are restarted, new ones added, removed ones stopped, VLANs follow the new set, and
+        the namespace is rebound; logs ``finished: updating machines``.
+
+        The configuration is re-read from where the session got it (``--config``, the start
+        scripts, ``NIXOS_REPL_CONFIG``), or from ``config``, a driverConfiguration.json.
+        Returns what changed; a failing build or a bad configuration changes nothing.
+        """
+        from .rebuild import rebuild
+
+        # One action: the machines it restarts are not recorded on their own.
+        kwargs = {"config": str(config)} if config is not None else {}
+        with observing(self.registry.observers, None, "rebuild", (cmd,), kwargs) as action:
+            result = rebuild(self, cmd, config)
+            if action is not None:
+                action.result = result.summary()
+            return result
 
     # -- logging -------------------------------------------------------------------------------
 
@@ -613,7 +642,7 @@ class Driver:
             "t": AssertionTester(),
             "debug": self.debug,
             "dump_machine_ssh": self.dump_machine_ssh,
-        }
+        } | ({"rebuild": self.rebuild} if self.interactive else {})
 
     def symbol_names(self) -> list[str]:
         """The globals a test script may use: nixpkgs' ``driver-symbols`` and ``Machine``."""

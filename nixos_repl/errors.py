@@ -9,6 +9,7 @@ __all__ = [
     "NixosReplError",
     "PollingConditionError",
     "QMPAPIError",
+    "RebuildError",
     "RequestedAssertionFailed",
     "UnknownMachineError",
 ]
@@ -64,3 +65,7 @@ class ConfigError(NixosReplError):
 
     The message is one line saying which input is wrong and why; nothing has been started.
     """
+
+
+class RebuildError(NixosReplError):
+    """``rebuild()``: the build command failed or cannot run; nothing was redeployed."""

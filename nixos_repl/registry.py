@@ -18,7 +18,7 @@ from types import TracebackType
 
 from .errors import MachineError, UnknownMachineError
 from .loop import run_sync
-from .machine import Machine, MachineState, machine_name_from_start_command
+from .machine import ActionObserver, Machine, MachineState, machine_name_from_start_command
 from .machine.lifecycle import ShellFraming
 from .machine.process import check_start_script
 from .vlan import VLan
@@ -88,6 +88,8 @@ class Registry:
         self.vlans: list[VLan] = []
         self._machines: dict[str, Machine] = {}
         self._watchers: list[Callable[[Machine], None]] = []
+        # Shared by every machine: told of each machine action (the session recording).
+        self.observers: list[ActionObserver] = []
         self.shell_framing = shell_framing_from_env()
         for name, script in start_scripts:
             self.add(str(script), name=name)
@@ -130,8 +132,17 @@ class Registry:
             env=self.vlan_env(),
             on_state_change=self._state_changed,
             shell_framing=self.shell_framing,
+            observers=self.observers,
         )
         self._machines[name] = machine
+        return machine
+
+    def remove(self, name: str) -> Machine:
+        """Forget a machine (stop it first: a running one is refused)."""
+        machine = self[name]
+        if machine.booted:
+            raise MachineError(f"{name} is {machine.state}: stop it before removing it")
+        del self._machines[name]
         return machine
 
     def watch(self, callback: Callable[[Machine], None]) -> None:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 import os
+import subprocess
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
@@ -22,6 +23,27 @@ os.environ["NIXOS_REPL_ACCEL"] = "tcg"
 # Sockets, VLAN switches and state directories of this run stay private to it.
 os.environ["XDG_RUNTIME_DIR"] = tempfile.mkdtemp(prefix="nixos-repl-tests-")
 logging.getLogger("qemu.qmp").setLevel(logging.WARNING)
+
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def _repo_files() -> set[str]:
+    """Files in the checkout that git neither tracks nor ignores."""
+    listing = subprocess.run(
+        ["git", "ls-files", "--others", "--exclude-standard"],
+        cwd=REPO, capture_output=True, text=True, check=False,
+    )  # fmt: skip
+    return set(listing.stdout.splitlines())
+
+
+@pytest.fixture(scope="session", autouse=True)
+def nothing_left_in_the_checkout() -> Iterator[None]:
+    """Tests write into temporary directories: a screenshot or log in the checkout is a leak."""
+    before = _repo_files()
+    yield
+    leaked = sorted(_repo_files() - before)
+    assert not leaked, f"tests left files in {REPO}: {leaked}"
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:

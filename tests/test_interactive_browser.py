@@ -161,12 +161,8 @@ def test_jupyterlab_shows_a_cells_screenshot(
     editor = wait.until(
         ec.element_to_be_clickable((By.CSS_SELECTOR, ".jp-NotebookPanel .jp-Cell .cm-content"))
     )
-    wait.until(
-        lambda b: (
-            b.find_elements(By.CSS_SELECTOR, ".jp-NotebookPanel .jp-Notebook-ExecutionIndicator")
-            or True
-        )
-    )
+    # The kernel first: keys sent while it starts may be lost.
+    wait.until(lambda b: "nixos-repl | Idle" in b.find_element(By.CSS_SELECTOR, "body").text)
     editor.click()
     ActionChains(browser).key_down(Keys.SHIFT).send_keys(Keys.ENTER).key_up(Keys.SHIFT).perform()
     image = WebDriverWait(browser, 180).until(

@@ -7,6 +7,7 @@ import json
 import os
 import subprocess
 import sys
+import tempfile
 import time
 import unittest
 from collections.abc import Iterator
@@ -113,8 +114,11 @@ def test_notebook_runs(notebook: Path, jupyter_path: Path, guest_dir: Path, tmp_
 class Kernel:
     """A running nixos-repl kernel and a client, with helpers to run code."""
 
-    def __init__(self, env: dict[str, str]) -> None:
-        self.km, self.kc = start_new_kernel(kernel_name="nixos-repl", env=env)
+    def __init__(self, env: dict[str, str], cwd: Path | None = None) -> None:
+        # The output directory (session logs, screenshots) is the kernel's working directory.
+        cwd = cwd or Path(tempfile.mkdtemp(prefix="nixos-repl-kernel-"))
+        self.cwd = cwd
+        self.km, self.kc = start_new_kernel(kernel_name="nixos-repl", env=env, cwd=str(cwd))
 
     def run(self, code: str, timeout: float = 120) -> tuple[dict[str, Any], list[dict[str, Any]]]:
         outputs: list[dict[str, Any]] = []

@@ -25,7 +25,10 @@ def load_ipython_extension(ip: Any) -> None:
     """Load the extension into ``ip`` (an IPython InteractiveShell)."""
     from .completion import make_matcher
     from .magics import NixosMagics
+    from .record import install as install_recording
+    from .redeploy import RebuildMagics
     from .report import HANDLED, machine_details, make_handler
+    from .watch import WatchMagics
 
     if id(ip) in _loaded:
         return
@@ -35,6 +38,8 @@ def load_ipython_extension(ip: Any) -> None:
     session.driver.adopt_namespace(ip.user_ns)
     magics = NixosMagics(ip, session)
     ip.register_magics(magics)
+    ip.register_magics(WatchMagics(ip, session))
+    ip.register_magics(RebuildMagics(ip, session))
 
     def parser_of(name: str) -> argparse.ArgumentParser | None:
         method = ip.magics_manager.magics["line"].get(name) or ip.magics_manager.magics["cell"].get(
@@ -69,7 +74,8 @@ def load_ipython_extension(ip: Any) -> None:
     ip.events.register("pre_run_cell", before_cell)
     ip.events.register("post_run_cell", after_cell)
     ip.set_custom_exc(HANDLED, make_handler(details, session.presenter.settle))
-    _loaded[id(ip)] = (session, magics, matcher, before_cell, after_cell)
+    recording = install_recording(ip, session)
+    _loaded[id(ip)] = (session, magics, matcher, before_cell, after_cell, recording)
 
 
 def unload_ipython_extension(ip: Any) -> None:
@@ -77,7 +83,9 @@ def unload_ipython_extension(ip: Any) -> None:
     entry = _loaded.pop(id(ip), None)
     if entry is None:
         return
-    _, _, matcher, before_cell, after_cell = entry
+    _, _, matcher, before_cell, after_cell, recording = entry
+    if recording is not None:
+        recording.close()
     ip.events.unregister("pre_run_cell", before_cell)
     ip.events.unregister("post_run_cell", after_cell)
     if matcher in ip.Completer.custom_matchers:

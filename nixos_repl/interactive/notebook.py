@@ -39,13 +39,21 @@ def config_json(config: DriverConfig) -> dict[str, object]:
     }
 
 
-def notebook_env(config: DriverConfig, workdir: Path) -> dict[str, str]:
-    """The environment of the server: the kernelspec on JUPYTER_PATH, the machines' config."""
+def notebook_env(
+    config: DriverConfig, workdir: Path, config_file: Path | None = None
+) -> dict[str, str]:
+    """The environment of the server: the kernelspec on JUPYTER_PATH, the machines' config.
+
+    With ``config_file`` (``--config``), kernels read that file itself, so ``rebuild()`` in a
+    notebook sees what a build changes in it; else a copy of ``config`` is written.
+    """
     env = dict(os.environ)
     write_kernelspec(workdir / "share" / "jupyter" / "kernels" / KERNEL_NAME)
     paths = [str(workdir / "share" / "jupyter"), env.get("JUPYTER_PATH", "")]
     env["JUPYTER_PATH"] = os.pathsep.join(p for p in paths if p)
-    if config.vms:
+    if config_file is not None:
+        env[CONFIG_ENV] = str(config_file.absolute())
+    elif config.vms:
         path = workdir / "driverConfiguration.json"
         path.write_text(json.dumps(config_json(config), indent=2) + "\n")
         env[CONFIG_ENV] = str(path)
@@ -55,11 +63,16 @@ def notebook_env(config: DriverConfig, workdir: Path) -> dict[str, str]:
 
 
 def run_notebook(
-    config: DriverConfig, out_dir: Path, *, open_browser: bool = True, extra: Sequence[str] = ()
+    config: DriverConfig,
+    out_dir: Path,
+    *,
+    open_browser: bool = True,
+    extra: Sequence[str] = (),
+    config_file: Path | None = None,
 ) -> int:
     """Run JupyterLab in ``out_dir`` until it is stopped; returns its exit status."""
     with tempfile.TemporaryDirectory(prefix="nixos-repl-notebook-") as tmp:
-        env = notebook_env(config, Path(tmp))
+        env = notebook_env(config, Path(tmp), config_file)
         command = [
             sys.executable,
             "-m",

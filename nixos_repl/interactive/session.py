@@ -179,6 +179,8 @@ def session_from_environment(shell: Any) -> Session:
     It stops its machines when the process exits.
     """
     driver = Driver(config_from_environment(), out_dir=Path.cwd(), interactive=True)
+    if os.environ.get(CONFIG_ENV):
+        driver.config_source = config_from_environment  # what rebuild() re-reads
     sink = sink_for(shell)
     session = Session(driver, sink, color=isinstance(sink, TerminalSink))
     stdin = sys.stdin

@@ -23,6 +23,7 @@ from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 
 from ..errors import MachineError
+from .actions import Action, ActionObserver
 from .api import AsyncMachine, sync
 from .console import Console, stdin_reader
 from .lifecycle import Lifecycle, MachineState, ShellFraming
@@ -35,6 +36,8 @@ from .timing import DEFAULT_TIMEOUT, Duration, nested, seconds
 
 __all__ = [
     "DEFAULT_TIMEOUT",
+    "Action",
+    "ActionObserver",
     "AsyncMachine",
     "BaseMachine",
     "Duration",
@@ -71,6 +74,7 @@ class Machine:
         env: Mapping[str, str] | None = None,
         on_state_change: Callable[[Machine], None] | None = None,
         shell_framing: ShellFraming = "auto",
+        observers: list[ActionObserver] | None = None,
     ) -> None:
         self.start_command = str(start_command)
         self.name = name or machine_name_from_start_command(self.start_command)
@@ -81,6 +85,8 @@ class Machine:
         self.keep_machine_state = keep_machine_state
         # Run before every command and monitor command (nixpkgs: the polling conditions).
         self.callbacks = callbacks if callbacks is not None else []
+        # Told of every public call when it ends (``actions.py``; the session recording).
+        self.observers = observers if observers is not None else []
         self.logger = logging.getLogger(f"nixos_repl.machine.{self.name}")
         self.console = Console(self.name)
         self.lifecycle = Lifecycle(

@@ -32,6 +32,7 @@ from typing import TYPE_CHECKING, Any, Concatenate, ParamSpec, Protocol, TypeVar
 from ..errors import MachineError, RequestedAssertionFailed
 from ..loop import on_io_loop, run_sync
 from . import systemd, waits
+from .actions import observed
 from .monitor import hmp_output, tcp_port
 from .screenshot import Screenshot
 from .shell import abbreviate
@@ -782,6 +783,13 @@ class AsyncMachine:
             f"{self._m.name}: shell_interact() is not supported; in the nixos-repl terminal use "
             f"`%shell {self._m.name}`, or run commands with {self._m.name}.succeed(...)"
         )
+
+
+# Every public method reports its calls to the machine's observers (``actions.py``); the
+# blocking twins are made from these, so they report too. ``release`` is teardown, not an action.
+for _name, _method in list(vars(AsyncMachine).items()):
+    if not _name.startswith("_") and _name != "release" and callable(_method):
+        setattr(AsyncMachine, _name, observed(_method))
 
 
 def _copy(source: Path, target: Path) -> None:
