@@ -363,7 +363,8 @@ def write_run_scripts(names: Sequence[str], out_dir: Path, values: Mapping[str, 
     template = render_template(template, {"QEMU": QEMU_BINARY, **values})
     scripts = []
     for node, name in enumerate(sorted(names), start=1):
-        text = render_template(template, {"NAME": name, "NODE": str(node)})
+        var = re.sub(r"[^A-Za-z0-9_]", "_", name)
+        text = render_template(template, {"NAME": name, "NODE": str(node), "VAR": var})
         script = Path(out_dir) / f"run-{name}-vm"
         script.parent.mkdir(parents=True, exist_ok=True)
         write_atomic(script, text.encode(), 0o755)

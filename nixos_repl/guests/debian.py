@@ -5,9 +5,10 @@ an unchanged NixOS guest as Debian packages allow. The root filesystem is ``debo
 --variant=minbase`` plus a few packages, configured like a NixOS test VM (the backdoor unit, no
 serial gettys, an empty root password, 9p shares at /tmp/shared and /tmp/xchg, eth0 on DHCP and
 VLAN NICs at 192.168.<vlan>.<node>), packed with ``mkfs.ext4 -d`` into a sparse raw image (no loop
-mounts). The kernel is the host's Debian kernel, booted as the extracted ELF vmlinux with a small
-busybox initramfs that loads the virtio/9p/ext4 modules, mounts /dev/vda and ``switch_root``s to
-systemd. ``norandmaps`` keeps TCG's translated code reusable across processes.
+mounts). The kernel is the host's Debian kernel with a small busybox initramfs that loads the
+virtio/9p/ext4 modules, mounts /dev/vda and ``switch_root``s to systemd. Its start script follows
+NixOS's: it boots the bzImage unless ``NIXPKGS_QEMU_KERNEL_<name>`` names another kernel, and it
+has no ``norandmaps`` of its own (under TCG the driver's turbo adds both, as for a NixOS VM).
 
 The image, kernel and initramfs are cached together, keyed by a hash of their inputs, and built in
 a temporary directory that is renamed into place only when complete. Each machine's run script
@@ -80,7 +81,8 @@ DEBIAN_MODULES = (
     "autofs4",  # systemd's automount points
 )
 INITRAMFS_APPLETS = ("sh", "mount", "umount", "insmod", "mkdir", "sleep", "seq", "switch_root")
-KERNEL_PARAMS = "loglevel=4 norandmaps net.ifnames=0 systemd.hostname=@NAME@ nixos_repl.name=@NAME@"
+# No norandmaps: as on a NixOS VM, the driver adds it under TCG (machine/turbo.py).
+KERNEL_PARAMS = "loglevel=4 net.ifnames=0 systemd.hostname=@NAME@ nixos_repl.name=@NAME@"
 # Units that slow the boot, flood the console or fight the backdoor for its consoles.
 MASKED_UNITS = (
     "serial-getty@ttyS0.service",  # writes to the consoles fail with EIO while a getty holds them
@@ -444,7 +446,9 @@ def build_debian(names: Sequence[str], out_dir: Path, cache: Path | None = None)
     last byte of VLAN addresses) follow the sorted names, as in a NixOS test network.
     """
     check_names(names)
-    kernel, initrd, image = build_debian_image(cache)
+    _, initrd, image = build_debian_image(cache)
+    # As a NixOS VM: the bzImage by default; under TCG the driver boots its ELF vmlinux instead.
+    kernel, _ = find_kernel()
     disk_setup = f"""NIX_DISK_IMAGE=$(readlink -f "${{NIX_DISK_IMAGE:-./@NAME@.qcow2}}")
 if ! test -e "$NIX_DISK_IMAGE"; then
     if ! command -v qemu-img >/dev/null; then

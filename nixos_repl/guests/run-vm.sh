@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # run-@NAME@-vm: starts the @KIND@ guest "@NAME@" and honours the NixOS run-vm environment contract:
 # QEMU_OPTS, QEMU_NET_OPTS, QEMU_KERNEL_PARAMS, TMPDIR/USE_TMPDIR, SHARED_DIR, QEMU_VDE_SOCKET_<N>,
-# and appends "$@". NIXOS_REPL_ACCEL=kvm|tcg forces the accelerator.
+# NIXPKGS_QEMU_KERNEL_<name> (the kernel to boot instead of the default one), and appends "$@".
+# NIXOS_REPL_ACCEL=kvm|tcg forces the accelerator.
 set -e
 
 if [ -z "$TMPDIR" ] || [ -z "$USE_TMPDIR" ]; then
@@ -43,7 +44,7 @@ fi
 # shellcheck disable=SC2086 # QEMU_OPTS is word-split on purpose, as in NixOS.
 exec @QEMU@ "${accel_opts[@]}" \
     -name @NAME@ -m @MEMORY@ -smp 1 \
-    -kernel @KERNEL@ -initrd @INITRD@ \
+    -kernel "${NIXPKGS_QEMU_KERNEL_@VAR@:-@KERNEL@}" -initrd @INITRD@ \
     -append "console=ttyS0 console=tty0 panic=1 @KERNEL_PARAMS@ $QEMU_KERNEL_PARAMS" \
     @DISK_OPTS@ \
     -vga std \

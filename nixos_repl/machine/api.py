@@ -31,7 +31,7 @@ from typing import TYPE_CHECKING, Any, Concatenate, ParamSpec, Protocol, TypeVar
 
 from ..errors import MachineError, RequestedAssertionFailed
 from ..loop import on_io_loop, run_sync
-from . import systemd
+from . import systemd, waits
 from .actions import observed
 from .monitor import hmp_output, tcp_port
 from .screenshot import Screenshot
@@ -248,7 +248,14 @@ class AsyncMachine:
     ) -> str:
         limit = seconds(timeout)
         assert limit is not None
+        start = time.monotonic()
         output = ""
+        # Polling conditions run before each try, and a bounded try is the host's to cut: in
+        # those cases the host loops.
+        if attempt_timeout is None and not self._m.callbacks:
+            seen, output = await waits.until(self, command, want_success, limit)
+            if seen:
+                return output
 
         async def check(_last_try: bool) -> bool:
             nonlocal output
@@ -256,7 +263,7 @@ class AsyncMachine:
             # A try cut by ``attempt_timeout`` neither succeeded nor failed.
             return (status == 0) == want_success and not attempt_expired()
 
-        await poll_until(check, limit, seconds(attempt_timeout))
+        await poll_until(check, limit, seconds(attempt_timeout), start)
         return output
 
     @on_io_loop
@@ -365,14 +372,21 @@ class AsyncMachine:
         user: str | None,
         timeout: Duration,
         done: Callable[[str], Coroutine[Any, Any, bool]],
+        probe: Callable[[str, str | None], str] | None = None,
     ) -> None:
+        """Poll the unit's ActiveState until ``done``; a guest-side wait on ``probe`` (a shell
+        probe for the unit and user) first, when there are no polling conditions."""
+
         async def check(_last_try: bool) -> bool:
             return await done(await self.get_unit_property(unit, "ActiveState", user))
 
         limit = seconds(timeout)
         assert limit is not None
+        start = time.monotonic()
         try:
-            await poll_until(check, limit)
+            if probe is not None and not self._m.callbacks:
+                await waits.until(self, probe(unit, user), True, limit)
+            await poll_until(check, limit, None, start)
         except RequestedAssertionFailed as e:
             raise await self._explained(e, unit, user) from None
 
@@ -404,7 +418,7 @@ class AsyncMachine:
 
         with_user = f" with user {user}" if user is not None else ""
         with nested(self._m.logger, f"waiting for unit {unit}{with_user}"):
-            await self._wait_for_unit_state(unit, user, timeout, active)
+            await self._wait_for_unit_state(unit, user, timeout, active, waits.unit_settled)
 
     @on_io_loop
     async def wait_for_unit_active_state(
@@ -427,7 +441,8 @@ class AsyncMachine:
 
         with_user = f" with user {user}" if user is not None else ""
         with nested(self._m.logger, f"waiting for unit {unit}{with_user} to be {state}"):
-            await self._wait_for_unit_state(unit, user, timeout, reached)
+            probe = functools.partial(waits.unit_in_state, state=state)
+            await self._wait_for_unit_state(unit, user, timeout, reached, probe)
 
     # -- files and ports -----------------------------------------------------------------------
 

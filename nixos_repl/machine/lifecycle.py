@@ -33,6 +33,7 @@ from .process import QemuProcess, driver_qemu_options, graphical_display_availab
 from .qmp import QMPSession
 from .shell import OUT_CHARDEV, ShellChannel
 from .timing import Duration, nested, seconds
+from .turbo import turbo_env
 
 __all__ = ["CONNECT_TIMEOUT", "Lifecycle", "MachineState", "ShellFraming"]
 
@@ -167,6 +168,9 @@ class Lifecycle:
         self.state_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
         os.chmod(self.state_dir, 0o700)
         self.console.reset(self.state_dir / "console.log")
+        # Synchronous (no await), so a start is never cut between its state and its process. A
+        # bzImage is hashed once per process and extracted once per content.
+        turbo = turbo_env(self.name, self.start_command, {**os.environ, **self.extra_env}, self.log)
         process = QemuProcess(self.name, self.start_command, self.state_dir)
         self.process = process
         self._set_state(MachineState.STARTING)
@@ -177,6 +181,7 @@ class Lifecycle:
             "SHARED_DIR": str(self.shared_dir),
             "USE_TMPDIR": "1",
         }
+        env.update(turbo)
         extra = driver_qemu_options(self.state_dir, allow_reboot, graphical_display_available())
         try:
             process.spawn(extra, env, self.console.feed)

@@ -125,21 +125,27 @@ def attempt_expired() -> bool:
 
 
 async def poll_until(
-    check: Callable[[bool], Awaitable[bool]], timeout: float, attempt_timeout: float | None = None
+    check: Callable[[bool], Awaitable[bool]],
+    timeout: float,
+    attempt_timeout: float | None = None,
+    start: float | None = None,
 ) -> None:
     """nixpkgs' ``retry`` for machine waits: try until the deadline, then one last try.
 
     With ``attempt_timeout``, guest commands of each try are cut after that many seconds.
+    ``start`` (a ``time.monotonic()`` value) is when the wait began, if before this call (a
+    guest-side wait came first): the deadline is ``start + timeout``, and the timeout message
+    counts from it.
     """
-    start = time.monotonic()
+    began = time.monotonic() if start is None else start
 
     async def attempt(last_try: bool) -> bool:
         with attempt_bound(attempt_timeout):
             return await check(last_try)
 
-    for pause in backoff(timeout):
+    for pause in backoff(max(0.0, timeout - (time.monotonic() - began))):
         if await attempt(False):
             return
         await asyncio.sleep(pause)
     if not await attempt(True):
-        raise timed_out(start, timeout)
+        raise timed_out(began, timeout)
