@@ -90,6 +90,8 @@ def test_long_commands_arrive_whole(vm1: Machine) -> None:
 def test_kill_dollar_dollar_ends_only_the_command(vm1: Machine) -> None:
     assert vm1.execute("echo before; kill $$; echo after") == (143, "before\n")
     assert vm1.execute("kill -INT $$") == (130, "")
+    assert vm1.execute("(kill -9 $$); echo after") == (137, "")  # from a nested subshell too
+    assert vm1.execute('sh -c "kill $$"; sleep 1') == (143, "")  # passed on by the backdoor
     assert vm1.succeed("echo alive") == "alive\n"
     # Like `bash -c`, a command does not inherit ignored SIGINT/SIGQUIT.
     assert vm1.succeed("grep SigIgn /proc/self/status") == "SigIgn:\t0000000000000000\n"
@@ -99,7 +101,7 @@ def test_a_dead_backdoor_is_reported_at_once(crashy: Machine) -> None:
     crashy.connect()
     start = time.monotonic()
     with pytest.raises(MachineError, match="backdoor shell in the guest died"):
-        crashy.execute("kill -9 $$; sleep 60", timeout=120)
+        crashy.execute("builtin kill -9 $$; sleep 60", timeout=120)
     assert time.monotonic() - start < 30
     with pytest.raises(MachineError, match="backdoor shell in the guest died"):
         crashy.succeed("true")

@@ -131,7 +131,7 @@ SETUP = r"""if [[ -z ${__nr_ready-} ]]; then
   }
   __nr_go() {
     __nr_child=- __nr_pend=
-    ( set --; trap : INT QUIT; trap - INT QUIT; set -euo pipefail; eval "$__nr_c"
+    ( set --; trap : INT QUIT; trap - INT QUIT; __nr_me=$BASHPID; set -euo pipefail; eval "$__nr_c"
     ) >&$__nr_fd {__nr_fd}>&- {__nr_w}>&- &
     __nr_child=$! __nr_sig= __nr_c=
     # A signal that came before $! was known (the command may run first) is passed on now.
@@ -151,6 +151,15 @@ SETUP = r"""if [[ -z ${__nr_ready-} ]]; then
     if [[ $__nr_child == - ]]; then __nr_pend=$1
     elif [[ -n $__nr_child ]]; then __nr_sig=1; kill -s "$1" "$__nr_child" 2>/dev/null
     else trap - "$1"; kill -s "$1" $$; fi
+  }
+  # In a command, `kill $$` signals the command itself (as in nixpkgs' `bash -c`), at once.
+  kill() {
+    local __nr_a=() __nr_x
+    for __nr_x; do
+      [[ -n ${__nr_me-} && $__nr_x == "$$" ]] && __nr_x=$__nr_me
+      __nr_a+=("$__nr_x")
+    done
+    builtin kill "${__nr_a[@]}"
   }
   trap '__nr_pass TERM' TERM
   trap '__nr_pass INT' INT
