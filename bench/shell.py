@@ -9,12 +9,11 @@ from __future__ import annotations
 import argparse
 import logging
 import os
-import shlex
 import sys
 import time
 from pathlib import Path
 
-from timing import row, timed
+from timing import nixpkgs_succeed, row, timed
 
 from nixos_repl import Registry
 from nixos_repl.guests import build_tiny
@@ -37,12 +36,7 @@ def main() -> None:
         boot = time.perf_counter() - t
         shell = vm.shell
         assert shell is not None
-
-        def nixpkgs(command: str) -> tuple[int, bytes]:
-            inner = shlex.quote(f"set -euo pipefail; {command}")
-            out = run_sync(shell.roundtrip_raw(f"bash -c {inner} | (base64 -w 0; echo)\n".encode()))
-            status = run_sync(shell.roundtrip_raw(b"echo ${PIPESTATUS[0]}\n"))
-            return int(status), out
+        nixpkgs = nixpkgs_succeed(vm)
 
         assert nixpkgs("echo hi") == (0, b"aGkK")
         ours = timed(lambda: vm.succeed("true"), args.n)

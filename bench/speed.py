@@ -17,7 +17,6 @@ import argparse
 import logging
 import os
 import resource
-import shlex
 import socket
 import statistics
 import subprocess
@@ -27,9 +26,10 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
+from timing import nixpkgs_succeed
+
 from nixos_repl import Machine, Registry
 from nixos_repl.guests import build_debian, build_tiny
-from nixos_repl.loop import run_sync
 from nixos_repl.machine.process import driver_qemu_options
 from nixos_repl.machine.turbo import turbo_env
 
@@ -50,20 +50,6 @@ def ab(fns: dict[str, Callable[[], object]], n: int) -> dict[str, list[float]]:
                 fn()
                 samples[name].append(time.perf_counter() - t)
     return samples
-
-
-def nixpkgs_succeed(vm: Machine) -> Callable[[str], tuple[int, bytes]]:
-    """``succeed`` as nixpkgs frames it, over the same backdoor socket."""
-    shell = vm.shell
-    assert shell is not None
-
-    def run(command: str) -> tuple[int, bytes]:
-        inner = shlex.quote(f"set -euo pipefail; {command}")
-        out = run_sync(shell.roundtrip_raw(f"bash -c {inner} | (base64 -w 0; echo)\n".encode()))
-        status = run_sync(shell.roundtrip_raw(b"echo ${PIPESTATUS[0]}\n"))
-        return int(status), out
-
-    return run
 
 
 def commands(vm: Machine, n: int, label: str) -> None:

@@ -9,14 +9,30 @@ from __future__ import annotations
 import logging
 import os
 import subprocess
+import sys
 import tempfile
+import time
+import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
 from nixos_repl import Machine, Registry
 from nixos_repl.guests import build_tiny
+
+from .helpers import (
+    BROWSER_FLAGS,
+    CHROMEDRIVER,
+    CHROMIUM,
+    TOKEN,
+    free_port,
+    install_kernelspec,
+    leftovers,
+    machines_config,
+    write_notebook,
+)
 
 # KVM guests hang on the project's machines (nested virtualisation): tests always use TCG.
 os.environ["NIXOS_REPL_ACCEL"] = "tcg"
@@ -95,3 +111,119 @@ def own_registry(guest_dir: Path, tmp_path: Path) -> Iterator[Registry]:
 def crashy(own_registry: Registry) -> Machine:
     """The machine of ``own_registry`` (not started)."""
     return own_registry["crashy"]
+
+
+# -- shared by the batch and front-end tests ------------------------------------------------
+
+
+@pytest.fixture
+def dirs(tmp_path: Path) -> Iterator[tuple[Path, Path]]:
+    out, runtime = tmp_path / "out", tmp_path / "run"
+    out.mkdir()
+    runtime.mkdir()
+    yield out, runtime
+    assert leftovers(runtime) == [], "a QEMU or vde_switch outlived the run"
+
+
+@pytest.fixture(scope="module")
+def jupyter_path(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
+    path = install_kernelspec(tmp_path_factory.mktemp("kernelspec"))
+    saved = os.environ.get("JUPYTER_PATH")
+    os.environ["JUPYTER_PATH"] = str(path)
+    try:
+        yield path
+    finally:
+        if saved is None:
+            os.environ.pop("JUPYTER_PATH", None)
+        else:
+            os.environ["JUPYTER_PATH"] = saved
+
+
+@pytest.fixture
+def repl_env(tmp_path: Path) -> dict[str, str]:
+    runtime = tmp_path / "rt"
+    runtime.mkdir()
+    return {
+        "XDG_RUNTIME_DIR": str(runtime),
+        "NIXOS_REPL_ACCEL": "tcg",
+        "TERM": "screen",
+        "NIXOS_REPL_IMAGES": "halfcell",
+        "HOME": os.environ.get("HOME", "/root"),
+        "PATH": os.environ["PATH"],
+    }
+
+
+@pytest.fixture
+def lab(tmp_path: Path, guest_dir: Path) -> Iterator[tuple[str, Path]]:
+    """A JupyterLab server whose nixos-repl kernels get vm1; yields its URL and runtime dir."""
+    runtime = tmp_path / "rt"
+    runtime.mkdir()
+    home = tmp_path / "home"
+    home.mkdir()
+    port = free_port()
+    env = {
+        **os.environ,
+        "JUPYTER_PATH": str(install_kernelspec(tmp_path / "prefix")),
+        "JUPYTER_CONFIG_DIR": str(home / "config"),
+        "JUPYTER_DATA_DIR": str(home / "data"),
+        "JUPYTER_RUNTIME_DIR": str(home / "runtime"),
+        "NIXOS_REPL_CONFIG": str(machines_config(guest_dir, tmp_path, ("vm1",))),
+        "XDG_RUNTIME_DIR": str(runtime),
+        "NIXOS_REPL_ACCEL": "tcg",
+    }
+    work = tmp_path / "work"
+    work.mkdir()
+    write_notebook(
+        work / "shot.ipynb",
+        "%start vm1\n%type vm1 echo hello from JupyterLab\\n\n"
+        "vm1.wait_until_tty_matches('1', 'hello from JupyterLab', timeout=60)\n"
+        "%screenshot vm1",
+    )
+    log = open(tmp_path / "lab.log", "w")
+    server = subprocess.Popen(
+        [sys.executable, "-m", "jupyterlab", "--no-browser", f"--port={port}",
+         "--ServerApp.ip=127.0.0.1", f"--IdentityProvider.token={TOKEN}",
+         f"--notebook-dir={work}", "--LabApp.news_url=",
+         "--LabApp.check_for_updates_class=jupyterlab.NeverCheckForUpdate",
+         *(["--allow-root"] if os.geteuid() == 0 else [])],
+        env=env, stdout=log, stderr=subprocess.STDOUT,
+    )  # fmt: skip
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 60
+        while True:
+            try:
+                with urllib.request.urlopen(f"{url}/api/status?token={TOKEN}", timeout=2):
+                    break
+            except OSError:
+                if time.monotonic() > deadline or server.poll() is not None:
+                    raise AssertionError(
+                        "JupyterLab did not start:\n" + (tmp_path / "lab.log").read_text()
+                    ) from None
+                time.sleep(0.2)
+        yield url, runtime
+    finally:
+        server.terminate()
+        try:
+            server.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            server.kill()
+            server.wait()
+        log.close()
+
+
+@pytest.fixture
+def browser(tmp_path: Path) -> Iterator[Any]:
+    from selenium import webdriver
+    from selenium.webdriver.chrome.service import Service
+
+    options = webdriver.ChromeOptions()
+    options.binary_location = str(CHROMIUM)
+    for flag in BROWSER_FLAGS:
+        options.add_argument(flag)
+    options.add_argument(f"--user-data-dir={tmp_path / 'chromium-profile'}")
+    driver = webdriver.Chrome(options=options, service=Service(str(CHROMEDRIVER)))
+    try:
+        yield driver
+    finally:
+        driver.quit()

@@ -1,24 +1,57 @@
-"""Helpers shared by the test modules: processes, interrupts, rendered screens."""
+"""Helpers shared by the test modules: processes, interrupts, rendered screens, batch runs,
+Jupyter kernels, tmux, JupyterLab in headless chromium. Fixtures here are imported by the
+modules that use them."""
 
 from __future__ import annotations
 
 import asyncio
+import json
 import os
+import re
+import shlex
+import shutil
 import signal
+import socket
+import subprocess
+import sys
+import tempfile
 import threading
 import time
-from collections.abc import Callable
+import xml.etree.ElementTree as ET
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
 
+from jupyter_client.manager import start_new_kernel
 from PIL import Image, ImageDraw, ImageFont
 
 __all__ = [
+    "BIN",
+    "CHROMEDRIVER",
+    "CHROMIUM",
+    "TOKEN",
+    "BatchRun",
+    "Kernel",
+    "Tmux",
     "children_named",
     "console",
+    "free_port",
+    "install_kernelspec",
     "interrupt_after",
+    "kernel_env",
+    "leftovers",
+    "machines_config",
     "no_live_tesseract",
     "qemu_alive",
+    "qemus_under",
+    "replay",
+    "run_batch",
     "tesseract_children",
+    "text_of",
+    "wait_for_no_qemu",
     "wait_until",
+    "write_notebook",
 ]
 
 
@@ -96,3 +129,260 @@ async def wait_until(condition: Callable[[], bool], timeout: float) -> bool:
 
 def no_live_tesseract() -> bool:
     return all(state == "Z" for _, state in tesseract_children())
+
+
+BIN = Path(sys.executable).parent
+
+
+@dataclass
+class BatchRun:
+    returncode: int
+    stdout: str
+    stderr: str
+    out_dir: Path
+
+    def junit(self) -> dict[str, str | None]:
+        """Case name -> failure message (None when the case passed)."""
+        root = ET.parse(self.out_dir / "junit.xml").getroot()
+        suite = root.find("testsuite")
+        assert suite is not None and suite.get("name") == "NixOS integration test"
+        cases = {}
+        for case in suite.iter("testcase"):
+            failure = case.find("failure")
+            cases[str(case.get("name"))] = None if failure is None else failure.get("message")
+        return cases
+
+    def bang_lines(self) -> list[str]:
+        return [line for line in self.stderr.splitlines() if line.startswith("!!! ")]
+
+
+def leftovers(tmp: Path) -> list[str]:
+    """QEMU and vde_switch processes of this run (found by its private directory), from /proc."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            cmdline = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode()
+            stat = (entry / "stat").read_text()
+        except OSError:
+            continue
+        if stat.rsplit(")", 1)[-1].split()[0] == "Z":
+            continue
+        if str(tmp) in cmdline and ("qemu-system" in cmdline or "vde_switch" in cmdline):
+            found.append(cmdline)
+    return found
+
+
+def run_batch(
+    command: Sequence[str],
+    out_dir: Path,
+    runtime_dir: Path,
+    env: dict[str, str] | None = None,
+    timeout: float = 240,
+) -> BatchRun:
+    environ = {**os.environ, "XDG_RUNTIME_DIR": str(runtime_dir), **(env or {})}
+    proc = subprocess.run(
+        list(command),
+        capture_output=True,
+        text=True,
+        env=environ,
+        cwd=out_dir,
+        timeout=timeout,
+    )
+    return BatchRun(proc.returncode, proc.stdout, proc.stderr, out_dir)
+
+
+def install_kernelspec(prefix: Path) -> Path:
+    """``nixos-repl kernel install --prefix``; returns the JUPYTER_PATH entry that has it."""
+    subprocess.run(
+        [str(BIN / "nixos-repl"), "kernel", "install", "--prefix", str(prefix)],
+        check=True,
+        capture_output=True,
+    )
+    path = prefix / "share" / "jupyter"
+    spec = json.loads((path / "kernels" / "nixos-repl" / "kernel.json").read_text())
+    assert spec["argv"][0] == sys.executable
+    assert (path / "kernels" / "nixos-repl" / "logo-64x64.png").is_file()
+    return path
+
+
+def machines_config(guest_dir: Path, directory: Path, names: tuple[str, ...]) -> Path:
+    config = {
+        "vms": {n: {"name": n, "start_script": str(guest_dir / f"run-{n}-vm")} for n in names},
+        "containers": {},
+        "vlans": [1],
+        "global_timeout": 3600,
+        "enable_ssh_backdoor": False,
+        "test_script": "interactive",
+    }
+    path = directory / "driverConfiguration.json"
+    path.write_text(json.dumps(config))
+    return path
+
+
+def kernel_env(runtime: Path, config: Path | None) -> dict[str, str]:
+    env = {**os.environ, "XDG_RUNTIME_DIR": str(runtime), "NIXOS_REPL_ACCEL": "tcg"}
+    env.pop("NIXOS_REPL_CONFIG", None)
+    if config is not None:
+        env["NIXOS_REPL_CONFIG"] = str(config)
+    return env
+
+
+def qemus_under(path: Path) -> list[str]:
+    result = subprocess.run(["pgrep", "-af", "qemu-system"], capture_output=True, text=True)
+    return [line for line in result.stdout.splitlines() if str(path) in line]
+
+
+def wait_for_no_qemu(path: Path, timeout: float = 20) -> list[str]:
+    deadline = time.monotonic() + timeout
+    while (left := qemus_under(path)) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    return left
+
+
+class Kernel:
+    """A running nixos-repl kernel and a client, with helpers to run code."""
+
+    def __init__(self, env: dict[str, str], cwd: Path | None = None) -> None:
+        # The output directory (session logs, screenshots) is the kernel's working directory.
+        cwd = cwd or Path(tempfile.mkdtemp(prefix="nixos-repl-kernel-"))
+        self.cwd = cwd
+        self.km, self.kc = start_new_kernel(kernel_name="nixos-repl", env=env, cwd=str(cwd))
+
+    def run(self, code: str, timeout: float = 120) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+        outputs: list[dict[str, Any]] = []
+
+        def hook(msg: dict[str, Any]) -> None:
+            kinds = ("stream", "error", "execute_result", "display_data", "update_display_data")
+            if msg["msg_type"] in kinds:
+                outputs.append({"type": msg["msg_type"], **msg["content"]})
+
+        reply = self.kc.execute_interactive(code, timeout=timeout, output_hook=hook)
+        return reply["content"], outputs
+
+    def shutdown(self) -> None:
+        self.kc.stop_channels()
+        self.km.shutdown_kernel(now=False)
+
+
+def text_of(outputs: list[dict[str, Any]]) -> str:
+    parts = []
+    for o in outputs:
+        if o["type"] == "stream":
+            parts.append(o["text"])
+        elif o["type"] == "error":
+            parts.append("\n".join(o["traceback"]))
+        else:
+            parts.append(o["data"].get("text/plain", ""))
+    return "\n".join(parts)
+
+
+class Tmux:
+    """One tmux server with one window running ``command``."""
+
+    def __init__(self, socket: Path, command: str, cwd: Path, env: dict[str, str]) -> None:
+        self.socket = socket
+        exports = " ".join(f"{k}={shlex.quote(v)}" for k, v in env.items())
+        shell = f"cd {shlex.quote(str(cwd))} && env {exports} {command}; echo EXIT=$?; sleep 600"
+        self.tmux("new-session", "-d", "-x", "120", "-y", "50", "-s", "main", shell)
+
+    def tmux(self, *args: str) -> str:
+        result = subprocess.run(
+            ["tmux", "-S", str(self.socket), *args], capture_output=True, text=True, check=True
+        )
+        return result.stdout
+
+    def window(self, name: str, command: str) -> None:
+        self.tmux("new-window", "-d", "-n", name, command)
+
+    def send(self, *keys: str, target: str = "main") -> None:
+        self.tmux("send-keys", "-t", target, *keys)
+
+    def type(self, text: str, target: str = "main") -> None:
+        self.tmux("send-keys", "-t", target, "-l", text)
+        self.send("Enter", target=target)
+
+    def screen(self, target: str = "main") -> str:
+        return self.tmux("capture-pane", "-p", "-J", "-S", "-300", "-t", target)
+
+    def wait_for(self, pattern: str, timeout: float = 60, target: str = "main") -> str:
+        deadline = time.monotonic() + timeout
+        while True:
+            text = self.screen(target)
+            if re.search(pattern, text):
+                return text
+            if time.monotonic() > deadline:
+                raise AssertionError(f"no {pattern!r} on the screen after {timeout} s:\n{text}")
+            time.sleep(0.05)
+
+    def close(self) -> None:
+        subprocess.run(["tmux", "-S", str(self.socket), "kill-server"], capture_output=True)
+
+
+CHROMIUM = shutil.which("chromium")
+
+
+CHROMEDRIVER = shutil.which("chromedriver")
+
+
+BROWSER_FLAGS = (
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+    "--no-first-run",
+    "--window-size=1400,1000",
+)
+
+
+TOKEN = "nixos-repl-browser-test"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def write_notebook(path: Path, *sources: str) -> None:
+    cells: list[dict[str, Any]] = [
+        {"cell_type": "code", "execution_count": None, "metadata": {}, "outputs": [],
+         "source": source}
+        for source in sources
+    ]  # fmt: skip
+    path.write_text(
+        json.dumps(
+            {
+                "cells": cells,
+                "metadata": {
+                    "kernelspec": {
+                        "name": "nixos-repl",
+                        "display_name": "nixos-repl",
+                        "language": "python",
+                    },
+                    "language_info": {"name": "python"},
+                },
+                "nbformat": 4,
+                "nbformat_minor": 5,
+            }
+        )
+    )
+
+
+def replay(script: Path, guest_dir: Path, tmp_path: Path, names: tuple[str, ...]) -> str:
+    """``nixos-repl --batch script`` on the tiny guests; returns stderr, asserts exit 0."""
+    out, runtime = tmp_path / "replay-out", tmp_path / "replay-rt"
+    out.mkdir(exist_ok=True)
+    runtime.mkdir(exist_ok=True)
+    command = [
+        str(BIN / "nixos-repl"), "--batch", str(script), "--vlans", "1",
+        "--start-scripts", *(str(guest_dir / f"run-{n}-vm") for n in names),
+    ]  # fmt: skip
+    env = {**os.environ, "XDG_RUNTIME_DIR": str(runtime), "NIXOS_REPL_ACCEL": "tcg"}
+    proc = subprocess.run(command, capture_output=True, text=True, env=env, cwd=out, timeout=300)
+    assert proc.returncode == 0, f"{script.read_text()}\n{proc.stderr[-3000:]}"
+    assert leftovers(runtime) == []
+    return proc.stderr

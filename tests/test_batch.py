@@ -6,88 +6,19 @@ import json
 import os
 import re
 import signal
-import subprocess
 import sys
 import time
 import xml.etree.ElementTree as ET
-from collections.abc import Iterator, Sequence
-from dataclasses import dataclass
+from collections.abc import Sequence
 from pathlib import Path
 
 import pytest
 
+from .helpers import BIN, leftovers, run_batch
+
 pytestmark = pytest.mark.vm
 
 SCRIPTS = Path(__file__).parent / "scripts"
-BIN = Path(sys.executable).parent
-
-
-@dataclass
-class Run:
-    returncode: int
-    stdout: str
-    stderr: str
-    out_dir: Path
-
-    def junit(self) -> dict[str, str | None]:
-        """Case name -> failure message (None when the case passed)."""
-        root = ET.parse(self.out_dir / "junit.xml").getroot()
-        suite = root.find("testsuite")
-        assert suite is not None and suite.get("name") == "NixOS integration test"
-        cases = {}
-        for case in suite.iter("testcase"):
-            failure = case.find("failure")
-            cases[str(case.get("name"))] = None if failure is None else failure.get("message")
-        return cases
-
-    def bang_lines(self) -> list[str]:
-        return [line for line in self.stderr.splitlines() if line.startswith("!!! ")]
-
-
-def leftovers(tmp: Path) -> list[str]:
-    """QEMU and vde_switch processes of this run (found by its private directory), from /proc."""
-    found = []
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit():
-            continue
-        try:
-            cmdline = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode()
-            stat = (entry / "stat").read_text()
-        except OSError:
-            continue
-        if stat.rsplit(")", 1)[-1].split()[0] == "Z":
-            continue
-        if str(tmp) in cmdline and ("qemu-system" in cmdline or "vde_switch" in cmdline):
-            found.append(cmdline)
-    return found
-
-
-def run(
-    command: Sequence[str],
-    out_dir: Path,
-    runtime_dir: Path,
-    env: dict[str, str] | None = None,
-    timeout: float = 240,
-) -> Run:
-    environ = {**os.environ, "XDG_RUNTIME_DIR": str(runtime_dir), **(env or {})}
-    proc = subprocess.run(
-        list(command),
-        capture_output=True,
-        text=True,
-        env=environ,
-        cwd=out_dir,
-        timeout=timeout,
-    )
-    return Run(proc.returncode, proc.stdout, proc.stderr, out_dir)
-
-
-@pytest.fixture
-def dirs(tmp_path: Path) -> Iterator[tuple[Path, Path]]:
-    out, runtime = tmp_path / "out", tmp_path / "run"
-    out.mkdir()
-    runtime.mkdir()
-    yield out, runtime
-    assert leftovers(runtime) == [], "a QEMU or vde_switch outlived the run"
 
 
 def batch(script: str, scripts: Sequence[Path], *extra: str) -> list[str]:
@@ -101,7 +32,7 @@ def test_green_script_exits_0_with_junit(guest_dir: Path, dirs: tuple[Path, Path
     out, runtime = dirs
     scripts = [guest_dir / "run-vm1-vm", guest_dir / "run-vm2-vm"]
     logfile = out / "log.xml"
-    result = run(
+    result = run_batch(
         batch("green.py", scripts, "--vlans", "1"), out, runtime, {"LOGFILE": str(logfile)}
     )
     assert result.returncode == 0, result.stderr
@@ -145,7 +76,7 @@ def test_failing_assertion_exits_1_with_filtered_traceback(
     guest_dir: Path, dirs: tuple[Path, Path]
 ) -> None:
     out, runtime = dirs
-    result = run(batch("assert_fails.py", [guest_dir / "run-vm1-vm"]), out, runtime)
+    result = run_batch(batch("assert_fails.py", [guest_dir / "run-vm1-vm"]), out, runtime)
     assert result.returncode == 1, result.stderr
     script = str(SCRIPTS / "assert_fails.py")
     assert result.bang_lines() == [
@@ -167,7 +98,7 @@ def test_machine_error_exits_1_with_full_traceback(
     guest_dir: Path, dirs: tuple[Path, Path]
 ) -> None:
     out, runtime = dirs
-    result = run(batch("machine_error.py", [guest_dir / "run-vm1-vm"]), out, runtime)
+    result = run_batch(batch("machine_error.py", [guest_dir / "run-vm1-vm"]), out, runtime)
     assert result.returncode == 1, result.stderr
     bang = result.bang_lines()
     assert bang[0] == "!!! Traceback (most recent call last):"
@@ -182,7 +113,7 @@ def test_syntax_error_names_its_line_and_starts_nothing(
     guest_dir: Path, dirs: tuple[Path, Path]
 ) -> None:
     out, runtime = dirs
-    result = run(batch("syntax_error.py", [guest_dir / "run-vm1-vm"]), out, runtime)
+    result = run_batch(batch("syntax_error.py", [guest_dir / "run-vm1-vm"]), out, runtime)
     assert result.returncode == 1, result.stderr
     bang = "\n".join(result.bang_lines())
     assert f'File "{SCRIPTS / "syntax_error.py"}", line 3' in bang
@@ -196,7 +127,7 @@ def test_global_timeout_kills_everything(guest_dir: Path, dirs: tuple[Path, Path
     scripts = [guest_dir / "run-vm1-vm", guest_dir / "run-vm2-vm"]
     command = batch("hang.py", scripts, "--vlans", "1", "--global-timeout", "15")
     started = time.monotonic()
-    result = run(command, out, runtime)
+    result = run_batch(command, out, runtime)
     assert result.returncode == -signal.SIGTERM, result.stderr
     assert time.monotonic() - started < 200
     assert "timeout reached; test terminating...\n" in result.stderr
@@ -229,12 +160,12 @@ def test_config_legacy_flags_and_env_give_the_same_run(
     solo_names = ["--vm-names", "solo", "--vm-start-scripts", str(solo)]
     env = {"startScripts": str(solo), "testScript": str(script), "globalTimeout": "600"}
     runs = {
-        "config": run([driver, "--config", str(config), *junit], out, runtime),
-        "legacy": run(
+        "config": run_batch([driver, "--config", str(config), *junit], out, runtime),
+        "legacy": run_batch(
             [driver, str(script), "--start-scripts", str(solo), *timeout, *junit], out, runtime
         ),
-        "vm-names": run([driver, str(script), *solo_names, *timeout, *junit], out, runtime),
-        "env": run([driver, *junit], out, runtime, env=env),
+        "vm-names": run_batch([driver, str(script), *solo_names, *timeout, *junit], out, runtime),
+        "env": run_batch([driver, *junit], out, runtime, env=env),
     }
     for name, result in runs.items():
         assert result.returncode == 0, (name, result.stderr)
@@ -257,7 +188,7 @@ def test_systemd_script_on_debian(
 
     out, runtime = dirs
     (script,) = build_debian(["debian1"], tmp_path_factory.mktemp("debian-guests"))
-    result = run(batch("systemd.py", [script]), out, runtime)
+    result = run_batch(batch("systemd.py", [script]), out, runtime)
     assert result.returncode == 0, result.stderr
     assert result.junit() == {"unit info": None}
     assert "debian1: waiting for unit multi-user.target" in result.stderr

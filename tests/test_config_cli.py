@@ -22,7 +22,7 @@ from nixos_repl.config import (
 )
 from nixos_repl.errors import ConfigError
 
-BIN = Path(sys.executable).parent
+from .helpers import BIN
 
 
 def vm(tmp_path: Path, name: str, executable: bool = True) -> Path:

@@ -22,7 +22,7 @@ import pytest
 
 from nixos_repl.cli import _parser, _test_driver_parser
 
-from .test_batch import leftovers
+from .helpers import leftovers
 
 ROOT = Path(__file__).resolve().parent.parent
 README = ROOT / "README.md"

@@ -6,7 +6,6 @@ import ast
 import datetime as dt
 import json
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -23,7 +22,7 @@ from nixos_repl.export import (
 from nixos_repl.machine.actions import Action, ActionObserver, observing
 from nixos_repl.record import SessionLog, decode_value, encode_value
 
-BIN = Path(sys.executable).parent
+from .helpers import BIN
 
 
 def code(cells: list[Cell], keep_failures: bool = False) -> str:

@@ -14,17 +14,7 @@ from pathlib import Path
 import pytest
 from jupyter_client.manager import KernelManager
 
-from .test_interactive_kernel import (
-    BIN,
-    Kernel,
-    jupyter_path,
-    kernel_env,
-    machines_config,
-    text_of,
-)
-from .test_interactive_repl import Tmux
-
-__all__ = ["jupyter_path"]
+from .helpers import BIN, Kernel, Tmux, kernel_env, machines_config, text_of
 
 pytestmark = pytest.mark.skipif(shutil.which("tmux") is None, reason="needs tmux")
 

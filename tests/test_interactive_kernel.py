@@ -6,7 +6,6 @@ from __future__ import annotations
 import json
 import os
 import subprocess
-import sys
 import tempfile
 import time
 import unittest
@@ -17,73 +16,20 @@ from typing import Any
 import jupyter_kernel_test
 import nbformat
 import pytest
-from jupyter_client.manager import start_new_kernel
 from nbclient import NotebookClient
 
-BIN = Path(sys.executable).parent
+from .helpers import (
+    BIN,
+    Kernel,
+    install_kernelspec,
+    kernel_env,
+    machines_config,
+    qemus_under,
+    text_of,
+    wait_for_no_qemu,
+)
+
 NOTEBOOKS = sorted((Path(__file__).parent.parent / "notebooks").glob("*.ipynb"))
-
-
-def install_kernelspec(prefix: Path) -> Path:
-    """``nixos-repl kernel install --prefix``; returns the JUPYTER_PATH entry that has it."""
-    subprocess.run(
-        [str(BIN / "nixos-repl"), "kernel", "install", "--prefix", str(prefix)],
-        check=True,
-        capture_output=True,
-    )
-    path = prefix / "share" / "jupyter"
-    spec = json.loads((path / "kernels" / "nixos-repl" / "kernel.json").read_text())
-    assert spec["argv"][0] == sys.executable
-    assert (path / "kernels" / "nixos-repl" / "logo-64x64.png").is_file()
-    return path
-
-
-@pytest.fixture(scope="module")
-def jupyter_path(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
-    path = install_kernelspec(tmp_path_factory.mktemp("kernelspec"))
-    saved = os.environ.get("JUPYTER_PATH")
-    os.environ["JUPYTER_PATH"] = str(path)
-    try:
-        yield path
-    finally:
-        if saved is None:
-            os.environ.pop("JUPYTER_PATH", None)
-        else:
-            os.environ["JUPYTER_PATH"] = saved
-
-
-def machines_config(guest_dir: Path, directory: Path, names: tuple[str, ...]) -> Path:
-    config = {
-        "vms": {n: {"name": n, "start_script": str(guest_dir / f"run-{n}-vm")} for n in names},
-        "containers": {},
-        "vlans": [1],
-        "global_timeout": 3600,
-        "enable_ssh_backdoor": False,
-        "test_script": "interactive",
-    }
-    path = directory / "driverConfiguration.json"
-    path.write_text(json.dumps(config))
-    return path
-
-
-def kernel_env(runtime: Path, config: Path | None) -> dict[str, str]:
-    env = {**os.environ, "XDG_RUNTIME_DIR": str(runtime), "NIXOS_REPL_ACCEL": "tcg"}
-    env.pop("NIXOS_REPL_CONFIG", None)
-    if config is not None:
-        env["NIXOS_REPL_CONFIG"] = str(config)
-    return env
-
-
-def qemus_under(path: Path) -> list[str]:
-    result = subprocess.run(["pgrep", "-af", "qemu-system"], capture_output=True, text=True)
-    return [line for line in result.stdout.splitlines() if str(path) in line]
-
-
-def wait_for_no_qemu(path: Path, timeout: float = 20) -> list[str]:
-    deadline = time.monotonic() + timeout
-    while (left := qemus_under(path)) and time.monotonic() < deadline:
-        time.sleep(0.1)
-    return left
 
 
 @pytest.mark.parametrize("notebook", NOTEBOOKS, ids=[p.stem for p in NOTEBOOKS])
@@ -109,43 +55,6 @@ def test_notebook_runs(notebook: Path, jupyter_path: Path, guest_dir: Path, tmp_
     assert shots >= 1
     assert list(tmp_path.glob("vm1-*.png")), "the %screenshot PNG was not saved"
     assert wait_for_no_qemu(runtime) == []  # the kernel's shutdown stopped its machines
-
-
-class Kernel:
-    """A running nixos-repl kernel and a client, with helpers to run code."""
-
-    def __init__(self, env: dict[str, str], cwd: Path | None = None) -> None:
-        # The output directory (session logs, screenshots) is the kernel's working directory.
-        cwd = cwd or Path(tempfile.mkdtemp(prefix="nixos-repl-kernel-"))
-        self.cwd = cwd
-        self.km, self.kc = start_new_kernel(kernel_name="nixos-repl", env=env, cwd=str(cwd))
-
-    def run(self, code: str, timeout: float = 120) -> tuple[dict[str, Any], list[dict[str, Any]]]:
-        outputs: list[dict[str, Any]] = []
-
-        def hook(msg: dict[str, Any]) -> None:
-            kinds = ("stream", "error", "execute_result", "display_data", "update_display_data")
-            if msg["msg_type"] in kinds:
-                outputs.append({"type": msg["msg_type"], **msg["content"]})
-
-        reply = self.kc.execute_interactive(code, timeout=timeout, output_hook=hook)
-        return reply["content"], outputs
-
-    def shutdown(self) -> None:
-        self.kc.stop_channels()
-        self.km.shutdown_kernel(now=False)
-
-
-def text_of(outputs: list[dict[str, Any]]) -> str:
-    parts = []
-    for o in outputs:
-        if o["type"] == "stream":
-            parts.append(o["text"])
-        elif o["type"] == "error":
-            parts.append("\n".join(o["traceback"]))
-        else:
-            parts.append(o["data"].get("text/plain", ""))
-    return "\n".join(parts)
 
 
 @pytest.fixture(scope="module")
@@ -340,7 +249,6 @@ class NixosReplKernelConformance(jupyter_kernel_test.KernelTests):  # type: igno
 
     @classmethod
     def setUpClass(cls) -> None:
-        import tempfile
 
         cls._saved = os.environ.get("JUPYTER_PATH")
         os.environ["JUPYTER_PATH"] = str(install_kernelspec(Path(tempfile.mkdtemp())))

@@ -7,79 +7,17 @@ from __future__ import annotations
 
 import os
 import re
-import shlex
 import shutil
 import subprocess
-import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
-BIN = Path(sys.executable).parent
+from .helpers import BIN, Tmux, qemus_under
+
 pytestmark = pytest.mark.skipif(shutil.which("tmux") is None, reason="needs tmux")
-
-
-class Tmux:
-    """One tmux server with one window running ``command``."""
-
-    def __init__(self, socket: Path, command: str, cwd: Path, env: dict[str, str]) -> None:
-        self.socket = socket
-        exports = " ".join(f"{k}={shlex.quote(v)}" for k, v in env.items())
-        shell = f"cd {shlex.quote(str(cwd))} && env {exports} {command}; echo EXIT=$?; sleep 600"
-        self.tmux("new-session", "-d", "-x", "120", "-y", "50", "-s", "main", shell)
-
-    def tmux(self, *args: str) -> str:
-        result = subprocess.run(
-            ["tmux", "-S", str(self.socket), *args], capture_output=True, text=True, check=True
-        )
-        return result.stdout
-
-    def window(self, name: str, command: str) -> None:
-        self.tmux("new-window", "-d", "-n", name, command)
-
-    def send(self, *keys: str, target: str = "main") -> None:
-        self.tmux("send-keys", "-t", target, *keys)
-
-    def type(self, text: str, target: str = "main") -> None:
-        self.tmux("send-keys", "-t", target, "-l", text)
-        self.send("Enter", target=target)
-
-    def screen(self, target: str = "main") -> str:
-        return self.tmux("capture-pane", "-p", "-J", "-S", "-300", "-t", target)
-
-    def wait_for(self, pattern: str, timeout: float = 60, target: str = "main") -> str:
-        deadline = time.monotonic() + timeout
-        while True:
-            text = self.screen(target)
-            if re.search(pattern, text):
-                return text
-            if time.monotonic() > deadline:
-                raise AssertionError(f"no {pattern!r} on the screen after {timeout} s:\n{text}")
-            time.sleep(0.05)
-
-    def close(self) -> None:
-        subprocess.run(["tmux", "-S", str(self.socket), "kill-server"], capture_output=True)
-
-
-def qemus_under(path: Path) -> list[str]:
-    result = subprocess.run(["pgrep", "-af", "qemu-system"], capture_output=True, text=True)
-    return [line for line in result.stdout.splitlines() if str(path) in line]
-
-
-@pytest.fixture
-def repl_env(tmp_path: Path) -> dict[str, str]:
-    runtime = tmp_path / "rt"
-    runtime.mkdir()
-    return {
-        "XDG_RUNTIME_DIR": str(runtime),
-        "NIXOS_REPL_ACCEL": "tcg",
-        "TERM": "screen",
-        "NIXOS_REPL_IMAGES": "halfcell",
-        "HOME": os.environ.get("HOME", "/root"),
-        "PATH": os.environ["PATH"],
-    }
 
 
 @pytest.fixture

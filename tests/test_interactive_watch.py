@@ -12,10 +12,14 @@ from typing import Any
 import pytest
 from jupyter_client.manager import start_new_kernel
 
-from .test_interactive_browser import CHROMEDRIVER, CHROMIUM, TOKEN, browser, lab, notebook
-from .test_interactive_kernel import jupyter_path, kernel_env, machines_config
-
-__all__ = ["browser", "jupyter_path", "lab"]
+from .helpers import (
+    CHROMEDRIVER,
+    CHROMIUM,
+    TOKEN,
+    kernel_env,
+    machines_config,
+    write_notebook,
+)
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 
@@ -229,7 +233,7 @@ def test_jupyterlab_updates_the_watched_screen_in_place(
     from selenium.webdriver.support.ui import WebDriverWait
 
     url, _ = lab
-    notebook(
+    write_notebook(
         tmp_path / "work" / "watch.ipynb",
         "%start vm1\n%succeed vm1 echo 0 > /sys/class/graphics/fbcon/cursor_blink\n"
         "%watch vm1 --interval 100",

@@ -11,10 +11,7 @@ import nbformat
 import pytest
 from nbclient import NotebookClient
 
-from tests.test_interactive_kernel import jupyter_path, kernel_env, machines_config
-from tests.test_record import BIN, replay
-
-__all__ = ["jupyter_path"]  # the fixture, shared with the kernel tests
+from .helpers import BIN, kernel_env, machines_config, replay
 
 NOTEBOOKS = Path(__file__).parent.parent / "notebooks"
 

@@ -9,9 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.test_interactive_repl import BIN, Tmux, qemus_under, repl_env
-
-__all__ = ["repl_env"]  # the fixture, shared with the REPL tests
+from .helpers import BIN, Tmux, qemus_under
 
 pytestmark = pytest.mark.skipif(shutil.which("tmux") is None, reason="needs tmux")
 

@@ -7,23 +7,19 @@ import os
 import re
 import signal
 import subprocess
-import sys
 import time
 from pathlib import Path
 from typing import Any
 
-from tests.test_batch import leftovers
-from tests.test_interactive_kernel import (
+from .helpers import (
+    BIN,
     Kernel,
-    jupyter_path,
     kernel_env,
+    leftovers,
     machines_config,
+    replay,
     text_of,
 )
-
-__all__ = ["jupyter_path"]  # the fixture, shared with the kernel tests
-
-BIN = Path(sys.executable).parent
 
 
 def records(path: Path) -> list[dict[str, Any]]:
@@ -36,22 +32,6 @@ def session_log(directory: Path) -> Path:
     logs = sorted(directory.glob("session-*.jsonl"))
     assert len(logs) == 1, logs
     return logs[0]
-
-
-def replay(script: Path, guest_dir: Path, tmp_path: Path, names: tuple[str, ...]) -> str:
-    """``nixos-repl --batch script`` on the tiny guests; returns stderr, asserts exit 0."""
-    out, runtime = tmp_path / "replay-out", tmp_path / "replay-rt"
-    out.mkdir(exist_ok=True)
-    runtime.mkdir(exist_ok=True)
-    command = [
-        str(BIN / "nixos-repl"), "--batch", str(script), "--vlans", "1",
-        "--start-scripts", *(str(guest_dir / f"run-{n}-vm") for n in names),
-    ]  # fmt: skip
-    env = {**os.environ, "XDG_RUNTIME_DIR": str(runtime), "NIXOS_REPL_ACCEL": "tcg"}
-    proc = subprocess.run(command, capture_output=True, text=True, env=env, cwd=out, timeout=300)
-    assert proc.returncode == 0, f"{script.read_text()}\n{proc.stderr[-3000:]}"
-    assert leftovers(runtime) == []
-    return proc.stderr
 
 
 def export(source: Path, target: Path, *extra: str) -> subprocess.CompletedProcess[str]:

@@ -4,17 +4,12 @@ and line, JUnit cases, bad input, and the export of a notebook replayed green.""
 from __future__ import annotations
 
 import json
-import sys
 from pathlib import Path
 from typing import Any
 
 import pytest
 
-from tests.test_batch import Run, dirs, leftovers, run
-
-__all__ = ["dirs"]  # the fixture, shared with the batch tests
-
-BIN = Path(sys.executable).parent
+from .helpers import BIN, BatchRun, leftovers, run_batch
 
 
 def notebook(path: Path, *cells: str) -> Path:
@@ -31,13 +26,13 @@ def notebook(path: Path, *cells: str) -> Path:
     return path
 
 
-def batch(script: Path, guest_dir: Path, out: Path, runtime: Path, *extra: str) -> Run:
+def batch(script: Path, guest_dir: Path, out: Path, runtime: Path, *extra: str) -> BatchRun:
     command = [
         str(BIN / "nixos-repl"), "--batch", str(script), "--junit-xml", "junit.xml",
         "--start-scripts", str(guest_dir / "run-vm1-vm"), str(guest_dir / "run-vm2-vm"),
         "--vlans", "1", *extra,
     ]  # fmt: skip
-    return run(command, out, runtime)
+    return run_batch(command, out, runtime)
 
 
 GREEN = (
@@ -70,7 +65,7 @@ def test_the_export_of_a_notebook_replays_green(guest_dir: Path, dirs: tuple[Pat
     out, runtime = dirs
     source = notebook(out / "t.ipynb", *GREEN)
     script = out / "testScript.py"
-    exported = run(
+    exported = run_batch(
         [str(BIN / "nixos-repl"), "export", str(source), "-o", str(script)], out, runtime
     )
     assert exported.returncode == 0, exported.stderr
@@ -166,7 +161,7 @@ def test_bad_input(
         notebook(path, "md:only words")
     else:
         path.write_text(content)
-    result = run(
+    result = run_batch(
         [str(BIN / "nixos-repl"), "--batch", str(path), "--start-scripts",
          str(guest_dir / "run-vm1-vm")],
         tmp_path,

@@ -20,7 +20,7 @@ from nixos_repl import DriverConfig, MachineConfig, MachineError, Registry
 from nixos_repl.batch import SOCKET_PATH_MAX, private_tmp_dir
 from nixos_repl.machine import Machine, state_dir_in_use
 
-from .test_batch import leftovers
+from .helpers import leftovers
 
 # Both runs wait for each other once their machines are up (a barrier in a host directory), so
 # they really overlap; each copies a file naming its run out of vm1.

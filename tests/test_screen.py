@@ -23,7 +23,7 @@ from nixos_repl.machine import Machine
 from nixos_repl.machine.ocr import iter_ocr
 from nixos_repl.machine.qmp import QMPSession
 
-from .helpers import console, no_live_tesseract
+from .helpers import console, free_port, no_live_tesseract
 
 needs_tesseract = pytest.mark.skipif(shutil.which("tesseract") is None, reason="needs tesseract")
 
@@ -36,13 +36,6 @@ def ppm_size(path: Path) -> tuple[int, int]:
     magic, width, height, _ = path.read_bytes()[:64].split(maxsplit=4)[:4]
     assert magic == b"P6"
     return int(width), int(height)
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port: int = s.getsockname()[1]
-        return port
 
 
 def tcp_listeners(port: int) -> set[str]:

@@ -15,8 +15,9 @@ from pathlib import Path
 
 import pytest
 
+from .helpers import BIN
+
 ROOT = Path(__file__).resolve().parent.parent
-BIN = Path(sys.executable).parent
 
 # The names the newest nixpkgs prepend imports (facts from nixos/lib/test-script-prepend.py),
 # then the type hints it declares for the globals scripts use.
