@@ -248,10 +248,10 @@ def test_a_cell_tagged_no_export_runs_but_is_not_exported(tmp_path: Path) -> Non
 def test_names_outside_nixpkgs_are_listed(tmp_path: Path) -> None:
     from nixos_repl.config import DriverConfig
     from nixos_repl.driver import Driver
-    from nixos_repl.export import NIXPKGS_SYMBOLS
+    from nixos_repl.export import nixpkgs_symbols
 
     driver = Driver(DriverConfig(), out_dir=tmp_path, tmp_dir=tmp_path)
-    assert set(driver.symbol_names()) | {"machine"} == NIXPKGS_SYMBOLS
+    assert set(driver.symbol_names()) | {"machine"} == nixpkgs_symbols()
     cells = [
         Cell(1, "import json\nfor m in machines:\n    m.succeed('true')\n"
              "server.wait_for_unit('x')\nvlan1.stop()\ndata = json.loads(helper(vm1))"),
