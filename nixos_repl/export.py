@@ -29,11 +29,13 @@ from typing import Any
 from .config import DriverConfig
 from .driver import Driver, pythonize_name
 from .errors import NixosReplError
-from .magic_table import IPYTHON_SILENT, MAGICS, NoCall, Silent, Translation, py_str
+from .magic_table import IPYTHON_SILENT, MAGICS, NoCall, ShowOnly, Silent, Translation, py_str
 
 __all__ = [
     "Cell",
     "ExportError",
+    "MagicError",
+    "cell_python",
     "export_cells",
     "export_file",
     "ipython_to_python",
@@ -422,6 +424,63 @@ def translate_cell(source: str, translation: Translation | None = None) -> list[
                 problem = "not exported (top-level await: a testScript runs one call at a time)"
         result.append(Statement((first, last), text.rstrip("\n"), original, problem))
     return result
+
+
+class MagicError(ExportError):
+    """A magic with no testScript call in a cell that must run as plain Python."""
+
+    def __init__(self, line: int, magic: str, reason: str) -> None:
+        super().__init__(f"{magic.split()[0]} has no testScript call: {reason}")
+        self.line = line
+
+
+def cell_python(source: str, translation: Translation) -> ast.Module:
+    """A cell as plain Python, line for line, as ``--batch`` runs it: each magic replaced by the
+    calls its export has, on the magic's line (so tracebacks name the cell's own lines); a
+    magic that only shows something becomes nothing (``pass``, or ``None`` as a value).
+
+    SyntaxError for a cell that does not parse; MagicError for a magic with no testScript call.
+    """
+    tree = ast.parse(ipython_to_python(source))
+
+    def calls(node: ast.expr) -> list[ast.stmt] | None:
+        """The statements of the magic ``node`` is, at its place; None: it only shows."""
+        call = _ipython_call(node)
+        assert call is not None
+        try:
+            statements = magic_statements(*call, translation)
+        except ShowOnly:
+            return None
+        except NoCall as e:
+            raise MagicError(node.lineno, _magic_text(*call), str(e)) from None
+        body = ast.parse("\n".join(statements)).body
+        for new in body:
+            for child in ast.walk(new):
+                if "lineno" in child._attributes:
+                    ast.copy_location(child, node)
+        return body
+
+    class Magics(ast.NodeTransformer):
+        def visit_Expr(self, node: ast.Expr) -> Any:
+            if _ipython_call(node.value) is None:
+                return self.generic_visit(node)
+            return calls(node.value) or ast.copy_location(ast.Pass(), node)
+
+        def visit_Call(self, node: ast.Call) -> Any:
+            self.generic_visit(node)
+            if _ipython_call(node) is None:
+                return node
+            body = calls(node)
+            if body is None:
+                return ast.copy_location(ast.Constant(None), node)
+            if len(body) != 1 or not isinstance(body[0], ast.Expr):
+                call = _ipython_call(node)
+                assert call is not None
+                raise MagicError(node.lineno, _magic_text(*call), "several calls, not one value")
+            return body[0].value
+
+    module: ast.Module = ast.fix_missing_locations(Magics().visit(tree))
+    return module
 
 
 def _has_await(stmt: ast.stmt) -> bool:
