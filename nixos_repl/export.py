@@ -20,6 +20,7 @@ import ast
 import functools
 import json
 import logging
+import os
 import re
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
@@ -84,7 +85,7 @@ def read_session_log(path: Path) -> tuple[dict[str, Any], list[Cell]]:
     ordered: list[Cell] = []
     latest: dict[int, Cell] = {}  # a number may come again (a cell run without history)
     loose: list[dict[str, Any]] = []
-    text = _read_text(path)
+    text = _read_text(path, cut_last_line=True)
     lines = text.split("\n")
     for number, line in enumerate(lines, 1):
         if not line.strip():
@@ -205,17 +206,25 @@ def read_cells(path: Path) -> tuple[dict[str, Any], list[Cell]]:
     raise ExportError(f"{path}: unknown format {suffix or '(no suffix)'!r}; export takes {FORMATS}")
 
 
-def _read_text(path: Path) -> str:
+def _read_text(path: Path, *, cut_last_line: bool = False) -> str:
+    """The file's text. With ``cut_last_line`` (a log appended to by a process that may have
+    been killed), a last line without its newline that was cut inside a UTF-8 character keeps
+    its bytes as U+FFFD, for the reader to drop as a line cut short."""
     try:
-        return path.read_text(encoding="utf-8")
+        data = path.read_bytes()
     except FileNotFoundError:
         raise ExportError(f"{path}: no such file") from None
     except IsADirectoryError:
         raise ExportError(f"{path}: is a directory, not a file") from None
-    except UnicodeDecodeError:
-        raise ExportError(f"{path}: not a text file (not UTF-8)") from None
     except OSError as e:
         raise ExportError(f"{path}: cannot read it: {e.strerror}") from None
+    last = data.rfind(b"\n") + 1
+    try:
+        if cut_last_line and last < len(data):
+            return data[:last].decode() + data[last:].decode(errors="replace")
+        return data.decode()
+    except UnicodeDecodeError:
+        raise ExportError(f"{path}: not a text file (not UTF-8)") from None
 
 
 # -- Python literals -------------------------------------------------------------------------
@@ -724,6 +733,11 @@ def export_file(
     """Export ``source`` (session log, notebook or .ipy) to ``target``, written atomically."""
     from .files import write_atomic
 
+    if _same_file(source, target):
+        raise ExportError(
+            f"{target} is {source} itself: writing the testScript there would destroy what it "
+            "is exported from; choose another output file (nothing was written)"
+        )
     header, cells = read_cells(source)
     skip = set(skip_cells)  # the cell running the export: not finished yet
     cells = [c for c in cells if c.finished or c.number not in skip]
@@ -741,3 +755,11 @@ def export_file(
     except OSError as e:
         raise ExportError(f"cannot write {target}: {e.strerror or e}") from None
     return exported
+
+
+def _same_file(a: Path, b: Path) -> bool:
+    """Whether ``a`` and ``b`` are one file (the same inode, or the same path resolved)."""
+    try:
+        return os.path.samefile(a, b)
+    except OSError:  # one of them does not exist (yet)
+        return a.resolve() == b.resolve()
