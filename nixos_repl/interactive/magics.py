@@ -24,6 +24,7 @@ from IPython.core.magic import Magics, magics_class
 
 from ..errors import NixosReplError, UnknownMachineError
 from ..loop import run_sync
+from ..machine.keys import key_to_qmp
 from ..magic_table import MAGICS, unescape
 from ..magic_table import usage as parser_usage
 from .display import Execution, MachineTable, Output, Screenshot
@@ -207,6 +208,11 @@ class NixosMagics(Magics):
         """Press keys, one after the other (QEMU key names, or characters)."""
         args = parse("keys", line)
         machine = self._machine(args.name)
+        for key in args.keys:  # all checked before the first is pressed
+            try:
+                key_to_qmp(key)
+            except ValueError as e:
+                raise UsageError(str(e)) from None
         for key in args.keys:
             machine.send_key(key)
 
