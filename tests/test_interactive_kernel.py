@@ -54,7 +54,16 @@ def test_notebook_runs(notebook: Path, jupyter_path: Path, guest_dir: Path, tmp_
             pngs = [o for o in cell.outputs if "image/png" in o.get("data", {})]
             assert pngs, f"no image/png for {cell.source!r}"
     assert shots >= 1
-    assert list(tmp_path.glob("vm1-*.png")), "the %screenshot PNG was not saved"
+    out = tmp_path / "nixos-repl-out"
+    assert list(out.glob("vm1-*.png")), "the %screenshot PNG was not saved"
+    assert list(out.glob("session-*.jsonl"))
+    assert not list(tmp_path.glob("*.png")) and not list(tmp_path.glob("session-*"))  # none loose
+    shown = [
+        "".join(o.get("data", {}).get("text/plain", "") for o in c.outputs)
+        for c in nb.cells
+        if "%machines" in c.source.splitlines()
+    ]
+    assert shown and all(f"output: {out} (screenshots, session log)" in t for t in shown)
     assert wait_for_no_qemu(runtime) == []  # the kernel's shutdown stopped its machines
 
 

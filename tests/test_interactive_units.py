@@ -61,6 +61,9 @@ def test_machine_table() -> None:
     assert lines[1].split()[:5] == ["vm1", "up", "1", "min", "05"]
     assert "<td" in table._repr_html_() and "&lt;to&gt;" in table._repr_html_()
     assert "%machines add" in MachineTable([]).text()
+    named = MachineTable(table.rows, Path("/x/nixos-repl-out"))
+    assert named.text().splitlines()[-1] == "output: /x/nixos-repl-out (screenshots, session log)"
+    assert "output: /x/nixos-repl-out" in named._repr_html_()
 
 
 def test_format_duration() -> None:

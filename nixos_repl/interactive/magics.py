@@ -24,10 +24,12 @@ from IPython.core.magic import Magics, magics_class
 
 from ..errors import NixosReplError, UnknownMachineError
 from ..loop import run_sync
+from ..machine.console import MEMORY_LINES
 from ..machine.keys import key_to_qmp
 from ..magic_table import MAGICS, unescape
 from ..magic_table import usage as parser_usage
 from .display import Execution, MachineTable, Output, Screenshot
+from .live import clean
 
 if TYPE_CHECKING:
     from argparse import Namespace
@@ -114,7 +116,7 @@ class NixosMagics(Magics):
                 self.session.driver.create_machine(command, name=args.name)
             except NixosReplError as e:
                 raise UsageError(str(e)) from None
-        return MachineTable.of(self.session.machines)
+        return MachineTable.of(self.session.machines, self.session.driver.out_dir)
 
     @magic("start")
     def start(self, line: str) -> None:
@@ -227,7 +229,8 @@ class NixosMagics(Magics):
         """Show the last N non-empty lines of the machine's serial console (all of it is in its
         log)."""
         args = parse("console", line)
-        return Output("\n".join(self._machine(args.name).console.tail(args.n)))
+        lines = self._machine(args.name).console.tail(MEMORY_LINES)
+        return Output("\n".join([line for line in lines if clean(line).strip()][-args.n :]))
 
     @magic("shell")
     def guest_shell(self, line: str) -> Any:
