@@ -102,24 +102,23 @@ def py_str(text: str) -> str:
 # -- argument types --------------------------------------------------------------------------
 
 
-def seconds(value: str) -> float:
-    try:
-        number = float(value)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not a number of seconds: {value!r}") from None
-    if number <= 0:
-        raise argparse.ArgumentTypeError(f"must be more than 0 seconds: {value!r}")
-    return number
+def _positive(convert: Callable[[str], float], noun: str, unit: str = "") -> Callable[[str], Any]:
+    """An argument type: a number more than 0 (``convert`` of the word), else the reason."""
+
+    def parse(value: str) -> float:
+        try:
+            number = convert(value)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"not a {noun}: {value!r}") from None
+        if number <= 0:
+            raise argparse.ArgumentTypeError(f"must be more than 0{unit}: {value!r}")
+        return number
+
+    return parse
 
 
-def count(value: str) -> int:
-    try:
-        number = int(value)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not a whole number: {value!r}") from None
-    if number <= 0:
-        raise argparse.ArgumentTypeError(f"must be at least 1: {value!r}")
-    return number
+seconds = _positive(float, "number of seconds", " seconds")
+count = _positive(int, "whole number")
 
 
 WAIT_TIMEOUT = DEFAULT_TIMEOUT.total_seconds()  # Machine.wait_for_unit's default
@@ -138,6 +137,11 @@ class Arg:
 
 def arg(*flags: str, **options: Any) -> Arg:
     return Arg(flags, options)
+
+
+def flag(name: str, help: str) -> Arg:
+    """An option without a value: ``--all``."""
+    return arg(name, action="store_true", help=help)
 
 
 class Translation:
@@ -327,7 +331,7 @@ MAGICS: dict[str, MagicSpec] = {
             _start,
             [
                 arg("names", nargs="*", metavar="NAME", help="machines to start (default: all)"),
-                arg("--all", action="store_true", help="start every machine"),
+                flag("--all", "start every machine"),
             ],
             machines="many",
         ),
@@ -416,14 +420,10 @@ MAGICS: dict[str, MagicSpec] = {
             "record",
             _silent("it manages the session log"),
             [
-                arg("--outputs", action="store_true", help="also record the output of commands"),
-                arg(
-                    "--no-outputs",
-                    action="store_true",
-                    help="record only status and size (default)",
-                ),
-                arg("--off", action="store_true", help="pause the recording"),
-                arg("--on", action="store_true", help="resume the recording"),
+                flag("--outputs", "also record the output of commands"),
+                flag("--no-outputs", "record only status and size (default)"),
+                flag("--off", "pause the recording"),
+                flag("--on", "resume the recording"),
             ],
         ),
         MagicSpec(
@@ -431,11 +431,9 @@ MAGICS: dict[str, MagicSpec] = {
             _silent("it exports the session"),
             [
                 arg("file", metavar="FILE", help="the testScript to write"),
-                arg(
+                flag(
                     "--keep-failures",
-                    action="store_true",
-                    help="keep failed succeed/fail steps as the opposite assertion instead of "
-                    "comments",
+                    "keep failed succeed/fail steps as the opposite assertion instead of comments",
                 ),
             ],
         ),
