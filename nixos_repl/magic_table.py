@@ -182,7 +182,9 @@ class MagicSpec:
     def declare(self, fn: Any) -> Any:
         """Attach the arguments to ``fn`` as IPython's ``@magic_arguments`` decorators do (so
         ``%name?`` shows them) and return it."""
-        arguments = list(self.arguments or ())
+        if self.arguments is None:
+            return fn
+        arguments = list(self.arguments)
         if self.rest is not None:
             metavar, help, _ = self.rest
             arguments = [
@@ -190,8 +192,6 @@ class MagicSpec:
                 *arguments,
                 arg("rest", nargs=argparse.REMAINDER, metavar=metavar, help=help),
             ]
-        if self.arguments is None:
-            return fn
         argument: Any = _magic_arguments.argument
         magic_arguments: Any = _magic_arguments.magic_arguments
         for a in reversed(arguments):

@@ -126,6 +126,12 @@ BAD_INPUT = [
 ]
 
 
+def test_every_magic_has_its_bad_input() -> None:
+    from nixos_repl.magic_table import MAGICS
+
+    assert {line.lstrip("%").split()[0] for line, _ in BAD_INPUT} == set(MAGICS)
+
+
 @pytest.mark.parametrize(("line", "message"), BAD_INPUT, ids=[b[0] for b in BAD_INPUT])
 def test_bad_input_of_every_magic_is_its_reason(
     kernel: tuple[Kernel, Path], line: str, message: str
