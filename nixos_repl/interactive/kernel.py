@@ -28,7 +28,7 @@ from typing import Any
 
 from ipykernel.ipkernel import IPythonKernel
 
-from .. import __version__
+from ..version import __version__
 
 __all__ = ["KERNEL_NAME", "NixosReplKernel", "install", "kernel_argv", "kernelspec_dir", "main"]
 

@@ -24,6 +24,7 @@ import time
 from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 
+from ..config import check_machine_name
 from ..errors import MachineError
 from .actions import Action, ActionObserver
 from .api import AsyncMachine, sync
@@ -107,7 +108,7 @@ class Machine:
         observers: list[ActionObserver] | None = None,
     ) -> None:
         self.start_command = str(start_command)
-        self.name = name or machine_name_from_start_command(self.start_command)
+        self.name = check_machine_name(name or machine_name_from_start_command(self.start_command))
         self.tmp_dir = Path(tmp_dir)
         self.out_dir = Path(out_dir)
         self.state_dir = self.tmp_dir / f"vm-state-{self.name}"

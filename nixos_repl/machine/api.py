@@ -48,7 +48,11 @@ from .timing import (
 )
 
 if TYPE_CHECKING:
-    from . import Machine
+    import logging
+
+    from .console import Console
+    from .lifecycle import Lifecycle
+    from .screen import Screen
 
 __all__ = ["AsyncMachine", "sync"]
 
@@ -59,6 +63,20 @@ T = TypeVar("T")
 VLAN_NIC = "virtio-net-pci.1"
 # Where the guest mounts the shared directory (nixpkgs' ``/tmp/shared``).
 GUEST_SHARED = Path("/tmp/shared")
+
+
+class MachineParts(Protocol):
+    """What the coroutines use of their machine (``Machine`` in ``__init__.py`` has it)."""
+
+    name: str
+    out_dir: Path
+    shared_dir: Path
+    logger: logging.Logger
+    console: Console
+    lifecycle: Lifecycle
+    screen: Screen
+    # Run before every command and monitor command (the polling conditions).
+    callbacks: list[Callable[[], None]]
 
 
 class _HasAio(Protocol):
@@ -86,7 +104,7 @@ def sync(
 class AsyncMachine:
     """The coroutine form of one machine's nixpkgs API (``vm1.aio``); see ``Machine``."""
 
-    def __init__(self, machine: Machine) -> None:
+    def __init__(self, machine: MachineParts) -> None:
         self._m = machine
 
     def __repr__(self) -> str:
@@ -253,7 +271,9 @@ class AsyncMachine:
         # Polling conditions run before each try, and a bounded try is the host's to cut: in
         # those cases the host loops.
         if attempt_timeout is None and not self._m.callbacks:
-            seen, output = await waits.until(self, command, want_success, limit)
+            seen, output = await waits.until(
+                self.execute, self._m.logger, command, want_success, limit
+            )
             if seen:
                 return output
 
@@ -385,7 +405,7 @@ class AsyncMachine:
         start = time.monotonic()
         try:
             if probe is not None and not self._m.callbacks:
-                await waits.until(self, probe(unit, user), True, limit)
+                await waits.until(self.execute, self._m.logger, probe(unit, user), True, limit)
             await poll_until(check, limit, None, start)
         except RequestedAssertionFailed as e:
             raise await self._explained(e, unit, user) from None
