@@ -5,6 +5,7 @@ from __future__ import annotations
 import datetime as dt
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -14,6 +15,7 @@ import pytest
 
 from nixos_repl.config import (
     DEFAULT_GLOBAL_TIMEOUT,
+    DriverConfig,
     MachineConfig,
     check_config,
     config_from_legacy,
@@ -328,3 +330,65 @@ def test_batch_options_leave_the_commands_alone() -> None:
     args = _parser().parse_args(["guest", "build", "tiny", "--name", "a", "--out", "d"])
     assert args.out == Path("d") and args.output_directory is None
     assert _parser().parse_args(["demo", "--out", "x"]).out == Path("x")
+
+
+# -- machine names ---------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("how", "names"),
+    [
+        ("config", ["a/../../victim"]),
+        ("vm-names", ["a/../../victim"]),
+        ("config", [".."]),
+        ("vm-names", ["two\nlines"]),
+        ("vm-names", ["my-vm", "my_vm"]),
+    ],
+)
+def test_bad_machine_names_exit_2_and_delete_nothing(
+    tmp_path: Path, how: str, names: list[str]
+) -> None:
+    """A name must be one file-name component (its state directory must stay under
+    $XDG_RUNTIME_DIR) and no two names may be the same Python name; nothing starts."""
+    runtime = tmp_path / "runtime"
+    (runtime / "vm-state-a").mkdir(parents=True)  # left by an earlier run of machine `a`
+    victim = tmp_path / "victim"
+    (victim / "keep").mkdir(parents=True)
+    test = write(tmp_path / "t.py", "open('ran', 'w').close()\n")
+    scripts = [str(vm(tmp_path, f"m{i}")) for i in range(len(names))]
+    if how == "config":
+        vms = {n: {"name": n, "start_script": s} for n, s in zip(names, scripts, strict=True)}
+        args = ["-c", str(json_config(tmp_path, vms=vms, vlans=[])), str(test)]
+    else:
+        args = [str(test), "--vm-names", *names, "--vm-start-scripts", *scripts]
+    result = cli([str(BIN / "nixos-test-driver"), *args], tmp_path)
+    assert result.returncode == 2, result.stderr
+    assert result.stderr.count("\n") == 1, result.stderr
+    expected = "are both 'my_vm' in test scripts" if len(names) == 2 else "invalid machine name"
+    assert expected in result.stderr
+    assert (victim / "keep").is_dir() and (runtime / "vm-state-a").is_dir()
+    assert not (tmp_path / "ran").exists()
+
+
+def test_machine_names_in_the_api(tmp_path: Path) -> None:
+    """``create_machine`` and the registry refuse the same names, before touching anything."""
+    from nixos_repl import Driver, Registry
+    from nixos_repl.machine import Machine
+
+    (tmp_path / "vm-state-x").mkdir()
+    (tmp_path / "victim").mkdir()
+    script = str(vm(tmp_path, "m"))
+    with Driver(DriverConfig(), out_dir=tmp_path, tmp_dir=tmp_path) as driver:
+        with pytest.raises(ConfigError, match=re.escape("invalid machine name 'x/../victim'")):
+            driver.create_machine(script, name="x/../victim")
+        driver.create_machine(script, name="my-vm")
+        with pytest.raises(ConfigError, match="'my-vm' and 'my_vm' are both 'my_vm'"):
+            driver.create_machine(script, name="my_vm")
+        assert [m.name for m in driver.machines] == ["my-vm"]
+    with pytest.raises(ConfigError, match="invalid machine name"):
+        Registry([("ok", script), ("x/../victim", script)], out_dir=tmp_path, tmp_dir=tmp_path)
+    with pytest.raises(ConfigError, match="invalid machine name"):
+        Machine(script, name=".", tmp_dir=tmp_path, out_dir=tmp_path)
+    with pytest.raises(ConfigError, match="invalid machine name"):
+        check_config(DriverConfig(vms={"a/b": MachineConfig("a/b", Path(script))}))
+    assert (tmp_path / "victim").is_dir() and (tmp_path / "vm-state-x").is_dir()
