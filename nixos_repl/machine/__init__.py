@@ -130,8 +130,9 @@ class Machine:
             shell_framing=shell_framing,
             on_change=(lambda: on_state_change(self)) if on_state_change is not None else None,
         )
-        self.screen = Screen(self.lifecycle, self.out_dir)
         self.aio = AsyncMachine(self)
+        # Screenshots and keys run the polling conditions first, as commands do.
+        self.screen = Screen(self.lifecycle, self.out_dir, self.aio._polling_conditions)
         self.shared_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
         if state_dir_in_use(self.state_dir):
             raise MachineError(

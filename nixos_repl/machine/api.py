@@ -111,7 +111,9 @@ class AsyncMachine:
         return f"<AsyncMachine {self._m.name!r}>"
 
     async def _polling_conditions(self) -> None:
-        """Run the machine's callbacks (nixpkgs' polling conditions) before a command.
+        """Run the machine's callbacks (nixpkgs' polling conditions) before a command, a
+        monitor command, a screendump or a key press (nixpkgs runs them in
+        ``send_monitor_command``, which screenshots, keys and ``crash`` go through).
 
         They run in a worker thread, so they may use the blocking API themselves.
         """
@@ -150,6 +152,7 @@ class AsyncMachine:
     @on_io_loop
     async def crash(self) -> None:
         """Make QEMU quit at once, as if the machine lost power (HMP ``quit``)."""
+        await self._polling_conditions()
         await self._m.lifecycle.crash()
 
     @on_io_loop
