@@ -6,6 +6,7 @@ import datetime as dt
 import json
 import os
 import re
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -392,3 +393,56 @@ def test_machine_names_in_the_api(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match="invalid machine name"):
         check_config(DriverConfig(vms={"a/b": MachineConfig("a/b", Path(script))}))
     assert (tmp_path / "victim").is_dir() and (tmp_path / "vm-state-x").is_dir()
+
+
+# nixpkgs' test_driver package, 2026 layout (nixos/lib/test-driver/src/test_driver/), and the
+# modules of it that are the driver's own plumbing, which no test script imports.
+NIXPKGS_TEST_DRIVER = {
+    "config", "debug", "display", "driver", "duration", "efi", "errors", "logger", "machine",
+    "machine.nspawn_display", "machine.ocr", "machine.qmp", "polling_condition", "qmp",
+    "test_reporter", "vlan", "vsock",
+}  # fmt: skip
+DRIVER_PLUMBING = {"machine.nspawn_display", "test_reporter", "vsock"}
+
+
+def test_every_nixpkgs_module_path_that_scripts_import_is_there() -> None:
+    import importlib
+
+    import test_driver
+
+    root = Path(test_driver.__file__).parent
+    ours = {
+        ".".join(p.relative_to(root).with_suffix("").parts).removesuffix(".__init__")
+        for p in root.rglob("*.py")
+        if p.name != "__init__.py" or p.parent != root
+    }
+    assert ours == NIXPKGS_TEST_DRIVER - DRIVER_PLUMBING
+    for module in sorted(ours):
+        importlib.import_module(f"test_driver.{module}")
+
+
+def test_test_driver_duration_and_efi() -> None:
+    from nixos_repl.errors import MachineError
+    from test_driver.duration import as_seconds, as_timedelta
+    from test_driver.efi import EfiVariable
+
+    assert as_timedelta(2) == dt.timedelta(seconds=2) and as_seconds(dt.timedelta(0, 1)) == 1.0
+    with pytest.raises(TypeError):
+        as_seconds(True)
+    with pytest.raises(MachineError, match="EFI variables"):
+        EfiVariable(name="Demo", flags=EfiVariable.Flags.NON_VOLATILE)
+
+
+@pytest.mark.skipif(shutil.which("tesseract") is None, reason="needs tesseract")
+def test_test_driver_ocr_reads_a_screenshot_file(tmp_path: Path) -> None:
+    """nixpkgs' OCR self-test imports ``test_driver.machine.ocr``."""
+    from test_driver.machine import ocr
+
+    from .helpers import console
+
+    path = tmp_path / "screen.png"
+    console("keys-ok hello 42").save(path)
+    assert "hello" in ocr.perform_ocr_on_screenshot(path)
+    texts = ocr.perform_ocr_variants_on_screenshot(path)
+    assert len(texts) == 3 and any("hello" in text for text in texts)
+    assert ocr.perform_ocr_variants_on_screenshot(path, timeout=0) == ["", "", ""]
