@@ -446,3 +446,32 @@ def test_test_driver_ocr_reads_a_screenshot_file(tmp_path: Path) -> None:
     texts = ocr.perform_ocr_variants_on_screenshot(path)
     assert len(texts) == 3 and any("hello" in text for text in texts)
     assert ocr.perform_ocr_variants_on_screenshot(path, timeout=0) == ["", "", ""]
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["--vlans", "1", "notebook", "--no-browser"],
+        ["notebook", "--vlans", "1", "--no-browser"],
+        ["--start-scripts", "a", "b", "notebook", "--no-browser", "--vlans", "1"],
+        ["notebook", "--start-scripts", "a", "b", "--vlans", "1", "--no-browser"],
+    ],
+)
+def test_machine_options_before_or_after_the_command(argv: list[str]) -> None:
+    from nixos_repl.cli import _parser
+
+    args = _parser().parse_args(argv)
+    assert (args.command, args.vlans, args.no_browser) == ("notebook", ["1"], True)
+    assert args.start_scripts in (None, ["a", "b"])
+    assert args.jupyter_args == []
+
+
+def test_machine_options_with_a_command_that_takes_none(tmp_path: Path) -> None:
+    result = cli(
+        [sys.executable, "-m", "nixos_repl", "--vlans", "1", "export", "x.jsonl", "-o", "t.py"],
+        tmp_path,
+    )
+    assert result.returncode == 2
+    assert "--vlans: machine options go with the REPL, --batch or notebook, not with export" in (
+        result.stderr
+    )
