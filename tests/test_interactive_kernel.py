@@ -276,3 +276,62 @@ def test_kernel_info_names_nixos_repl(kernel: tuple[Kernel, Path]) -> None:
 
 if __name__ == "__main__":
     unittest.main()
+
+
+# -- ipykernel: the private hook this project overrides ----------------------------------------
+
+
+def test_ipykernel_still_cancels_awaited_cells_through_the_overridden_method() -> None:
+    """``NixosReplKernel._cancel_on_sigint`` replaces ipykernel's private method of the same
+    name; it must still exist with that signature and still be what ``do_execute`` enters."""
+    import ast
+    import inspect
+    import textwrap
+
+    from ipykernel.ipkernel import IPythonKernel
+
+    from nixos_repl.interactive.kernel import NixosReplKernel
+
+    assert list(inspect.signature(IPythonKernel._cancel_on_sigint).parameters) == [
+        "self",
+        "future",
+    ]
+    assert "_cancel_on_sigint" in vars(NixosReplKernel)
+    source = ast.parse(textwrap.dedent(inspect.getsource(IPythonKernel.do_execute)))
+    used = {
+        node.attr
+        for node in ast.walk(source)
+        if isinstance(node, ast.Attribute) and isinstance(node.value, ast.Name)
+        if node.value.id == "self"
+    }
+    assert "_cancel_on_sigint" in used
+    # ... and the dependency stops at the releases this was checked against.
+    import importlib.metadata
+    import tomllib
+
+    from packaging.requirements import Requirement
+
+    pyproject = tomllib.loads((Path(__file__).parent.parent / "pyproject.toml").read_text())
+    (pin,) = (
+        r for r in map(Requirement, pyproject["project"]["dependencies"]) if r.name == "ipykernel"
+    )
+    assert any(spec.operator == "<" for spec in pin.specifier)
+    assert pin.specifier.contains(importlib.metadata.version("ipykernel"))
+
+
+def test_interrupt_ends_an_awaited_cell_at_once(jupyter_path: Path, tmp_path: Path) -> None:
+    """Through the override, an interrupted ``await`` gets its reply without another request
+    (ipykernel 7.4's own version leaves it waiting until the next message arrives)."""
+    runtime = tmp_path / "rt"
+    runtime.mkdir()
+    k = Kernel(kernel_env(runtime, None))
+    try:
+        msg_id = k.kc.execute("import asyncio\nawait asyncio.sleep(100)")
+        time.sleep(1.0)
+        k.km.interrupt_kernel()
+        reply = k.kc.get_shell_msg(timeout=10)
+        assert reply["parent_header"]["msg_id"] == msg_id
+        assert reply["content"]["status"] == "error"
+        assert k.run("1 + 1")[0]["status"] == "ok"
+    finally:
+        k.shutdown()
