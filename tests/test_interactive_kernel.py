@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import tempfile
 import time
@@ -23,6 +24,7 @@ from .helpers import (
     Kernel,
     install_kernelspec,
     kernel_env,
+    leftovers,
     machines_config,
     qemus_under,
     text_of,
@@ -335,3 +337,77 @@ def test_interrupt_ends_an_awaited_cell_at_once(jupyter_path: Path, tmp_path: Pa
         assert k.run("1 + 1")[0]["status"] == "ok"
     finally:
         k.shutdown()
+
+
+# -- ending the kernel with work in flight ------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("ending", "vm2"),
+    [("shutdown", "command"), ("shutdown", "boot"), ("restart", "command"), ("sigterm", "boot")],
+)
+def test_the_kernel_ends_with_everything_in_flight(
+    jupyter_path: Path, guest_dir: Path, tmp_path: Path, ending: str, vm2: str
+) -> None:
+    """A shutdown request, a restart request or SIGTERM while vm1 is watched (``%watch``) and
+    has a guest shell attached (``%shell``), and a cell waits on vm2 (a running command, or a
+    boot): the kernel ends within seconds, and every QEMU, vde_switch and attached shell with
+    it."""
+    runtime = tmp_path / "rt"
+    runtime.mkdir()
+    k = Kernel(kernel_env(runtime, machines_config(guest_dir, tmp_path, ("vm1", "vm2"))))
+    attached: subprocess.Popen[bytes] | None = None
+    try:
+        for cell in ("%start vm1", "%succeed vm1 true", "%watch vm1 --interval 100", "%shell vm1"):
+            reply, outputs = k.run(cell)
+            assert reply["status"] == "ok", text_of(outputs)
+        attached = subprocess.Popen(
+            [str(BIN / "nixos-repl"), "shell", "vm1", "--state-dir", str(runtime / "vm-state-vm1")],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+        if vm2 == "command":
+            assert k.run("%succeed vm2 true")[0]["status"] == "ok"
+        else:
+            assert k.run("%start vm2")[0]["status"] == "ok"
+        k.kc.execute("%succeed vm2 sleep 100")
+        time.sleep(1.5)  # the cell waits on vm2
+        assert attached.poll() is None
+        assert len(qemus_under(runtime)) == 2
+        start = time.monotonic()
+        if ending == "sigterm":
+            k.km.signal_kernel(signal.SIGTERM)
+        else:
+            k.kc.shutdown(restart=ending == "restart")
+        while k.km.is_alive() and time.monotonic() - start < 15:
+            time.sleep(0.1)
+        assert not k.km.is_alive(), f"the kernel still runs {ending}-requested 15 s ago"
+        assert wait_for_no_qemu(runtime, timeout=5) == []
+        assert leftovers(runtime) == []
+        assert attached.wait(timeout=5) is not None
+    finally:
+        if attached is not None and attached.poll() is None:
+            attached.kill()
+        if k.km.is_alive():
+            k.km.shutdown_kernel(now=True)
+        k.kc.stop_channels()
+
+
+def test_shutdown_interrupts_a_cell_that_does_not_end(jupyter_path: Path, tmp_path: Path) -> None:
+    """A cell busy in the user's own code is interrupted, so the process still ends."""
+    runtime = tmp_path / "rt"
+    runtime.mkdir()
+    k = Kernel(kernel_env(runtime, None))
+    try:
+        k.kc.execute("import time\ntime.sleep(100)")
+        time.sleep(1.0)
+        start = time.monotonic()
+        k.kc.shutdown()
+        while k.km.is_alive() and time.monotonic() - start < 15:
+            time.sleep(0.1)
+        assert not k.km.is_alive()
+    finally:
+        if k.km.is_alive():
+            k.km.shutdown_kernel(now=True)
+        k.kc.stop_channels()
