@@ -410,6 +410,7 @@ def test_a_failing_polling_condition_stops_screen_and_monitor_actions(
                 "send_chars": lambda: machine.send_chars("echo no\n"),
                 "send_monitor_command": lambda: machine.send_monitor_command("info status"),
                 "crash": machine.crash,
+                "reboot": machine.reboot,
             }
             for action, call in actions.items():
                 with pytest.raises(PollingConditionError, match="the guest is healthy"):

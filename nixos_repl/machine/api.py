@@ -169,6 +169,8 @@ class AsyncMachine:
         """
         lifecycle = self._m.lifecycle
         await lifecycle.start_if_needed()
+        # Before the reset is expected: a failing polling condition must leave nothing pending.
+        await self._polling_conditions()
         lifecycle.expect_reset()
         await self.send_key("ctrl-alt-delete")
         if lifecycle.allow_reboot:
