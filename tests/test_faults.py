@@ -8,6 +8,7 @@ scripts that fork, long commands, and bad environments all behave.
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import contextlib
 import hashlib
 import logging
@@ -25,7 +26,7 @@ import pytest
 from nixos_repl import Machine, MachineError, Registry
 from nixos_repl.loop import get_loop, run_sync
 
-from .helpers import children_named, interrupt_after, qemu_alive
+from .helpers import children_named, interrupt_after, qemu_alive, qemus_under
 
 ONE_MB = 1_000_000
 
@@ -197,6 +198,32 @@ def test_a_start_script_that_forks(guest_dir: Path, tmp_path: Path) -> None:
     while qemu_alive(int(pid)) and time.monotonic() < deadline:
         time.sleep(0.05)
     assert not qemu_alive(int(pid)), "QEMU, a grandchild, died with the driver"
+
+
+def start_in_background(machine: Machine) -> tuple[int, concurrent.futures.Future[None]]:
+    """Start ``machine`` on the I/O loop; returns its pid as soon as it has one, and the start."""
+    starting = asyncio.run_coroutine_threadsafe(machine.aio.start(), get_loop())
+    deadline = time.monotonic() + 20
+    while (pid := machine.pid) is None and time.monotonic() < deadline:
+        time.sleep(0.001)
+    assert pid is not None
+    return pid, starting
+
+
+def test_pid_is_the_vm_at_any_moment(crashy: Machine) -> None:
+    pid, starting = start_in_background(crashy)
+    starting.result(timeout=60)
+    assert crashy.pid == pid, "nixpkgs' machine.pid: the start script's, which execs QEMU"
+    crashy.release()
+    pid, starting = start_in_background(crashy)
+    os.kill(pid, signal.SIGKILL)  # early in the boot
+    with contextlib.suppress(MachineError):
+        starting.result(timeout=30)
+    assert crashy.state in ("off", "crashed")
+    assert qemus_under(crashy.state_dir) == [], "the exit reported is the VM's own"
+    start = time.monotonic()
+    assert crashy.succeed("echo again") == "again\n"
+    assert time.monotonic() - start < 60, "the next start does not wait for an orphan"
 
 
 def test_a_start_script_that_never_starts_qemu(tmp_path: Path) -> None:
