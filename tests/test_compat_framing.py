@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
-from nixos_repl import Machine, Registry
+from nixos_repl import Machine, Registry, RequestedAssertionFailed
 
 from .helpers import interrupt_after
 
@@ -39,3 +40,16 @@ def test_interrupted_reply_is_skipped(compat: Machine) -> None:
     with pytest.raises(KeyboardInterrupt):
         compat.succeed("sleep 2; echo stale-reply")
     assert compat.succeed("echo fresh-reply") == "fresh-reply\n"
+
+
+def test_timeouts_end_the_commands_and_the_waits(compat: Machine) -> None:
+    start = time.monotonic()
+    assert compat.execute("sleep 30 > /dev/null & exec sleep 20 > /dev/null", timeout=2)[0] == 124
+    assert compat.succeed("echo next") == "next\n"
+    assert time.monotonic() - start < 2 + 3
+    start = time.monotonic()
+    with pytest.raises(RequestedAssertionFailed, match="action timed out after"):
+        compat.wait_until_succeeds("sleep 1000", timeout=3)
+    assert time.monotonic() - start < 3 + 2, "the wait ends at its timeout"
+    processes = compat.succeed("ps -o args")
+    assert not {"sleep 20", "sleep 30", "sleep 1000"} & set(processes.splitlines())

@@ -73,7 +73,8 @@ def test_interrupting_a_long_command_keeps_the_channel_in_sync(vm1: Machine) -> 
 
 def test_a_long_command_with_a_short_timeout(vm1: Machine) -> None:
     status, out = vm1.execute(big_command("echo started; sleep 30; echo LEAKED"), timeout=1)
-    assert (status, out) == (124, "started\n")
+    # Its text takes longer than a second to arrive: it is killed at once, or just after `echo`.
+    assert status == 124 and out in ("", "started\n")
     assert vm1.succeed("echo next") == "next\n"
 
 

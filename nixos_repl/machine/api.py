@@ -256,6 +256,7 @@ class AsyncMachine:
             seen, output = await waits.until(self, command, want_success, limit)
             if seen:
                 return output
+            raise timed_out(start, limit)  # the loop's try at the deadline was the last one
 
         async def check(_last_try: bool) -> bool:
             nonlocal output

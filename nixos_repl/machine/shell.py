@@ -30,9 +30,10 @@ few functions and starts a small reader; then, per command:
   rate-limited to one a second, so it cannot mark the end of each command), and says why it
   waits after a grace period;
 * to interrupt, or at a host-side deadline, the host writes ``K <nonce>`` on the ctl port: if
-  that command is still the current one (the backdoor notes its nonce in a file on tmpfs), the
-  reader kills every process holding the out port, with their descendants. A ``K`` that arrives
-  late (a guest frozen for a while) cannot hit a later command;
+  that command is still the current one (the backdoor notes its nonce and its subshell's pid in a
+  file on tmpfs), the reader kills the command's whole process tree, whatever it did with its
+  output (``exec sleep 20 > /dev/null``), and every process holding the out port, with their
+  descendants. A ``K`` that arrives late (a guest frozen for a while) cannot hit a later command;
 * long command text does not go through hvc0, which bash reads a byte at a time: the host sends
   ``__nr_big <nonce> <length>``, the guest answers ``G<nonce>``, reads ``<text><nonce>`` from
   the out port with ``head -c``, answers ``T<nonce>`` and runs it; a text that does not arrive
@@ -107,20 +108,17 @@ SETUP = r"""if [[ -z ${__nr_ready-} ]]; then
   }
   __nr_run() {
     if ! __nr_open; then printf 'E%s busy\n' "$1"; return; fi
-    printf %s "$1" > "$__nr_cur"
     printf '\0nixos-repl:%s\n' "$1" >&$__nr_fd
     __nr_c=$2
     __nr_go "$1"
   }
   __nr_q() {
     if ! __nr_open; then printf 'E%s busy\n' "$1"; return; fi
-    printf %s "$1" > "$__nr_cur"
     __nr_c=$2
     __nr_go "$1"
   }
   __nr_big() {
     if ! __nr_open; then printf 'E%s busy\n' "$1"; return; fi
-    printf %s "$1" > "$__nr_cur"
     printf 'G%s\n' "$1"
     __nr_c=$(exec {__nr_w}>&-; head -c "$2" <&$__nr_fd)
     printf 'T%s\n' "$1"
@@ -134,6 +132,7 @@ SETUP = r"""if [[ -z ${__nr_ready-} ]]; then
     ( set --; trap : INT QUIT; trap - INT QUIT; __nr_me=$BASHPID; set -euo pipefail; eval "$__nr_c"
     ) >&$__nr_fd {__nr_fd}>&- {__nr_w}>&- &
     __nr_child=$! __nr_sig= __nr_c=
+    printf '%s %s\n' "$1" "$__nr_child" > "$__nr_cur"
     # A signal that came before $! was known (the command may run first) is passed on now.
     [[ -z $__nr_pend ]] || kill -s "$__nr_pend" "$__nr_child" 2>/dev/null
     wait "$__nr_child"; __nr_s=$?
@@ -164,9 +163,11 @@ SETUP = r"""if [[ -z ${__nr_ready-} ]]; then
   trap '__nr_pass TERM' TERM
   trap '__nr_pass INT' INT
   __nr_kill() {
-    local p kids=()
-    kill -STOP "$1" 2>/dev/null || return 0
-    read -r -a kids 2>/dev/null < "/proc/$1/task/$1/children"
+    local p t kids=()
+    [[ -n $1 ]] && kill -STOP "$1" 2>/dev/null || return 0
+    for t in /proc/"$1"/task/*/children; do
+      read -r -a p 2>/dev/null < "$t"; kids+=("${p[@]}")
+    done
     for p in "${kids[@]}"; do __nr_kill "$p"; done
     kill -KILL "$1" 2>/dev/null
     kill -CONT "$1" 2>/dev/null
@@ -181,9 +182,10 @@ SETUP = r"""if [[ -z ${__nr_ready-} ]]; then
   if [ -c "$__nr_out" ] && [ -c "$__nr_ctl" ]; then
     ( exec 3< "$__nr_ctl" < /dev/null > /dev/null {__nr_w}>&-
       while read -r -u 3 __nr_cmd __nr_arg; do
-        read -r __nr_now < "$__nr_cur"
+        read -r __nr_now __nr_pid < "$__nr_cur"
         case "$__nr_cmd" in
-          K) if [[ $__nr_arg == '*' || $__nr_arg == "$__nr_now" ]]; then __nr_holders; fi ;;
+          K) if [[ $__nr_arg == "$__nr_now" ]]; then __nr_kill "$__nr_pid"; __nr_holders
+             elif [[ $__nr_arg == '*' ]]; then __nr_holders; fi ;;
         esac
       done ) &
   fi
@@ -677,7 +679,8 @@ class ShellChannel:
                     await self._collect(cmd)
                     return
         self.log.warning(
-            "command `%s` did not die within %s s; later commands will skip its output",
+            "command `%s` did not die within %s s (is the guest frozen?); the next command "
+            "runs once it has ended, and its output is skipped",
             abbreviate(cmd.text), KILL_GRACE,
         )  # fmt: skip
 
