@@ -13,12 +13,12 @@ import sys
 import time
 from pathlib import Path
 
-from timing import nixpkgs_succeed, row, timed
+from timing import nixpkgs_succeed, roundtrip_raw, row, timed
 
 from nixos_repl import Registry
 from nixos_repl.guests import build_tiny
 from nixos_repl.loop import run_sync
-from nixos_repl.machine import shell as shell_module
+from nixos_repl.machine.shell import fast as fast_framing
 
 
 def main() -> None:
@@ -41,7 +41,7 @@ def main() -> None:
         assert nixpkgs("echo hi") == (0, b"aGkK")
         ours = timed(lambda: vm.succeed("true"), args.n)
         theirs = timed(lambda: nixpkgs("true"), args.n)
-        floor = timed(lambda: run_sync(shell.roundtrip_raw(b"echo\n")), args.n)
+        floor = timed(lambda: run_sync(roundtrip_raw(shell, b"echo\n")), args.n)
 
         big = "head -c 10000000 /dev/zero | tr '\\0' a"
         t = time.perf_counter()
@@ -58,11 +58,11 @@ def main() -> None:
         t = time.perf_counter()
         nixpkgs(text)
         theirs_cmd = time.perf_counter() - t
-        shell_module.BIG_COMMAND, big_command = 10**9, shell_module.BIG_COMMAND
+        fast_framing.BIG_COMMAND, big_command = 10**9, fast_framing.BIG_COMMAND
         t = time.perf_counter()
         vm.succeed(text)  # the same framing, but the text on hvc0
         line_cmd = time.perf_counter() - t
-        shell_module.BIG_COMMAND = big_command
+        fast_framing.BIG_COMMAND = big_command
         payload = Path(registry.tmp_dir) / "payload"
         payload.write_bytes(os.urandom(3_000_000))
         t = time.perf_counter()

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from nixos_repl import Machine, RequestedAssertionFailed
-from nixos_repl.machine import shell as shell_module
+from nixos_repl.machine.shell import fast as fast_framing
 
 from .helpers import interrupt_after
 
@@ -134,7 +134,7 @@ def test_the_guest_has_gnu_timeout(vm1: Machine) -> None:
 def test_background_job_holding_stdout_is_waited_for(
     vm1: Machine, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
 ) -> None:
-    monkeypatch.setattr(shell_module, "STDOUT_GRACE", 0.5)
+    monkeypatch.setattr(fast_framing, "STDOUT_GRACE", 0.5)
     caplog.set_level(logging.WARNING)
     start = time.monotonic()
     out = vm1.succeed("(sleep 2; echo late) & echo early")
