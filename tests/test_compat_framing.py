@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
-from nixos_repl import Machine, Registry, RequestedAssertionFailed
+from nixos_repl import Machine, MachineError, Registry, RequestedAssertionFailed
+from nixos_repl.loop import get_loop
 
 from .helpers import interrupt_after
 
@@ -53,3 +55,16 @@ def test_timeouts_end_the_commands_and_the_waits(compat: Machine) -> None:
     assert time.monotonic() - start < 3 + 2, "the wait ends at its timeout"
     processes = compat.succeed("ps -o args")
     assert not {"sleep 20", "sleep 30", "sleep 1000"} & set(processes.splitlines())
+
+
+def test_output_the_console_port_lost_raises(compat: Machine) -> None:
+    # The host falls behind for a moment (a busy machine): QEMU drops console bytes.
+    loop = get_loop()
+    stall = threading.Timer(1.0, lambda: loop.call_soon_threadsafe(time.sleep, 0.5))
+    stall.start()
+    try:
+        with pytest.raises(MachineError, match="arrived incomplete"):
+            compat.succeed("head -c 10000000 /dev/zero | tr '\\0' a")
+    finally:
+        stall.join()
+    assert compat.succeed("echo in-sync") == "in-sync\n"

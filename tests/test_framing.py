@@ -12,7 +12,7 @@ import re
 import shlex
 import socket
 import subprocess
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine
 from dataclasses import dataclass
 from importlib import resources
 from typing import Any
@@ -243,17 +243,45 @@ def test_a_long_line_arriving_in_pieces_is_scanned_once() -> None:
     run(scenario)
 
 
-@pytest.mark.parametrize("reply", [b"aGk=aGkK", b"aGkK=", b"aGkKaGk", b"aGk\x00K"])
-def test_nixpkgs_framing_refuses_output_that_is_not_whole_base64(reply: bytes) -> None:
-    async def scenario(chan: ShellChannel, guest: Guest) -> None:
+def nixpkgs_reply(
+    reply: bytes,
+) -> Callable[[ShellChannel, Guest], Coroutine[Any, Any, tuple[int, bytes]]]:
+    """A scenario: ``echo hi; echo hi`` over nixpkgs' framing, answered with ``reply``."""
+
+    async def scenario(chan: ShellChannel, guest: Guest) -> tuple[int, bytes]:
         chan.fast = False
         task = asyncio.ensure_future(chan.execute("echo hi; echo hi"))
         match = re.match(r"printf 'S%s\\n' (\w+);", await guest.line())
         assert match is not None
         nonce = match.group(1).encode()
         await guest.say(b"S" + nonce + b"\n" + reply + b"\nE" + nonce + b" 0\n")
+        return await task
+
+    return scenario
+
+
+def test_nixpkgs_framing_returns_whole_output() -> None:
+    async def scenario(chan: ShellChannel, guest: Guest) -> None:
+        assert await nixpkgs_reply(b"aGkKaGkK 8")(chan, guest) == (0, b"hi\nhi\n")
+
+    run(scenario)
+
+
+@pytest.mark.parametrize(
+    "reply",
+    [
+        b"aGkK 8",  # a whole buffer lost: what is left is valid base64, but short
+        b"aGkKaGkK",  # the count lost
+        b"aGk=aGkK 8",
+        b"aGkK= 5",
+        b"aGkKaGk 7",
+        b"aGk\x00aGkK 8",
+    ],
+)
+def test_nixpkgs_framing_refuses_output_that_is_not_whole(reply: bytes) -> None:
+    async def scenario(chan: ShellChannel, guest: Guest) -> None:
         with pytest.raises(MachineError, match="arrived incomplete"):
-            await task
+            await nixpkgs_reply(reply)(chan, guest)
 
     run(scenario)
 

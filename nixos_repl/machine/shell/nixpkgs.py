@@ -6,9 +6,14 @@ and the pipeline's first status, as nixpkgs sends them, wrapped in ``S<nonce>`` 
 limit is the guest's GNU ``timeout`` (which kills the command's process group); a command cannot
 be interrupted from the host.
 
-The output comes over hvc0, a console port: QEMU drops what the host does not take in time, so
-the backdoor socket is drained as soon as it is readable (``Backdoor``), and a reply that is not
-whole base64 raises instead of returning short output.
+The output comes over hvc0, a console port, and QEMU drops what the host does not take in time
+(whole buffers: what is left is often still valid base64). So the backdoor socket is drained as
+soon as it is readable (``Backdoor``), and the reply says how much it sent: before its newline,
+the subshell that ran ``base64`` prints ``" <n>"``, where ``n`` is what its children wrote,
+read from its own ``/proc/<pid>/io`` (``wchar``; the kernel adds a reaped child's counts to its
+parent's), with builtins only, so no process is added. A reply whose length is not that, or that
+is not whole base64, raises instead of returning short output. (On a kernel without I/O
+accounting the count is empty and only the base64 is checked.)
 """
 
 from __future__ import annotations
@@ -23,6 +28,12 @@ from ...errors import MachineError
 from .link import NONCE_BYTES, Backdoor, Command, abbreviate
 
 __all__ = ["NixpkgsFraming"]
+
+# After base64, in its subshell: " <bytes its children wrote>" (see the module's documentation).
+COUNT = (
+    "__nr_n=; { while read -r __nr_k __nr_v; do [[ $__nr_k == wchar: ]] && __nr_n=$__nr_v; "
+    'done < /proc/$BASHPID/io; } 2>/dev/null; echo " $__nr_n"'
+)
 
 
 class NixpkgsFraming:
@@ -45,7 +56,7 @@ class NixpkgsFraming:
         inner = shlex.quote(f"set -euo pipefail; {cmd.text}")
         line = (
             f"printf 'S%s\\n' {cmd.nonce}; {timeout_str}bash -c {inner} </dev/null"
-            f" | (base64 -w 0; echo); printf 'E%s %s\\n' {cmd.nonce} \"${{PIPESTATUS[0]}}\"\n"
+            f" | (base64 -w 0; {COUNT}); printf 'E%s %s\\n' {cmd.nonce} \"${{PIPESTATUS[0]}}\"\n"
         )
         await asyncio.shield(self.backdoor.send(line.encode()))
 
@@ -64,17 +75,22 @@ class NixpkgsFraming:
         stray, _ = await self.backdoor.read_marker(b"S" + nonce)
         if stray:
             self.backdoor.log.debug("dropping %d stray bytes: %r", len(stray), stray[:200])
-        encoded, rest = await self.backdoor.read_marker(b"\nE" + nonce + b" ")
+        reply, rest = await self.backdoor.read_marker(b"\nE" + nonce + b" ")
+        # All of it or nothing: console bytes QEMU dropped must not pass for output.
+        encoded, space, count = reply.rpartition(b" ")
         try:
-            # Whole base64 or nothing: console bytes QEMU dropped must not pass for output.
+            if not space or not (count.isdigit() or count == b""):
+                raise binascii.Error("the byte count is missing")
+            if count and int(count) != len(encoded):
+                raise binascii.Error(f"{int(count) - len(encoded)} of {int(count)} bytes lost")
             if len(encoded) % 4:
                 raise binascii.Error("not a whole number of base64 groups")
             output = base64.b64decode(encoded, validate=True)
         except binascii.Error as e:
             raise MachineError(
-                f"{self.name}: the output of `{abbreviate(cmd.text)}` arrived incomplete ({e}; "
-                f"{len(encoded)} base64 characters). The guest's console port loses bytes when "
-                "the host falls behind; run the command again."
+                f"{self.name}: the output of `{abbreviate(cmd.text)}` arrived incomplete ({e}). "
+                "The guest's console port loses bytes when the host falls behind (a busy "
+                "machine); run the command again."
             ) from e
         cmd.output[:] = output
         return int(rest), output
