@@ -82,6 +82,17 @@ def test_a_blocking_try_ends_with_the_wait(vm1: Machine, commands: list[str]) ->
     assert "sleep 1000" not in vm1.succeed("ps -o args")
 
 
+def test_a_blocking_try_ends_with_a_host_side_wait_too(vm1: Machine) -> None:
+    vm1.callbacks.append(lambda: None)  # polling conditions: the host loops
+    try:
+        start = time.monotonic()
+        with pytest.raises(RequestedAssertionFailed, match="action timed out after"):
+            vm1.wait_until_succeeds("sleep 1000", timeout=3)
+        assert time.monotonic() - start < 3 + 2, "no try runs on past the wait's end"
+    finally:
+        vm1.callbacks.clear()
+
+
 def test_wait_for_file_and_port(vm1: Machine, commands: list[str]) -> None:
     vm1.succeed("rm -f /tmp/later; (sleep 1; touch /tmp/later) >/dev/null 2>&1 &")
     vm1.wait_for_file("/tmp/later")

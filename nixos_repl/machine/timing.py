@@ -137,7 +137,8 @@ async def poll_until(
     """nixpkgs' ``retry`` for machine waits: try until the deadline, then one last try.
 
     With ``attempt_timeout``, guest commands of each try are cut after that many seconds; and no
-    try's guest commands run past the deadline plus ``LAST_TRY_GRACE``.
+    try's guest commands run past the deadline plus ``LAST_TRY_GRACE`` (the last try, made after
+    the deadline, gets that grace at least).
     ``start`` (a ``time.monotonic()`` value) is when the wait began, if before this call (a
     guest-side wait came first): the deadline is ``start + timeout``, and the timeout message
     counts from it.
@@ -146,7 +147,8 @@ async def poll_until(
     end = began + timeout + LAST_TRY_GRACE
 
     async def attempt(last_try: bool) -> bool:
-        bound = end - time.monotonic()
+        # The last try, made after the deadline, gets the grace at least.
+        bound = max(end - time.monotonic(), LAST_TRY_GRACE)
         with attempt_bound(bound if attempt_timeout is None else min(bound, attempt_timeout)):
             return await check(last_try)
 
