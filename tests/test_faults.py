@@ -19,6 +19,7 @@ import sys
 import textwrap
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -26,7 +27,7 @@ import pytest
 from nixos_repl import Machine, MachineError, Registry
 from nixos_repl.loop import get_loop, run_sync
 
-from .helpers import children_named, interrupt_after, qemu_alive, qemus_under
+from .helpers import interrupt_after, qemu_alive, qemus_under, start_processes
 
 ONE_MB = 1_000_000
 
@@ -151,7 +152,6 @@ def open_fds() -> set[str]:
 def test_an_interrupted_start_leaves_nothing_behind(crashy: Machine) -> None:
     get_loop()  # its own descriptors are not a leak
     before = open_fds()
-    reapers = children_named("sh")  # other tests' machines
     for delay in (0.005, 0.01, 0.015, 0.02, 0.025):
         timer = interrupt_after(delay)
         try:
@@ -163,10 +163,17 @@ def test_an_interrupted_start_leaves_nothing_behind(crashy: Machine) -> None:
         assert crashy.state in ("off", "up", "starting")
         if crashy.booted:
             crashy.release()
-        assert children_named("sh") == reapers, "the start script's reaper is gone"
+        assert wait_until_true(lambda: not start_processes(crashy.state_dir)), "no reaper is left"
         leaked = {fd for fd in open_fds() - before if not fd.startswith("3 ")}
         assert not leaked, f"no socket or pipe is left open (delay {delay})"
     assert crashy.succeed("echo booted") == "booted\n"
+
+
+def wait_until_true(condition: Callable[[], bool], timeout: float = 5) -> bool:
+    deadline = time.monotonic() + timeout
+    while not condition() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    return condition()
 
 
 def wrapper(tmp_path: Path, name: str, body: str) -> Path:
@@ -229,14 +236,13 @@ def test_pid_is_the_vm_at_any_moment(crashy: Machine) -> None:
 
 def test_a_start_script_that_never_starts_qemu(tmp_path: Path) -> None:
     script = wrapper(tmp_path, "sleepy", "sleep 1000 & sleep 1000")
-    reapers = children_named("sh")  # other tests' machines
     with Registry.from_start_scripts([script], out_dir=tmp_path) as reg:
         machine = reg["sleepy"]
         machine.lifecycle.socket_timeout = 2
         with pytest.raises(MachineError, match="did not connect to the monitor socket within 2"):
             machine.succeed("true")
         assert machine.state == "off"
-        assert children_named("sh") == reapers
+        assert wait_until_true(lambda: not start_processes(machine.state_dir)), "no reaper is left"
 
 
 def test_long_commands_are_abbreviated_in_messages(
