@@ -41,6 +41,8 @@ def main() -> None:
         assert nixpkgs("echo hi") == (0, b"aGkK")
         ours = timed(lambda: vm.succeed("true"), args.n)
         theirs = timed(lambda: nixpkgs("true"), args.n)
+        with_timeout = nixpkgs_succeed(vm, timeout=900)
+        theirs_timeout = timed(lambda: with_timeout("true"), args.n)
         floor = timed(lambda: run_sync(roundtrip_raw(shell, b"echo\n")), args.n)
 
         big = "head -c 10000000 /dev/zero | tr '\\0' a"
@@ -75,6 +77,7 @@ def main() -> None:
     print(f"boot to connected backdoor: {boot:.2f} s; QEMU RSS {rss_mib:.0f} MiB")
     print(row("succeed('true'), ours", ours))
     print(row("succeed('true'), nixpkgs", theirs))
+    print(row("execute('true'), nixpkgs (timeout 900)", theirs_timeout))
     print(row("floor (bare echo)", floor))
     print(f"10 MB read, ours           {ours_mb:6.2f} MB/s")
     print(f"10 MB read, nixpkgs        {theirs_mb:6.2f} MB/s")
@@ -83,6 +86,7 @@ def main() -> None:
     print(f"1 MB command, hvc0 line     {line_cmd:6.2f} s ({line_cmd / ours_cmd:.1f}x)")
     print(f"copy_from_host_via_shell of 3 MB: {copy_3mb:.2f} s")
     print(f"ratio nixpkgs/ours per command: {theirs[0] / ours[0]:.2f}x")
+    print(f"cost of nixpkgs' guest-side timeout: {theirs_timeout[0] - theirs[0]:.2f} ms")
     print(f"ratio ours/floor per command:   {ours[0] / floor[0]:.2f}x")
     print(f"ratio ours/nixpkgs throughput:  {ours_mb / theirs_mb:.2f}x")
     sys.stdout.flush()

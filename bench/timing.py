@@ -37,14 +37,17 @@ async def roundtrip_raw(shell: ShellChannel, line: bytes) -> bytes:
     return reply
 
 
-def nixpkgs_succeed(vm: Machine) -> Callable[[str], tuple[int, bytes]]:
-    """``succeed`` as nixpkgs frames it, over the same backdoor socket."""
+def nixpkgs_succeed(vm: Machine, timeout: int | None = None) -> Callable[[str], tuple[int, bytes]]:
+    """``succeed`` as nixpkgs frames it, over the same backdoor socket; with ``timeout``, as
+    nixpkgs frames ``execute`` and each try of a wait (``timeout N bash -c ...``)."""
     shell = vm.shell
     assert shell is not None
+    prefix = f"timeout {timeout} " if timeout is not None else ""
 
     def run(command: str) -> tuple[int, bytes]:
         inner = shlex.quote(f"set -euo pipefail; {command}")
-        out = run_sync(roundtrip_raw(shell, f"bash -c {inner} | (base64 -w 0; echo)\n".encode()))
+        line = f"{prefix}bash -c {inner} | (base64 -w 0; echo)\n"
+        out = run_sync(roundtrip_raw(shell, line.encode()))
         status = run_sync(roundtrip_raw(shell, b"echo ${PIPESTATUS[0]}\n"))
         return int(status), out
 
