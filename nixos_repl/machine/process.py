@@ -62,8 +62,8 @@ _live: weakref.WeakSet[QemuProcess] = weakref.WeakSet()
 # Driver-side listening sockets (QEMU connects to them) in the state directory.
 SOCKETS = ("shell", "monitor", "nixos-repl-out", "nixos-repl-ctl")
 
-# Starts the reaper in the background (fd $1 is the driver's pipe; when it closes, or a line
-# arrives, the whole process group is killed), then becomes the start script "$@".
+# Starts the reaper in the background (fd $1 is the driver's pipe: when it closes, the reaper
+# kills the whole process group), then becomes the start script "$@".
 LAUNCH = r"""fd=$1
 shift
 ( trap '' TERM INT HUP; read -r -u "$fd" _; kill -KILL 0 ) < /dev/null > /dev/null 2>&1 &

@@ -20,7 +20,7 @@ from collections.abc import Awaitable, Callable
 
 from ...errors import MachineError
 from .fast import OUT_CHARDEV, OUT_MARK, FastFraming, OutDemux, setup_script
-from .link import BANNER, NONCE_BYTES, Backdoor, Command, abbreviate
+from .link import BANNER, NONCE_BYTES, Backdoor, Command, Framing, abbreviate
 from .nixpkgs import NixpkgsFraming
 
 __all__ = ["BANNER", "OUT_CHARDEV", "OUT_MARK", "OutDemux", "ShellChannel", "abbreviate"]
@@ -46,7 +46,7 @@ class ShellChannel:
         self._ctl = ctl
         self._port_open = port_open
         self._lock = asyncio.Lock()
-        self.framing: FastFraming | NixpkgsFraming = NixpkgsFraming(name, self.backdoor)
+        self.framing: Framing = NixpkgsFraming(name, self.backdoor)
         self.dead = False  # the backdoor shell died (and the guest did not reboot)
         self._death = b"\nD" + secrets.token_hex(NONCE_BYTES).encode() + b"\n"
         self._banner: bytes | None = None

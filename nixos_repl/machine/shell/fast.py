@@ -1,8 +1,8 @@
 """nixos-repl's fast framing, over two extra virtio-serial ports the driver adds.
 
-Fast framing, used when the guest sees the two extra virtio-serial ports the driver adds
-(``org.nixos-repl.out`` and ``org.nixos-repl.ctl``). After the banner one setup script defines a
-few functions and starts a small reader; then, per command:
+It is used when the guest sees those ports (``org.nixos-repl.out`` and ``org.nixos-repl.ctl``).
+After the banner one setup script (``setup.sh``) defines a few functions and starts a small
+reader; then, per command:
 
 * the command runs in a forked subshell, ``( set -euo pipefail; eval '<cmd>' ) &``, which the
   backdoor waits for: one fork, no ``bash -c``, no ``base64``, no guest-side ``timeout``. A

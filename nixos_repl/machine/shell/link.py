@@ -7,11 +7,11 @@ import logging
 import socket
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Final
+from typing import Final, Protocol
 
 from ...errors import MachineError
 
-__all__ = ["BANNER", "NONCE_BYTES", "Backdoor", "Command", "abbreviate"]
+__all__ = ["BANNER", "NONCE_BYTES", "Backdoor", "Command", "Framing", "abbreviate"]
 
 BANNER = b"Spawning backdoor root shell..."
 NONCE_BYTES: Final = 8  # 16 hex digits
@@ -36,6 +36,29 @@ class Command:
     sent: bool = True  # its text has gone whole (long texts go after the guest's go-ahead)
     received: bool = True  # the guest has read all of its text
     clean: bool = False  # it ended with nothing else holding the out port
+
+
+class Framing(Protocol):
+    """How commands travel: what ``ShellChannel`` asks of the fast framing and of nixpkgs'.
+
+    The channel holds its lock around ``settle``, ``submit`` and ``finish`` of one command.
+    """
+
+    @property
+    def fast(self) -> bool:
+        """Whether this is nixos-repl's fast framing."""
+        ...
+
+    async def settle(self) -> None:
+        """Finish what an earlier, interrupted command left half-way, before the next one."""
+
+    async def submit(self, cmd: Command, timeout: float | None) -> None:
+        """Send ``cmd`` under a fresh nonce, whole."""
+
+    async def finish(self, cmd: Command, timeout: float | None) -> tuple[int, bytes]:
+        """``cmd``'s status and output (status 124 at ``timeout``); a cancellation leaves the
+        channel in sync."""
+        ...
 
 
 class Backdoor:
