@@ -1,12 +1,14 @@
 """Shell channel benchmark: our framing against nixpkgs' framing on the same guest, one run.
 
 Run by hand (not a test): ``.venv/bin/python bench/shell.py [--guests DIR] [-n 200]``.
-Prints medians per command, the floor (a bare echo round trip), 10 MB throughput and ratios.
+Prints medians per command, the floor (a bare echo round trip), 10 MB throughput and ratios, and
+how far past their timeout a blocking wait and a timed-out command end.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
 import os
 import sys
@@ -70,6 +72,22 @@ def main() -> None:
         t = time.perf_counter()
         vm.copy_from_host_via_shell(str(payload), "/tmp/payload")
         copy_3mb = time.perf_counter() - t
+        # How far past their timeout a blocking wait and a timed-out command end.
+        overrun = {}
+        t = time.perf_counter()
+        with contextlib.suppress(AssertionError):
+            vm.wait_until_succeeds("sleep 1000", timeout=3)
+        overrun["wait_until_succeeds, guest loop"] = time.perf_counter() - t - 3
+        vm.callbacks.append(lambda: None)  # polling conditions: the host loops
+        t = time.perf_counter()
+        with contextlib.suppress(AssertionError):
+            vm.wait_until_succeeds("sleep 1000", timeout=3)
+        overrun["wait_until_succeeds, host loop"] = time.perf_counter() - t - 3
+        vm.callbacks.clear()
+        t = time.perf_counter()
+        vm.execute("exec sleep 20 > /dev/null", timeout=2)
+        vm.succeed("true")
+        overrun["execute(exec sleep 20 > /dev/null) + next"] = time.perf_counter() - t - 2
         status = Path(f"/proc/{vm.pid}/status").read_text().splitlines()
         rss_mib = int(next(x for x in status if x.startswith("VmRSS")).split()[1]) / 1024
 
@@ -85,6 +103,8 @@ def main() -> None:
     print(f"1 MB command, nixpkgs       {theirs_cmd:6.2f} s ({theirs_cmd / ours_cmd:.1f}x)")
     print(f"1 MB command, hvc0 line     {line_cmd:6.2f} s ({line_cmd / ours_cmd:.1f}x)")
     print(f"copy_from_host_via_shell of 3 MB: {copy_3mb:.2f} s")
+    for label, seconds in overrun.items():
+        print(f"past its timeout: {label:42s} {seconds:5.2f} s")
     print(f"ratio nixpkgs/ours per command: {theirs[0] / ours[0]:.2f}x")
     print(f"cost of nixpkgs' guest-side timeout: {theirs_timeout[0] - theirs[0]:.2f} ms")
     print(f"ratio ours/floor per command:   {ours[0] / floor[0]:.2f}x")
