@@ -60,7 +60,7 @@ def test_timeouts_end_the_commands_and_the_waits(compat: Machine) -> None:
 def test_output_the_console_port_lost_raises(compat: Machine) -> None:
     # The host falls behind for a moment (a busy machine): QEMU drops console bytes.
     loop = get_loop()
-    stall = threading.Timer(1.0, lambda: loop.call_soon_threadsafe(time.sleep, 0.5))
+    stall = threading.Timer(1.0, lambda: loop.call_soon_threadsafe(time.sleep, 1.5))
     stall.start()
     try:
         with pytest.raises(MachineError, match="arrived incomplete"):
