@@ -38,6 +38,9 @@ from .helpers import (
 os.environ["NIXOS_REPL_ACCEL"] = "tcg"
 # Sockets, VLAN switches and state directories of this run stay private to it.
 os.environ["XDG_RUNTIME_DIR"] = tempfile.mkdtemp(prefix="nixos-repl-tests-")
+# Kernels and shells keep their IPython history here, not in the user's ~/.ipython: a search of
+# the history sees this run's cells only.
+os.environ["IPYTHONDIR"] = tempfile.mkdtemp(prefix="nixos-repl-tests-ipython-")
 logging.getLogger("qemu.qmp").setLevel(logging.WARNING)
 
 
