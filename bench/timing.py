@@ -1,15 +1,10 @@
-"""Helpers shared by the benchmarks: repeat a call and report median, min and max; nixpkgs'
-framing over our backdoor socket, for the A/B comparisons."""
+"""Helpers shared by the benchmarks: repeat a call and report median, min and max."""
 
 from __future__ import annotations
 
-import shlex
 import statistics
 import time
 from collections.abc import Callable
-
-from nixos_repl import Machine
-from nixos_repl.loop import run_sync
 
 Figures = tuple[float, float, float]
 
@@ -27,17 +22,3 @@ def timed(fn: Callable[[], object], n: int) -> Figures:
 def row(label: str, figures: Figures, width: int = 34) -> str:
     median, low, high = figures
     return f"{label:{width}s} median {median:7.2f} ms  (min {low:.2f}, max {high:.2f})"
-
-
-def nixpkgs_succeed(vm: Machine) -> Callable[[str], tuple[int, bytes]]:
-    """``succeed`` as nixpkgs frames it, over the same backdoor socket."""
-    shell = vm.shell
-    assert shell is not None
-
-    def run(command: str) -> tuple[int, bytes]:
-        inner = shlex.quote(f"set -euo pipefail; {command}")
-        out = run_sync(shell.roundtrip_raw(f"bash -c {inner} | (base64 -w 0; echo)\n".encode()))
-        status = run_sync(shell.roundtrip_raw(b"echo ${PIPESTATUS[0]}\n"))
-        return int(status), out
-
-    return run
