@@ -220,6 +220,10 @@ def main() -> None:
             print(f"boot to backdoor: nixos-repl {boot:.2f} s, nixpkgs {worker.boot:.2f} s")
             for task, label, task_args, batch in plan:
                 samples, errors = alternate(sides, task, task_args, batch)
+                if task == "exit_status":  # a check, not a figure
+                    failed = {name: e for name, e in errors.items() if e}
+                    print(f"{label} == (3, 'out\\n'): {failed or 'both'}", flush=True)
+                    continue
                 report(label, samples, errors)
                 if task == "read_10mb" and all(samples.values()):
                     mbs = [10 / statistics.median(samples[k]) for k in ("nixos-repl", "nixpkgs")]
