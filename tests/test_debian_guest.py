@@ -32,6 +32,7 @@ opt_in = pytest.mark.skipif(
 )
 
 NAME = "debian1"
+PEER = "peer"  # built with NAME: node 2 on its VLANs
 UNIT = """[Unit]
 Description=A unit written by a test
 
@@ -43,9 +44,9 @@ ExecStart=/bin/sleep infinity
 @pytest.fixture(scope="module")
 def debian(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Machine]:
     guests = tmp_path_factory.mktemp("debian-guests")
-    (script,) = build_debian([NAME], guests)
+    script, _ = build_debian([NAME, PEER], guests)  # the peer is not started
     out = tmp_path_factory.mktemp("debian-out")
-    with Registry.from_start_scripts([script], out_dir=out) as registry:
+    with Registry.from_start_scripts([script], vlans=[1], out_dir=out) as registry:
         machine = registry[NAME]
         machine.start()
         machine.connect()
@@ -169,6 +170,13 @@ def test_screenshot(debian: Machine) -> None:
     assert shot.path is not None and Path(shot.path).stat().st_size > 0
     width, height = shot.size
     assert width >= 640 and height >= 400
+
+
+def test_etc_hosts_names_the_machines_built_together(debian: Machine) -> None:
+    debian.wait_for_unit("vlan-addresses.service", timeout=60)
+    hosts = debian.succeed("cat /etc/hosts").splitlines()
+    assert {f"192.168.1.1 {NAME}", f"192.168.1.2 {PEER}"} <= set(hosts)
+    assert "192.168.1.1/24" in debian.succeed("ip -4 -br addr show eth1")
 
 
 def test_the_tools_nixpkgs_scripts_call(debian: Machine) -> None:
