@@ -29,6 +29,7 @@ import logging
 import os
 import platform
 import random
+import signal
 import statistics
 import subprocess
 import sys
@@ -64,7 +65,11 @@ class Worker:
             text=True,
             start_new_session=True,  # its QEMU goes with its process group
         )
-        self.boot = float(self._read()["boot"])
+        try:
+            self.boot = float(self._read()["boot"])
+        except BaseException:
+            self.kill()
+            raise
 
     def _read(self) -> dict[str, float | str]:
         assert self.proc.stdout is not None
@@ -89,8 +94,15 @@ class Worker:
             try:
                 self.proc.wait(timeout=30)
             except subprocess.TimeoutExpired:
-                os.killpg(self.proc.pid, 9)
-                self.proc.wait()
+                self.kill()
+
+    def kill(self) -> None:
+        """The worker and what it started (its QEMU): they share its process group."""
+        try:
+            os.killpg(self.proc.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        self.proc.wait()
 
 
 def ensure_venv(venv: Path) -> Path:

@@ -129,10 +129,10 @@ def worker(driver_dir: Path, start_script: Path, out_dir: Path) -> None:
     tmp_dir = out_dir / "tmp"
     tmp_dir.mkdir(parents=True, exist_ok=True)
     vm = qemu_machine(out_dir, tmp_dir, str(start_script), terminal_logger())
-    t = time.perf_counter()
-    vm.connect()
-    print(json.dumps({"boot": time.perf_counter() - t}), flush=True)
     try:
+        t = time.perf_counter()
+        vm.connect()
+        print(json.dumps({"boot": time.perf_counter() - t}), flush=True)
         for line in sys.stdin:
             request = json.loads(line)
             if request["task"] == "quit":
