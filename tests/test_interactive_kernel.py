@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import json
 import os
+import re
+import signal
 import subprocess
 import tempfile
 import time
@@ -23,6 +25,7 @@ from .helpers import (
     Kernel,
     install_kernelspec,
     kernel_env,
+    leftovers,
     machines_config,
     qemus_under,
     text_of,
@@ -53,7 +56,16 @@ def test_notebook_runs(notebook: Path, jupyter_path: Path, guest_dir: Path, tmp_
             pngs = [o for o in cell.outputs if "image/png" in o.get("data", {})]
             assert pngs, f"no image/png for {cell.source!r}"
     assert shots >= 1
-    assert list(tmp_path.glob("vm1-*.png")), "the %screenshot PNG was not saved"
+    out = tmp_path / "nixos-repl-out"
+    assert list(out.glob("vm1-*.png")), "the %screenshot PNG was not saved"
+    assert list(out.glob("session-*.jsonl"))
+    assert not list(tmp_path.glob("*.png")) and not list(tmp_path.glob("session-*"))  # none loose
+    shown = [
+        "".join(o.get("data", {}).get("text/plain", "") for o in c.outputs)
+        for c in nb.cells
+        if "%machines" in c.source.splitlines()
+    ]
+    assert shown and all(f"output: {out} (screenshots, session log)" in t for t in shown)
     assert wait_for_no_qemu(runtime) == []  # the kernel's shutdown stopped its machines
 
 
@@ -84,6 +96,61 @@ def test_bad_input_keeps_the_kernel(kernel: tuple[Kernel, Path]) -> None:
     assert reply["status"] == "error" and "ValueError" in text_of(outputs)
     reply, outputs = k.run("%succeed vm1 echo alive")
     assert reply["status"] == "ok" and "alive" in text_of(outputs)
+
+
+# Each magic's bad input: the reason (and the usage line), never a traceback.
+BAD_INPUT = [
+    ("%machines bogus", "argument action: invalid choice: 'bogus'"),
+    ("%machines add vm1 ./run-vm1-vm", "a machine named 'vm1' already exists"),
+    ("%start vm9", "no machine named 'vm9'"),
+    ("%start --bogus", "unrecognized arguments: --bogus"),
+    ("%shutdown", "the following arguments are required: NAME"),
+    ("%crash vm1 vm2", "unrecognized arguments: vm2"),
+    ("%succeed vm1", "missing the command"),
+    ("%fail", "missing the machine name and the command"),
+    ("%execute vm9 true", "no machine named 'vm9'"),
+    ("%%sh\ntrue", "the following arguments are required: NAME"),
+    ("%wait_for_unit vm1 x --timeout 0", "must be more than 0 seconds: '0'"),
+    ("%wait_for_console vm1 (unclosed", "not a valid regex: missing ), unterminated subpattern"),
+    ("%screenshot vm1 'unterminated", "No closing quotation"),
+    ("%keys vm1", "the following arguments are required: KEY"),
+    ("%keys vm1 ret nosuchkey", "unknown key 'nosuchkey' in send_key('nosuchkey')"),
+    ("%screenshot vm1 /nonexistent/x", "the directory /nonexistent does not exist"),
+    ("%rebuild false", "RebuildError: rebuild: the build command failed (exit code 1)"),
+    ("%type vm9 x", "no machine named 'vm9'"),
+    ("%console vm1 -n zero", "not a whole number: 'zero'"),
+    ("%shell", "the following arguments are required: NAME"),
+    ("%watch --interval 1", "must be at least"),
+    ("%rebuild", "missing the build command"),
+    ("%record --on --off", "contradictory options"),
+    ("%export 'x.py", "No closing quotation"),
+    ("%export {log}", "itself: writing the testScript there would destroy"),
+]
+
+
+def test_every_magic_has_its_bad_input() -> None:
+    from nixos_repl.magic_table import MAGICS
+
+    assert {line.lstrip("%").split()[0] for line, _ in BAD_INPUT} == set(MAGICS)
+
+
+@pytest.mark.parametrize(("line", "message"), BAD_INPUT, ids=[b[0] for b in BAD_INPUT])
+def test_bad_input_of_every_magic_is_its_reason(
+    kernel: tuple[Kernel, Path], line: str, message: str
+) -> None:
+    k, _ = kernel
+    if "{log}" in line:
+        _, outputs = k.run("%record")
+        log = re.search(r": (\S+session-\S+\.jsonl) \(", text_of(outputs))
+        assert log is not None, text_of(outputs)
+        line = line.format(log=log.group(1))
+    reply, outputs = k.run(line)
+    assert reply["status"] == "error"
+    text = text_of(outputs).strip()
+    assert message in text
+    assert len(text.splitlines()) <= 2, text
+    assert "Traceback" not in text and "File " not in text and "nixos_repl" not in text
+    assert k.run("6 * 7")[0]["status"] == "ok"
 
 
 def test_a_failing_command_is_explained(kernel: tuple[Kernel, Path]) -> None:
@@ -276,3 +343,136 @@ def test_kernel_info_names_nixos_repl(kernel: tuple[Kernel, Path]) -> None:
 
 if __name__ == "__main__":
     unittest.main()
+
+
+# -- ipykernel: the private hook this project overrides ----------------------------------------
+
+
+def test_ipykernel_still_cancels_awaited_cells_through_the_overridden_method() -> None:
+    """``NixosReplKernel._cancel_on_sigint`` replaces ipykernel's private method of the same
+    name; it must still exist with that signature and still be what ``do_execute`` enters."""
+    import ast
+    import inspect
+    import textwrap
+
+    from ipykernel.ipkernel import IPythonKernel
+
+    from nixos_repl.interactive.kernel import NixosReplKernel
+
+    assert list(inspect.signature(IPythonKernel._cancel_on_sigint).parameters) == [
+        "self",
+        "future",
+    ]
+    assert "_cancel_on_sigint" in vars(NixosReplKernel)
+    source = ast.parse(textwrap.dedent(inspect.getsource(IPythonKernel.do_execute)))
+    used = {
+        node.attr
+        for node in ast.walk(source)
+        if isinstance(node, ast.Attribute) and isinstance(node.value, ast.Name)
+        if node.value.id == "self"
+    }
+    assert "_cancel_on_sigint" in used
+    # ... and the dependency stops at the releases this was checked against.
+    import importlib.metadata
+    import tomllib
+
+    from packaging.requirements import Requirement
+
+    pyproject = tomllib.loads((Path(__file__).parent.parent / "pyproject.toml").read_text())
+    (pin,) = (
+        r for r in map(Requirement, pyproject["project"]["dependencies"]) if r.name == "ipykernel"
+    )
+    assert any(spec.operator == "<" for spec in pin.specifier)
+    assert pin.specifier.contains(importlib.metadata.version("ipykernel"))
+
+
+def test_interrupt_ends_an_awaited_cell_at_once(jupyter_path: Path, tmp_path: Path) -> None:
+    """Through the override, an interrupted ``await`` gets its reply without another request
+    (ipykernel 7.4's own version leaves it waiting until the next message arrives)."""
+    runtime = tmp_path / "rt"
+    runtime.mkdir()
+    k = Kernel(kernel_env(runtime, None))
+    try:
+        msg_id = k.kc.execute("import asyncio\nawait asyncio.sleep(100)")
+        time.sleep(1.0)
+        k.km.interrupt_kernel()
+        reply = k.kc.get_shell_msg(timeout=10)
+        assert reply["parent_header"]["msg_id"] == msg_id
+        assert reply["content"]["status"] == "error"
+        assert k.run("1 + 1")[0]["status"] == "ok"
+    finally:
+        k.shutdown()
+
+
+# -- ending the kernel with work in flight ------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("ending", "vm2"),
+    [("shutdown", "command"), ("shutdown", "boot"), ("restart", "command"), ("sigterm", "boot")],
+)
+def test_the_kernel_ends_with_everything_in_flight(
+    jupyter_path: Path, guest_dir: Path, tmp_path: Path, ending: str, vm2: str
+) -> None:
+    """A shutdown request, a restart request or SIGTERM while vm1 is watched (``%watch``) and
+    has a guest shell attached (``%shell``), and a cell waits on vm2 (a running command, or a
+    boot): the kernel ends within seconds, and every QEMU, vde_switch and attached shell with
+    it."""
+    runtime = tmp_path / "rt"
+    runtime.mkdir()
+    k = Kernel(kernel_env(runtime, machines_config(guest_dir, tmp_path, ("vm1", "vm2"))))
+    attached: subprocess.Popen[bytes] | None = None
+    try:
+        for cell in ("%start vm1", "%succeed vm1 true", "%watch vm1 --interval 100", "%shell vm1"):
+            reply, outputs = k.run(cell)
+            assert reply["status"] == "ok", text_of(outputs)
+        attached = subprocess.Popen(
+            [str(BIN / "nixos-repl"), "shell", "vm1", "--state-dir", str(runtime / "vm-state-vm1")],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+        if vm2 == "command":
+            assert k.run("%succeed vm2 true")[0]["status"] == "ok"
+        else:
+            assert k.run("%start vm2")[0]["status"] == "ok"
+        k.kc.execute("%succeed vm2 sleep 100")
+        time.sleep(1.5)  # the cell waits on vm2
+        assert attached.poll() is None
+        assert len(qemus_under(runtime)) == 2
+        start = time.monotonic()
+        if ending == "sigterm":
+            k.km.signal_kernel(signal.SIGTERM)
+        else:
+            k.kc.shutdown(restart=ending == "restart")
+        while k.km.is_alive() and time.monotonic() - start < 15:
+            time.sleep(0.1)
+        assert not k.km.is_alive(), f"the kernel still runs {ending}-requested 15 s ago"
+        assert wait_for_no_qemu(runtime, timeout=5) == []
+        assert leftovers(runtime) == []
+        assert attached.wait(timeout=5) is not None
+    finally:
+        if attached is not None and attached.poll() is None:
+            attached.kill()
+        if k.km.is_alive():
+            k.km.shutdown_kernel(now=True)
+        k.kc.stop_channels()
+
+
+def test_shutdown_interrupts_a_cell_that_does_not_end(jupyter_path: Path, tmp_path: Path) -> None:
+    """A cell busy in the user's own code is interrupted, so the process still ends."""
+    runtime = tmp_path / "rt"
+    runtime.mkdir()
+    k = Kernel(kernel_env(runtime, None))
+    try:
+        k.kc.execute("import time\ntime.sleep(100)")
+        time.sleep(1.0)
+        start = time.monotonic()
+        k.kc.shutdown()
+        while k.km.is_alive() and time.monotonic() - start < 15:
+            time.sleep(0.1)
+        assert not k.km.is_alive()
+    finally:
+        if k.km.is_alive():
+            k.km.shutdown_kernel(now=True)
+        k.kc.stop_channels()
