@@ -1,5 +1,5 @@
 """Helpers shared by the benchmarks: repeat a call and report median, min and max; nixpkgs'
-framing over our backdoor socket, for the A/B comparisons."""
+framing over our backdoor socket, for what the guest pays for it."""
 
 from __future__ import annotations
 
@@ -38,8 +38,9 @@ async def roundtrip_raw(shell: ShellChannel, line: bytes) -> bytes:
 
 
 def nixpkgs_succeed(vm: Machine, timeout: int | None = None) -> Callable[[str], tuple[int, bytes]]:
-    """``succeed`` as nixpkgs frames it, over the same backdoor socket; with ``timeout``, as
-    nixpkgs frames ``execute`` and each try of a wait (``timeout N bash -c ...``)."""
+    """``succeed`` as nixpkgs frames it, sent over our backdoor socket, to measure what the guest
+    pays for that framing (nixpkgs' own driver is ``anchor.py``'s); with ``timeout``, as nixpkgs
+    frames ``execute`` and each try of a wait (``timeout N bash -c ...``)."""
     shell = vm.shell
     assert shell is not None
     prefix = f"timeout {timeout} " if timeout is not None else ""

@@ -1,7 +1,10 @@
 """The driver against a real systemd guest: the debootstrapped Debian 12 with NixOS's backdoor.
 
-Opt-in (debootstrap needs the Debian mirror, root and a minute or two; the image is cached
-afterwards): set NIXOS_REPL_DEBIAN_TESTS=1.
+A small core runs in the default lane, since every NixOS test uses it: ``wait_for_unit`` (and
+its failure diagnostics), ``systemctl``, unit info and properties, and the tools nixpkgs' test
+scripts call. Building the guest needs root and the Debian mirror (~1.5 min the first time, then
+cached in ~/.cache/nixos-repl); it boots in ~12 s under TCG. The rest is opt-in: set
+NIXOS_REPL_DEBIAN_TESTS=1.
 """
 
 from __future__ import annotations
@@ -19,13 +22,17 @@ from nixos_repl.guests import build_debian
 
 from .helpers import interrupt_after
 
-pytestmark = pytest.mark.skipif(
+pytestmark = [
+    pytest.mark.vm,
+    pytest.mark.skipif(os.geteuid() != 0, reason="building the debian guest needs root"),
+]
+opt_in = pytest.mark.skipif(
     os.environ.get("NIXOS_REPL_DEBIAN_TESTS") != "1",
-    reason="the debian guest needs debootstrap, root and the Debian mirror: "
-    "set NIXOS_REPL_DEBIAN_TESTS=1 to run these tests",
+    reason="beyond the core of the debian guest's tests: set NIXOS_REPL_DEBIAN_TESTS=1",
 )
 
 NAME = "debian1"
+PEER = "peer"  # built with NAME: node 2 on its VLANs
 UNIT = """[Unit]
 Description=A unit written by a test
 
@@ -37,15 +44,16 @@ ExecStart=/bin/sleep infinity
 @pytest.fixture(scope="module")
 def debian(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Machine]:
     guests = tmp_path_factory.mktemp("debian-guests")
-    (script,) = build_debian([NAME], guests)
+    script, _ = build_debian([NAME, PEER], guests)  # the peer is not started
     out = tmp_path_factory.mktemp("debian-out")
-    with Registry.from_start_scripts([script], out_dir=out) as registry:
+    with Registry.from_start_scripts([script], vlans=[1], out_dir=out) as registry:
         machine = registry[NAME]
         machine.start()
         machine.connect()
         yield machine
 
 
+@opt_in
 def test_fast_framing_over_the_nixos_backdoor(debian: Machine) -> None:
     assert debian.shell is not None and debian.shell.fast, (
         "the backdoor shell sees the nixos-repl ports"
@@ -54,6 +62,7 @@ def test_fast_framing_over_the_nixos_backdoor(debian: Machine) -> None:
     assert debian.succeed("readlink /proc/1/exe") == "/usr/lib/systemd/systemd\n"
 
 
+@opt_in
 def test_succeed_execute_fail(debian: Machine) -> None:
     assert debian.succeed("echo hello") == "hello\n"
     assert debian.execute("echo out; exit 3") == (3, "out\n")
@@ -64,11 +73,13 @@ def test_succeed_execute_fail(debian: Machine) -> None:
     assert debian.succeed("echo to-stderr >&2; echo to-stdout") == "to-stdout\n"
 
 
+@opt_in
 def test_background_job_holding_stdout_is_waited_for(debian: Machine) -> None:
     assert debian.succeed("(sleep 2; echo late) & echo early") == "early\nlate\n"
     assert debian.succeed("echo next") == "next\n"
 
 
+@opt_in
 def test_keyboard_interrupt_kills_the_command(debian: Machine) -> None:
     interrupt_after(1.0)
     start = time.monotonic()
@@ -79,6 +90,7 @@ def test_keyboard_interrupt_kills_the_command(debian: Machine) -> None:
     assert "sleep 1000" not in debian.succeed("ps -eo args")
 
 
+@opt_in
 def test_timeout_gives_124(debian: Machine) -> None:
     start = time.monotonic()
     assert debian.execute("echo begun; sleep 100", timeout=1) == (124, "begun\n")
@@ -129,6 +141,7 @@ def test_a_real_failed_unit_is_explained_with_its_journal(debian: Machine) -> No
     debian.succeed("systemctl reset-failed test-broken.service")
 
 
+@opt_in
 def test_wait_for_open_port(debian: Machine) -> None:
     debian.succeed("systemd-run --unit=test-listener nc -lk 8080")
     debian.wait_for_open_port(8080, timeout=30)
@@ -136,12 +149,14 @@ def test_wait_for_open_port(debian: Machine) -> None:
     debian.wait_for_closed_port(8080, timeout=30)
 
 
+@opt_in
 def test_network_and_shares(debian: Machine) -> None:
     debian.wait_until_succeeds("ip -4 -br addr show eth0 | grep -q 10.0.2.15", timeout=60)
     assert debian.succeed("findmnt -n -o FSTYPE /tmp/shared") == "9p\n"
     assert debian.succeed("findmnt -n -o FSTYPE /tmp/xchg") == "9p\n"
 
 
+@opt_in
 def test_copy_from_host(debian: Machine, tmp_path: Path) -> None:
     source = tmp_path / "greeting.txt"
     source.write_text("hello from the host\n")
@@ -149,6 +164,7 @@ def test_copy_from_host(debian: Machine, tmp_path: Path) -> None:
     assert debian.succeed("cat /root/copied/greeting.txt") == "hello from the host\n"
 
 
+@opt_in
 def test_screenshot(debian: Machine) -> None:
     shot = debian.screenshot("debian-screen")
     assert shot.path is not None and Path(shot.path).stat().st_size > 0
@@ -156,6 +172,19 @@ def test_screenshot(debian: Machine) -> None:
     assert width >= 640 and height >= 400
 
 
+def test_etc_hosts_names_the_machines_built_together(debian: Machine) -> None:
+    debian.wait_for_unit("vlan-addresses.service", timeout=60)
+    hosts = debian.succeed("cat /etc/hosts").splitlines()
+    assert {f"192.168.1.1 {NAME}", f"192.168.1.2 {PEER}"} <= set(hosts)
+    assert "192.168.1.1/24" in debian.succeed("ip -4 -br addr show eth1")
+
+
+def test_the_tools_nixpkgs_scripts_call(debian: Machine) -> None:
+    """curl and ``python`` (``python -m http.server``), as on a NixOS test guest."""
+    debian.succeed("python -c 'import http.server'", "curl --version")
+
+
+@opt_in
 def test_shutdown_powers_off_cleanly(debian: Machine) -> None:
     debian.shutdown()
     assert debian.state == "off"

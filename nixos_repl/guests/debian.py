@@ -61,6 +61,11 @@ PACKAGES = (
     "procps",
     "iputils-ping",
     "coreutils",
+    # What nixpkgs' test scripts call on a NixOS guest: curl, python (python -m http.server),
+    # iptables.
+    "curl",
+    "python-is-python3",
+    "iptables",  # nftables-backed: needs the netfilter modules below
 )
 IMAGE_SIZE = "1G"
 MEMORY_MIB = 512
@@ -79,6 +84,9 @@ DEBIAN_MODULES = (
     "vmw_vsock_virtio_transport",
     "bochs",
     "autofs4",  # systemd's automount points
+    "binfmt_misc",  # systemd-binfmt.service (python3 registers a format)
+    "nft_compat",  # iptables (iptables-nft) rules with xtables matches
+    "xt_tcpudp",
 )
 INITRAMFS_APPLETS = ("sh", "mount", "umount", "insmod", "mkdir", "sleep", "seq", "switch_root")
 # No norandmaps: as on a NixOS VM, the driver adds it under TCG (machine/turbo.py).
@@ -180,10 +188,16 @@ WantedBy=multi-user.target
 """
 
 # VLAN NICs carry MAC 52:54:00:12:<vlan>:<node>; systemd-networkd gives them 192.168.<vlan>.<node>.
+# /etc/hosts names every machine built together (nixos_repl.nodes=, node numbers in that order)
+# on each VLAN this machine is on, as NixOS's test network does.
 VLAN_SCRIPT = """#!/bin/sh
 # eth0 is always user networking (as in NixOS); only later NICs can be VLAN NICs.
 mkdir -p /run/systemd/network
 read -r name < /proc/sys/kernel/hostname
+nodes=
+for arg in $(cat /proc/cmdline); do
+    case "$arg" in nixos_repl.nodes=*) nodes=$(echo "${arg#nixos_repl.nodes=}" | tr , ' ') ;; esac
+done
 for dev in /sys/class/net/eth*; do
     [ -e "$dev" ] || continue
     ifname=${dev##*/}
@@ -196,6 +210,12 @@ for dev in /sys/class/net/eth*; do
     printf '[Match]\\nName=%s\\n\\n[Network]\\nAddress=%s/24\\nLinkLocalAddressing=no\\n' \\
         "$ifname" "$addr" > "/run/systemd/network/20-$ifname.network"
     grep -qx "$addr $name" /etc/hosts || echo "$addr $name" >> /etc/hosts
+    i=1
+    for peer in $nodes; do
+        line="192.168.$vlan.$i $peer"
+        grep -qx "$line" /etc/hosts || echo "$line" >> /etc/hosts
+        i=$((i + 1))
+    done
 done
 """
 
@@ -466,7 +486,7 @@ fi"""
         "MEMORY": str(MEMORY_MIB),
         "KERNEL": str(kernel),
         "INITRD": str(initrd),
-        "KERNEL_PARAMS": KERNEL_PARAMS,
+        "KERNEL_PARAMS": f"{KERNEL_PARAMS} nixos_repl.nodes={','.join(sorted(names))}",
         "DISK_SETUP": disk_setup,
         "DISK_OPTS": disk_opts,
     }
