@@ -57,7 +57,7 @@ import secrets
 import shlex
 import socket
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Final
 
@@ -444,6 +444,19 @@ class ShellChannel:
             self.log.debug("fast shell framing: output on %s, control on %s", out_dev, ctl_dev)
         else:
             self.log.info("the guest has no nixos-repl ports: using nixpkgs' shell framing")
+
+    @contextlib.asynccontextmanager
+    async def idle(self) -> AsyncIterator[None]:
+        """No command runs on the channel while in this block (a running one is waited for)."""
+        async with self._lock:
+            yield
+
+    def forget_pending(self) -> None:
+        """The guest was rewound (a snapshot was loaded): drop what arrived from the abandoned
+        timeline, and mark the next command's output so nothing stale can pass for it."""
+        self._buf.clear()
+        self._demux = OutDemux()
+        self._clean = False
 
     # -- commands ------------------------------------------------------------------------------
 
