@@ -267,15 +267,17 @@ class Snapshots:
         await self._job(qmp, "snapshot-load", label, await self._devices(qmp), vmstate=NODE)
 
     async def after_load(self, run: Run, label: str) -> None:
-        """The guest-side steps after a load: the clock, the shares."""
-        status, out = await run(f"date -u -s @{round(time.time())} 2>&1")
-        if status != 0:
-            self.log.warning("could not set the guest's clock after a restore: %s", out.strip())
-        # The saved guest had its shares unmounted: mount them again, as they were.
-        _, listing = await run(LIST_SHARES)
-        mounted = {line.split(" ", 2)[1] for line in listing.splitlines() if " " in line}
-        shares = self._shares.get(label, [])
-        await self._mount_shares(run, [s for s in shares if s.target not in mounted])
+        """The guest-side steps after a load, in one command: the clock, the shares (the saved
+        guest had them unmounted)."""
+        steps = [
+            f"date -u -s @{round(time.time())} >/dev/null 2>&1 || echo could not set the clock"
+        ]
+        steps += [
+            f"{share.mount()} 2>&1 || true" for share in reversed(self._shares.get(label, []))
+        ]
+        _, out = await run("; ".join(steps))
+        for line in filter(None, (line.strip() for line in out.splitlines())):
+            self.log.warning("after restoring %s: %s", label, line)
 
     async def delete(self, qmp: QMPSession, label: str) -> None:
         check_label(label)
