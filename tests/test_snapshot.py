@@ -114,6 +114,7 @@ def test_restore_waits_for_a_running_command(solo: Machine) -> None:
     async def both() -> str:
         command = asyncio.ensure_future(solo.aio.succeed("sleep 1; echo finished"))
         await asyncio.sleep(0.3)
+        output: str
         output, _ = await asyncio.gather(command, solo.aio.restore("wait"))
         return output
 
