@@ -6,6 +6,7 @@ import asyncio
 import datetime as dt
 import os
 import re
+import subprocess
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -164,3 +165,57 @@ def test_the_snapshot_lives_in_the_state_directory(solo: Machine) -> None:
     assert os.stat(path).st_size > 0
     created = next(s.created for s in solo.snapshots() if s.label == "file")
     assert created.tzinfo is dt.UTC
+
+
+def test_a_state_file_changed_behind_qemus_back_is_refused(solo: Machine) -> None:
+    solo.snapshot("intact")
+    solo.succeed("touch /root/still-here")
+    path = solo.lifecycle.snapshots.path
+    with open(path, "r+b") as f:
+        f.seek(path.stat().st_size // 2)
+        f.write(os.urandom(2**20))
+    with pytest.raises(MachineError, match=r"not restoring: .* was changed by something other"):
+        solo.restore("intact")
+    assert solo.succeed("ls /root/still-here") == "/root/still-here\n", "as it was"
+    solo.snapshot("intact")  # a new snapshot can be taken, and restored
+    solo.restore("intact")
+
+
+def test_a_load_that_fails_half_way_stops_the_machine_and_says_so(
+    guest_dir: Path, tmp_path: Path
+) -> None:
+    with Registry.from_start_scripts([guest_dir / "run-crashy-vm"], out_dir=tmp_path) as reg:
+        crashy = reg["crashy"]
+        crashy.connect()
+        crashy.snapshot("x")
+        path = crashy.lifecycle.snapshots.path
+        with open(path, "r+b") as f:
+            f.seek(path.stat().st_size // 2)
+            f.write(os.urandom(path.stat().st_size // 4))
+        crashy.lifecycle.snapshots._stamp = None  # as if QEMU itself had written the damage
+        with pytest.raises(MachineError, match=r"half-loaded.*the machine is off"):
+            crashy.restore("x")
+        assert crashy.state == "off" and crashy.pid is None
+        assert crashy.succeed("echo booted again") == "booted again\n"
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="mounts a small tmpfs")
+def test_a_save_that_fills_the_disk_keeps_nothing(
+    guest_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    small = tmp_path / "small"
+    small.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=24M", "tmpfs", str(small)], check=True)
+    try:
+        monkeypatch.setenv("XDG_RUNTIME_DIR", str(small))
+        with Registry.from_start_scripts([guest_dir / "run-crashy-vm"], out_dir=tmp_path) as reg:
+            crashy = reg["crashy"]
+            crashy.connect()
+            with pytest.raises(MachineError, match=r"could not save .* is full"):
+                crashy.snapshot("big")
+            assert crashy.snapshots() == []
+            assert not crashy.lifecycle.snapshots.path.exists(), "nothing half-written kept"
+            assert shares(crashy) == ["/tmp/shared", "/tmp/xchg"]
+            assert crashy.succeed("echo still up") == "still up\n"
+    finally:
+        subprocess.run(["umount", "-l", str(small)], check=False)

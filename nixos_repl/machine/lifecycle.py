@@ -398,13 +398,33 @@ class Lifecycle:
                 # A command running now belongs to the timeline being abandoned: wait for it
                 # (the shell's lock), then load with the channel idle on both sides.
                 async with shell.idle():
-                    await self.guard(self.snapshots.load(qmp, label))
+                    try:
+                        await self.guard(self.snapshots.load(qmp, label))
+                    except MachineError as e:
+                        await self._after_failed_load(qmp, e)
+                        raise
                     shell.forget_pending()
                 await self.guard(self.snapshots.after_load(self._guest_run, label))
             finally:
                 self._up_again()
         self.console.note(f"restored snapshot {label}")
         self.log.info("restored snapshot %s in %.2f s", label, time.monotonic() - start)
+
+    async def _after_failed_load(self, qmp: QMPSession, error: MachineError) -> None:
+        """A load QEMU gave up on half-way leaves a guest that cannot run: stop it, and say so."""
+        with contextlib.suppress(Exception):
+            if (await qmp.aexecute("query-status"))["return"].get("running"):
+                return  # refused before anything was loaded: the machine is as it was
+        self.log.error("the failed restore left the guest half-loaded; stopping QEMU")
+        process = self.process
+        self._set_state(MachineState.STOPPING)
+        if process is not None:
+            await process.terminate()
+            await self._stopped.wait()
+        error.args = (
+            f"{error}\nThe guest was half-loaded, so its QEMU was stopped: the machine is off. "
+            f"Start it again ({self.name}.start()).",
+        )
 
     def _up_again(self) -> None:
         if self.state in (MachineState.SAVING, MachineState.RESTORING):

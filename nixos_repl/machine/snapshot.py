@@ -23,11 +23,13 @@ Timings (TCG, tiny guest, 256 MiB): ``bench/snapshot.py``.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import datetime as dt
 import logging
 import re
 import shlex
+import shutil
 import time
 from collections.abc import Awaitable, Callable
 from pathlib import Path
@@ -111,6 +113,7 @@ class Snapshots:
         self._attached: QMPSession | None = None  # the QMP session the node was added in
         self._known: list[SnapshotInfo] = []  # the last listing (shown while the machine is off)
         self._shares: dict[str, list[_Share]] = {}  # label -> the 9p shares it was saved without
+        self._stamp: tuple[int, int] | None = None  # the file's size and mtime after our last write
 
     # -- QEMU side -----------------------------------------------------------------------------
 
@@ -142,6 +145,7 @@ class Snapshots:
             "blockdev-add", {"driver": "qcow2", "node-name": NODE, "file": FILE_NODE}
         )
         self._attached = qmp
+        self._stamp = self._file_stamp()
 
     async def _devices(self, qmp: QMPSession) -> list[str]:
         """The state node and every writable disk; a writable disk that is not qcow2 is refused."""
@@ -246,6 +250,15 @@ class Snapshots:
             if any(s.label == label for s in await self.listing(qmp)):
                 await self._job(qmp, "snapshot-delete", label, devices)
             await self._job(qmp, "snapshot-save", label, devices, vmstate=NODE)
+        except MachineError as e:
+            free = shutil.disk_usage(self.path.parent).free
+            await self._discard_partial(qmp)
+            if free < 64 * 2**20:
+                e.args = (
+                    f"{e} (the file system of {self.path.parent} is full: {free >> 20} MiB "
+                    "free; make room and save again)",
+                )
+            raise
         finally:
             await self._mount_shares(run, shares)
         self._shares[label] = shares
@@ -257,6 +270,17 @@ class Snapshots:
             time.monotonic() - start,
         )
         return info
+
+    async def _discard_partial(self, qmp: QMPSession) -> None:
+        """After a failed save: a file that holds no snapshot goes, with what the save wrote."""
+        if await self.listing(qmp):
+            return  # QEMU keeps what it allocated for reuse; the saved states stay
+        for node in (NODE, FILE_NODE):
+            with contextlib.suppress(QMPAPIError):
+                await qmp.aexecute("blockdev-del", {"node-name": node})
+        self._attached = None
+        self._stamp = None
+        self.path.unlink(missing_ok=True)
 
     async def load(self, qmp: QMPSession, label: str) -> None:
         """Load ``label`` into the running QEMU (the guest-side steps are the caller's)."""
@@ -298,6 +322,8 @@ class Snapshots:
         args: dict[str, Any] = {"tag": label, "devices": devices}
         if vmstate is not None:
             args["vmstate"] = vmstate
+        if command == "snapshot-load":
+            self._check_untouched()
         try:
             await qmp.run_job(command, args, f"{INTERNAL_PREFIX}{command}")
         except QMPAPIError as e:
@@ -309,6 +335,26 @@ class Snapshots:
             raise MachineError(
                 f"{self.name}: could not {verb[command]} snapshot {label!r}: {e.description}"
             ) from None
+        finally:
+            self._stamp = self._file_stamp()
+
+    def _file_stamp(self) -> tuple[int, int] | None:
+        try:
+            st = self.path.stat()
+        except FileNotFoundError:
+            return None
+        return st.st_size, st.st_mtime_ns
+
+    def _check_untouched(self) -> None:
+        """Refuse to load states that something else wrote to (QEMU would load them half-way
+        and leave the machine broken)."""
+        if self._stamp is not None and self._file_stamp() != self._stamp:
+            raise MachineError(
+                f"{self.name}: not restoring: {self.path} was changed by something other than "
+                "this machine's QEMU (truncated or overwritten?), so its saved states cannot be "
+                f"trusted. Take a new snapshot ({self.name}.snapshot(LABEL)); the machine is as "
+                "it was"
+            )
 
     def forget(self) -> None:
         """QEMU is gone: the node with it (the file stays, for a later run of this machine)."""
