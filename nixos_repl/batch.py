@@ -17,6 +17,7 @@ import sys
 import tempfile
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 from .config import DriverConfig, check_config
@@ -35,7 +36,7 @@ from .logs import (
 from .machine.process import SOCKETS
 from .replay import CellScript, CellSyntaxError, is_cell_script
 
-__all__ = ["interact", "pause", "run"]
+__all__ = ["pause", "run"]
 
 log = logging.getLogger("nixos_repl.driver")
 
@@ -51,13 +52,17 @@ def run(
     debug_hook_attach: str | None = None,
     logfile: str | None = None,
     pause_on_failure: bool = False,
+    prompt: Callable[[Driver], None] | None = None,
 ) -> int:
     """Run ``config``'s test script (or a prompt with ``interactive``); returns the exit status.
 
     ``logfile`` defaults to ``$LOGFILE`` (nixpkgs' XML log); ``junit_xml`` is relative to
-    ``out_dir``. Raises ConfigError, before starting anything, for a configuration that cannot
-    run.
+    ``out_dir``. ``prompt`` opens a prompt over the driver (the front end's REPL): for
+    ``interactive``, and at a failure with ``pause_on_failure``; nothing here imports it. Raises
+    ConfigError, before starting anything, for a configuration that cannot run.
     """
+    if (interactive or pause_on_failure) and prompt is None:
+        raise ConfigError("a prompt is needed for --interactive and --pause-on-failure")
     check_config(config, need_test_script=not interactive)
     cells: CellScript | None = None
     if not interactive and is_cell_script(config.test_script):
@@ -113,7 +118,8 @@ def run(
             with driver:
                 driver.dump_machine_ssh()
                 if interactive:
-                    interact(driver)
+                    assert prompt is not None
+                    prompt(driver)
                 else:
                     tic = time.monotonic()
                     try:
@@ -121,7 +127,8 @@ def run(
                     except (SystemExit, Exception) as e:
                         failed = not isinstance(e, SystemExit) or e.code not in (0, None)
                         if pause_on_failure and failed:
-                            pause(driver, cells)
+                            assert prompt is not None
+                            pause(driver, prompt)
                             return 1
                         raise
                     logger.info(f"test script finished in {time.monotonic() - tic:.2f}s")
@@ -171,11 +178,9 @@ def private_tmp_dir(config: DriverConfig) -> Path | None:
     return private
 
 
-def pause(driver: Driver, cells: CellScript | None = None) -> None:
-    """``--pause-on-failure``: the terminal REPL at the failure, machines up, namespace loaded."""
+def pause(driver: Driver, prompt: Callable[[Driver], None]) -> None:
+    """``--pause-on-failure``: the prompt at the failure, machines up, namespace loaded."""
     driver.race_timer.cancel()  # the person at the prompt takes the time they need
-    if cells is not None:
-        cells.close()
     running = ", ".join(m.name for m in driver.machines if m.booted) or "none"
     print(
         f"\npaused at the failure (--pause-on-failure): machines up: {running}; the script's "
@@ -183,13 +188,4 @@ def pause(driver: Driver, cells: CellScript | None = None) -> None:
         file=sys.stderr,
         flush=True,
     )
-    interact(driver)
-
-
-def interact(driver: Driver) -> None:
-    """nixpkgs' interactive mode: nixos-repl's terminal REPL (ptpython in IPython mode, the
-    magics) over the test namespace. History goes to ``./.nixos-test-history``, as in nixpkgs.
-    """
-    from .interactive.repl import interact as repl
-
-    repl(driver)
+    prompt(driver)

@@ -10,10 +10,13 @@ import sys
 import warnings
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from .config import DriverConfig
 from .errors import ConfigError, NixosReplError
+
+if TYPE_CHECKING:
+    from .driver import Driver
 
 __all__ = ["generate_driver_symbols", "main", "test_driver_main"]
 
@@ -163,10 +166,18 @@ def _run(args: argparse.Namespace, prog: str, script: Path | None) -> int:
             interactive=bool(getattr(args, "interactive", False)),
             debug_hook_attach=getattr(args, "debug_hook_attach", None),
             pause_on_failure=bool(getattr(args, "pause_on_failure", False)),
+            prompt=_prompt,
         )
     except ConfigError as e:
         print(f"{prog}: error: {e}", file=sys.stderr)
         return 2
+
+
+def _prompt(driver: Driver) -> None:
+    """The terminal REPL over a batch run's driver (``-I``, ``--pause-on-failure``)."""
+    from .interactive.repl import interact
+
+    interact(driver)
 
 
 def _test_driver_parser() -> argparse.ArgumentParser:

@@ -17,21 +17,30 @@ short (the process was killed) is replaced by the actions it had finished, as ca
 from __future__ import annotations
 
 import ast
+import functools
 import json
 import logging
+import os
 import re
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from .config import DriverConfig
+from .driver import Driver, pythonize_name
 from .errors import NixosReplError
+from .magic_table import IPYTHON_SILENT, MAGICS, NoCall, ShowOnly, Silent, Translation, py_str
 
 __all__ = [
     "Cell",
     "ExportError",
+    "MagicError",
+    "cell_python",
     "export_cells",
     "export_file",
+    "ipython_to_python",
+    "nixpkgs_symbols",
     "py_str",
     "read_cells",
     "read_ipy",
@@ -76,7 +85,7 @@ def read_session_log(path: Path) -> tuple[dict[str, Any], list[Cell]]:
     ordered: list[Cell] = []
     latest: dict[int, Cell] = {}  # a number may come again (a cell run without history)
     loose: list[dict[str, Any]] = []
-    text = _read_text(path)
+    text = _read_text(path, cut_last_line=True)
     lines = text.split("\n")
     for number, line in enumerate(lines, 1):
         if not line.strip():
@@ -197,53 +206,28 @@ def read_cells(path: Path) -> tuple[dict[str, Any], list[Cell]]:
     raise ExportError(f"{path}: unknown format {suffix or '(no suffix)'!r}; export takes {FORMATS}")
 
 
-def _read_text(path: Path) -> str:
+def _read_text(path: Path, *, cut_last_line: bool = False) -> str:
+    """The file's text. With ``cut_last_line`` (a log appended to by a process that may have
+    been killed), a last line without its newline that was cut inside a UTF-8 character keeps
+    its bytes as U+FFFD, for the reader to drop as a line cut short."""
     try:
-        return path.read_text(encoding="utf-8")
+        data = path.read_bytes()
     except FileNotFoundError:
         raise ExportError(f"{path}: no such file") from None
     except IsADirectoryError:
         raise ExportError(f"{path}: is a directory, not a file") from None
-    except UnicodeDecodeError:
-        raise ExportError(f"{path}: not a text file (not UTF-8)") from None
     except OSError as e:
         raise ExportError(f"{path}: cannot read it: {e.strerror}") from None
+    last = data.rfind(b"\n") + 1
+    try:
+        if cut_last_line and last < len(data):
+            return data[:last].decode() + data[last:].decode(errors="replace")
+        return data.decode()
+    except UnicodeDecodeError:
+        raise ExportError(f"{path}: not a text file (not UTF-8)") from None
 
 
 # -- Python literals -------------------------------------------------------------------------
-
-
-def _escape(char: str, quote: str, multiline: bool) -> str:
-    if char == "\\":
-        return "\\\\"
-    if char == quote and not multiline:
-        return "\\" + quote
-    if char == "\n":
-        return "\n" if multiline else "\\n"
-    if char == "\t":
-        return "\t" if multiline else "\\t"
-    if not char.isprintable():
-        return repr(char)[1:-1]
-    return char
-
-
-def py_str(text: str) -> str:
-    """A Python string literal for ``text``, as a person would write it: double quotes (single
-    ones when the text has double quotes only), triple quotes for several lines."""
-    if "\n" in text[:-1]:
-        body = "".join(_escape(c, '"', True) for c in text).replace('"""', '""\\"')
-        if body.endswith('"'):
-            body = body[:-1] + '\\"'
-        literal = f'"""{body}"""'
-    else:
-        quote = "'" if '"' in text and "'" not in text else '"'
-        literal = quote + "".join(_escape(c, quote, False) for c in text) + quote
-    try:
-        if ast.literal_eval(literal) == text:
-            return literal
-    except (SyntaxError, ValueError):
-        pass
-    return repr(text)
 
 
 def _py_value(value: Any) -> tuple[str, set[str]]:
@@ -261,115 +245,27 @@ def _py_value(value: Any) -> tuple[str, set[str]]:
     return repr(value), set()
 
 
-# -- magics ----------------------------------------------------------------------------------
-
-
-class _NotExported(Exception):
-    """A magic with no testScript equivalent; the message says why."""
-
-
 def _var(name: str) -> str:
-    from .driver import pythonize_name
-
     return pythonize_name(name)
 
 
-_TARGET = re.compile(r"\s*(\S+)(?:[ \t]+(.*?))?\s*\Z", re.DOTALL)
-# Magics that only show or manage things: comments in a testScript.
-_SHOW_ONLY = {
-    "machines": "it shows the machines",
-    "console": "it shows console lines",
-    "shell": "an interactive shell",
-    "record": "it manages the session log",
-    "export": "it exports the session",
-    "watch": "it shows the screen",
-    "load_ext": "the extension is loaded already",
-    "rebuild": "redeploy by rebuilding the test instead",
-}
-
-
-# Magics that manage the session itself: left out of the export without a word.
-_SILENT = frozenset({"record", "export", "load_ext"})
-
-
-class _Screenshots:
-    """Names for screenshots taken without one: ``vm1-1``, ``vm1-2``..."""
-
-    def __init__(self) -> None:
-        self.count: dict[str, int] = {}
-
-    def name(self, machine: str) -> str:
-        self.count[machine] = self.count.get(machine, 0) + 1
-        return f"{machine}-{self.count[machine]}"
-
-
-def _parse(magic: str, line: str) -> Any:
-    from IPython.core.error import UsageError
-
-    from .interactive.magics import NixosMagics, parse_argstring
-
-    method = getattr(NixosMagics, magic)
-    try:
-        return parse_argstring(method, line)
-    except (UsageError, ValueError) as e:
-        raise _NotExported(f"bad arguments: {e}") from None
-
-
-def _target(line: str, what: str) -> tuple[str, str]:
-    match = _TARGET.match(line)
-    if match is None or not match.group(2):
-        raise _NotExported(f"missing the machine name or {what}")
-    return _var(match.group(1)), match.group(2)
-
-
-def magic_calls(
-    name: str, line: str, body: str | None, shots: _Screenshots | None = None
-) -> list[str]:
-    """The statements a magic stands for (nixpkgs' API); _NotExported when there are none."""
-    from .interactive.magics import unescape
-
-    if body is not None:
-        if name != "sh":
-            raise _NotExported(f"the cell magic %%{name} has no testScript equivalent")
-        args = _parse("sh", line)
-        return [f"{_var(args.name)}.succeed({py_str(body)})"]
-    if name in ("succeed", "fail", "execute"):
-        var, command = _target(line, "the command")
-        return [f"{var}.{name}({py_str(command)})"]
-    if name == "wait_for_console":
-        var, regex = _target(line, "the regex")
-        return [f"{var}.wait_for_console_text({py_str(regex)})"]
-    if name == "type":
-        var, text = _target(line, "the text")
-        return [f"{var}.send_chars({py_str(unescape(text))})"]
-    if name == "start":
-        args = _parse("start", line)
-        if args.all or not args.names:
-            return ["start_all()", "for machine_ in machines:", "    machine_.connect()"]
-        names = [_var(n) for n in args.names]
-        return [f"{n}.start()" for n in names] + [f"{n}.connect()" for n in names]
-    if name in ("shutdown", "crash"):
-        return [f"{_var(_parse(name, line).name)}.{name}()"]
-    if name == "wait_for_unit":
-        args = _parse("wait_for_unit", line)
-        call = f"{_var(args.name)}.wait_for_unit({py_str(args.unit)}"
-        if args.user:
-            call += f", user={py_str(args.user)}"
-        if args.timeout != 900.0:
-            call += f", timeout={args.timeout:g}"
-        return [call + ")"]
-    if name == "screenshot":
-        args = _parse("screenshot", line)
-        file = args.file or (shots or _Screenshots()).name(args.name)
-        return [f"{_var(args.name)}.screenshot({py_str(file)})"]
-    if name == "keys":
-        args = _parse("keys", line)
-        return [f"{_var(args.name)}.send_key({py_str(k)})" for k in args.keys]
-    if name == "machines" and line.split()[:1] == ["add"]:
-        raise _NotExported("a test defines its machines (nodes.NAME; --start-scripts to replay)")
-    if name in _SHOW_ONLY:
-        raise _NotExported(_SHOW_ONLY[name])
-    raise _NotExported(f"%{name} is not a nixos-repl machine magic")
+def magic_statements(method: str, args: list[str], translation: Translation) -> list[str]:
+    """The statements a ``get_ipython().METHOD(*args)`` call stands for, from the magics'
+    table; NoCall (ShowOnly, Silent) saying why when there are none."""
+    if method in ("run_line_magic", "run_cell_magic") and args:
+        name = args[0]
+        spec = MAGICS.get(name)
+        if spec is not None:
+            body = args[2] if method == "run_cell_magic" and len(args) == 3 else None
+            return spec.calls(args[1] if len(args) > 1 else "", body, translation)
+        if method == "run_line_magic" and name in IPYTHON_SILENT:
+            raise Silent(IPYTHON_SILENT[name])
+        if method == "run_cell_magic":
+            raise NoCall(f"the cell magic %%{name} has no testScript equivalent")
+        raise NoCall(f"%{name} is not a nixos-repl machine magic")
+    if method in ("system", "getoutput"):
+        raise NoCall("a host shell command is not part of a testScript")
+    raise NoCall(f"{_magic_text(method, args)} is IPython's, not nixpkgs'")
 
 
 # -- translating a cell ----------------------------------------------------------------------
@@ -456,20 +352,27 @@ def _aio_sync(node: ast.expr, source: str) -> list[str] | None:
     return None
 
 
-def translate_cell(source: str, shots: _Screenshots | None = None) -> list[Statement]:
+def ipython_to_python(source: str) -> str:
+    """A cell's IPython syntax as Python (IPython's own input transformer): magics become
+    ``get_ipython()`` calls on the lines they were on. SyntaxError for a cell that is not
+    valid IPython."""
+    from IPython.core import inputtransformer2
+
+    transformer: Any = inputtransformer2.TransformerManager
+    manager = transformer()
+    return str(manager.transform_cell(source))
+
+
+def translate_cell(source: str, translation: Translation | None = None) -> list[Statement]:
     """A cell's top-level statements with their magics replaced by nixpkgs calls.
 
     A statement that cannot be exported keeps its source and says why (``problem``); a cell
     with a syntax error is one such statement.
     """
-    from IPython.core import inputtransformer2
-
-    TransformerManager: Any = inputtransformer2.TransformerManager
-
-    shots = shots or _Screenshots()
+    translation = translation or Translation()
     original_lines = source.splitlines()
     try:
-        python = TransformerManager().transform_cell(source)
+        python = ipython_to_python(source)
         tree = ast.parse(python)
     except SyntaxError as e:
         return [Statement((1, max(len(original_lines), 1)), "", source, f"syntax error: {e.msg}")]
@@ -494,17 +397,10 @@ def translate_cell(source: str, shots: _Screenshots | None = None) -> list[State
             assert isinstance(node, ast.expr)
             magic = _magic_text(method, args)
             try:
-                if method == "run_line_magic" and len(args) == 2:
-                    calls = magic_calls(args[0], args[1], None, shots)
-                elif method == "run_cell_magic" and len(args) == 3:
-                    calls = magic_calls(args[0], args[1], args[2], shots)
-                elif method in ("system", "getoutput"):
-                    raise _NotExported("a host shell command is not part of a testScript")
-                else:
-                    raise _NotExported(f"{magic} is IPython's, not nixpkgs'")
-            except _NotExported as e:
+                calls = magic_statements(method, args, translation)
+            except NoCall as e:
                 parent = parents.get(id(node))
-                if parent is stmt and method == "run_line_magic" and args[0] in _SILENT:
+                if parent is stmt and isinstance(e, Silent):
                     problem = ""  # left out
                     break
                 if isinstance(parent, ast.Expr) and parent is not stmt:  # inside a block
@@ -537,6 +433,63 @@ def translate_cell(source: str, shots: _Screenshots | None = None) -> list[State
                 problem = "not exported (top-level await: a testScript runs one call at a time)"
         result.append(Statement((first, last), text.rstrip("\n"), original, problem))
     return result
+
+
+class MagicError(ExportError):
+    """A magic with no testScript call in a cell that must run as plain Python."""
+
+    def __init__(self, line: int, magic: str, reason: str) -> None:
+        super().__init__(f"{magic.split()[0]} has no testScript call: {reason}")
+        self.line = line
+
+
+def cell_python(source: str, translation: Translation) -> ast.Module:
+    """A cell as plain Python, line for line, as ``--batch`` runs it: each magic replaced by the
+    calls its export has, on the magic's line (so tracebacks name the cell's own lines); a
+    magic that only shows something becomes nothing (``pass``, or ``None`` as a value).
+
+    SyntaxError for a cell that does not parse; MagicError for a magic with no testScript call.
+    """
+    tree = ast.parse(ipython_to_python(source))
+
+    def calls(node: ast.expr) -> list[ast.stmt] | None:
+        """The statements of the magic ``node`` is, at its place; None: it only shows."""
+        call = _ipython_call(node)
+        assert call is not None
+        try:
+            statements = magic_statements(*call, translation)
+        except ShowOnly:
+            return None
+        except NoCall as e:
+            raise MagicError(node.lineno, _magic_text(*call), str(e)) from None
+        body = ast.parse("\n".join(statements)).body
+        for new in body:
+            for child in ast.walk(new):
+                if "lineno" in child._attributes:
+                    ast.copy_location(child, node)
+        return body
+
+    class Magics(ast.NodeTransformer):
+        def visit_Expr(self, node: ast.Expr) -> Any:
+            if _ipython_call(node.value) is None:
+                return self.generic_visit(node)
+            return calls(node.value) or ast.copy_location(ast.Pass(), node)
+
+        def visit_Call(self, node: ast.Call) -> Any:
+            self.generic_visit(node)
+            if _ipython_call(node) is None:
+                return node
+            body = calls(node)
+            if body is None:
+                return ast.copy_location(ast.Constant(None), node)
+            if len(body) != 1 or not isinstance(body[0], ast.Expr):
+                call = _ipython_call(node)
+                assert call is not None
+                raise MagicError(node.lineno, _magic_text(*call), "several calls, not one value")
+            return body[0].value
+
+    module: ast.Module = ast.fix_missing_locations(Magics().visit(tree))
+    return module
 
 
 def _has_await(stmt: ast.stmt) -> bool:
@@ -620,7 +573,7 @@ def export_cells(
     ``machines`` (name -> start script, from a session log) and ``vlans`` go in the header's
     replay line; names the script reads that nixpkgs does not define are listed there too.
     """
-    shots = _Screenshots()
+    translation = Translation()
     out: list[str] = []
     imports: set[str] = set()
     statements = commented = 0
@@ -640,7 +593,7 @@ def export_cells(
                     block.append(f"# failed: {call}: {record.get('error', 'error')}")
                     commented += 1
         else:
-            translated = translate_cell(cell.source, shots)
+            translated = translate_cell(cell.source, translation)
             for stmt in translated:
                 failed_here = (
                     cell.ok is False
@@ -689,7 +642,7 @@ def export_cells(
         raise ExportError(
             f"the exported script does not compile (line {e.lineno}: {e.msg})"
         ) from None
-    known = {pythonize(m) for m in machines or {}}
+    known = {_var(m) for m in machines or {}}
     used_machines, unknown = free_names(body, known)
     head = ["# A NixOS testScript (nixpkgs' test driver API), exported by nixos-repl"]
     if source:
@@ -713,19 +666,15 @@ def export_cells(
     return Exported(text, statements, commented, sorted(unknown))
 
 
-# The globals nixpkgs gives a test script besides one per machine and ``vlan<N>``
-# (``Driver.symbol_names()``, and ``machine`` for a lone machine).
-NIXPKGS_SYMBOLS = frozenset(
-    "start_all test_script machines machines_qemu machines_nspawn vlans driver log os "
-    "create_machine subtest run_tests join_all retry serial_stdout_off serial_stdout_on "
-    "polling_condition BaseMachine QemuMachine NspawnMachine t debug dump_machine_ssh Machine "
-    "machine".split()
-)
+@functools.cache
+def nixpkgs_symbols() -> frozenset[str]:
+    """The globals nixpkgs gives a test script besides one per machine and ``vlan<N>``: those
+    of a test script's :meth:`Driver.test_symbols` (``Driver.symbol_names()``; not the
+    prompt's ``rebuild``), and ``machine`` for a lone machine."""
+    return frozenset([*Driver(DriverConfig()).symbol_names(), "machine"])
+
+
 _VLAN = re.compile(r"vlan\d+\Z")
-
-
-def pythonize(name: str) -> str:
-    return _var(name)
 
 
 def free_names(text: str, machines: set[str]) -> tuple[set[str], set[str]]:
@@ -765,7 +714,7 @@ def free_names(text: str, machines: set[str]) -> tuple[set[str], set[str]]:
         name
         for name in loaded
         if name not in bound
-        and name not in NIXPKGS_SYMBOLS
+        and name not in nixpkgs_symbols()
         and not _VLAN.match(name)
         and not hasattr(builtins, name)
     }
@@ -784,6 +733,11 @@ def export_file(
     """Export ``source`` (session log, notebook or .ipy) to ``target``, written atomically."""
     from .files import write_atomic
 
+    if _same_file(source, target):
+        raise ExportError(
+            f"{target} is {source} itself: writing the testScript there would destroy what it "
+            "is exported from; choose another output file (nothing was written)"
+        )
     header, cells = read_cells(source)
     skip = set(skip_cells)  # the cell running the export: not finished yet
     cells = [c for c in cells if c.finished or c.number not in skip]
@@ -801,3 +755,11 @@ def export_file(
     except OSError as e:
         raise ExportError(f"cannot write {target}: {e.strerror or e}") from None
     return exported
+
+
+def _same_file(a: Path, b: Path) -> bool:
+    """Whether ``a`` and ``b`` are one file (the same inode, or the same path resolved)."""
+    try:
+        return os.path.samefile(a, b)
+    except OSError:  # one of them does not exist (yet)
+        return a.resolve() == b.resolve()

@@ -1,10 +1,13 @@
 """``--batch`` for interactive work: an ``.ipy`` file or a notebook, cell by cell.
 
-The cells run in the driver's namespace through an IPython shell with the nixos-repl extension
-loaded, so magics mean what they mean at the prompt; the machines and log are the batch run's.
-Every cell is transformed and compiled before anything starts (a syntax error names its cell
-and line, and nothing starts). A failure stops the run with exit status 1 and is reported with
-the cell's number and line and the source line; JUnit has a case per subtest, else per cell.
+Each cell becomes plain Python as its export does (:func:`nixos_repl.export.cell_python`: every
+magic is the call the magics' table gives it, on the magic's own line; a magic that only shows
+something does nothing) and runs in the driver's namespace like a testScript, so a cell means
+exactly what its export means and no IPython shell is involved. Every cell is compiled before
+anything starts (a syntax error, or a magic with no testScript call, names its cell and line,
+and nothing starts). A failure stops the run with exit status 1 and is reported with the
+cell's number and line and the source line. JUnit has a case per subtest when the cells call
+``subtest``, else a case per cell.
 """
 
 from __future__ import annotations
@@ -20,12 +23,13 @@ from pathlib import Path
 from types import CodeType
 from typing import TYPE_CHECKING, Any
 
-from .export import Cell, read_ipy, read_notebook
+from .export import Cell, MagicError, cell_python, read_ipy, read_notebook
+from .magic_table import Translation
 
 if TYPE_CHECKING:
     from .driver import Driver
 
-__all__ = ["CellScript", "CellSyntaxError", "is_cell_script"]
+__all__ = ["CellScript", "CellSyntaxError", "calls_subtest", "is_cell_script"]
 
 log = logging.getLogger("nixos_repl.driver")
 
@@ -34,6 +38,19 @@ SUFFIXES = (".ipy", ".ipynb")
 
 def is_cell_script(path: Path | None) -> bool:
     return path is not None and path.suffix in SUFFIXES
+
+
+def calls_subtest(tree: ast.AST) -> bool:
+    """Whether the code calls ``subtest`` (``with subtest(...)``, ``driver.subtest(...)``), not
+    merely says the word."""
+    return any(
+        isinstance(node, ast.Call)
+        and (
+            (isinstance(node.func, ast.Name) and node.func.id == "subtest")
+            or (isinstance(node.func, ast.Attribute) and node.func.attr == "subtest")
+        )
+        for node in ast.walk(tree)
+    )
 
 
 class CellSyntaxError(Exception):
@@ -54,7 +71,7 @@ class CellScript:
         self.path = path
         self.cells = cells
         self.compiled: list[CompiledCell] = []
-        self.shell: Any = None
+        self.uses_subtests = False
 
     @classmethod
     def read(cls, path: Path) -> CellScript:
@@ -74,70 +91,47 @@ class CellScript:
 
     def compile(self) -> None:
         """Compile every cell; CellSyntaxError for the first that does not compile."""
-        from IPython.core import inputtransformer2
-
-        transformer: Any = inputtransformer2.TransformerManager
-        manager = transformer()
+        translation = Translation()
         for cell in self.cells:
             filename = f"{self.path}, cell {cell.number}"
             try:
-                python = manager.transform_cell(cell.source)
-                code = compile(python, filename, "exec", flags=ast.PyCF_ALLOW_TOP_LEVEL_AWAIT)
+                tree = cell_python(cell.source, translation)
+                code = compile(tree, filename, "exec", flags=ast.PyCF_ALLOW_TOP_LEVEL_AWAIT)
             except SyntaxError as e:
-                source_line = (e.text or "").strip()
-                raise CellSyntaxError(
-                    f"{self.where(cell, e.lineno)}: SyntaxError: {e.msg}"
-                    + (f"\n    {source_line}" if source_line else "")
-                ) from None
+                raise self._error(cell, e.lineno, f"SyntaxError: {e.msg}", e.text) from None
+            except MagicError as e:
+                raise self._error(cell, e.line, str(e)) from None
             lines = cell.source.splitlines(keepends=True)
             linecache.cache[filename] = (len(cell.source), None, lines, filename)
             self.compiled.append(CompiledCell(cell, filename, code))
+            self.uses_subtests = self.uses_subtests or calls_subtest(tree)
+
+    def _error(
+        self, cell: Cell, line: int | None, message: str, text: str | None = None
+    ) -> CellSyntaxError:
+        if text is None and line is not None:
+            text = (cell.source.splitlines()[line - 1 : line] or [""])[0]
+        source_line = (text or "").strip()
+        return CellSyntaxError(
+            f"{self.where(cell, line)}: {message}" + (f"\n    {source_line}" if source_line else "")
+        )
 
     # -- running -------------------------------------------------------------------------------
-
-    def make_shell(self, driver: Driver) -> Any:
-        """An IPython shell over the driver's namespace with the extension (and no prompt)."""
-        from .interactive.live import PlainSink
-        from .interactive.repl import plain_shell
-        from .interactive.session import Session, set_current
-        from .logs import ROOT_LOGGER
-
-        session = Session(driver, PlainSink(), owns_driver=False)
-        # nixpkgs' log handlers of the batch run show what happens, not the prompt's.
-        logging.getLogger(ROOT_LOGGER).removeHandler(session.handler)
-        set_current(session)
-        self.session = session
-        self.shell = plain_shell(driver.test_symbols())
-        return self.shell
-
-    def close(self) -> None:
-        """Drop the shell (so that a REPL can open its own), keep the namespace."""
-        from .interactive.repl import forget_shell
-        from .interactive.session import set_current
-
-        if self.shell is not None:
-            forget_shell()
-            self.shell = None
-            self.session.close()
-            set_current(None)
 
     def run(self, driver: Driver) -> None:
         """Run every cell in order; a failure is reported and ends with SystemExit(1).
 
-        JUnit gets one case per cell, unless the cells use subtests (then one per subtest).
+        JUnit gets one case per cell, unless the cells call ``subtest`` (then one per subtest).
         """
-        if self.shell is None:
-            self.make_shell(driver)
         namespace = driver.test_symbols()
-        per_cell = not any("subtest" in c.cell.source for c in self.compiled)
         loop = asyncio.new_event_loop()
         try:
             for compiled in self.compiled:
-                if per_cell:
+                if self.uses_subtests:
+                    self._run_cell(driver, compiled, namespace, loop)
+                else:
                     with driver.logger.subtest(f"cell {compiled.cell.number}"):
                         self._run_cell(driver, compiled, namespace, loop)
-                else:
-                    self._run_cell(driver, compiled, namespace, loop)
         finally:
             loop.close()
 

@@ -248,10 +248,10 @@ def test_a_cell_tagged_no_export_runs_but_is_not_exported(tmp_path: Path) -> Non
 def test_names_outside_nixpkgs_are_listed(tmp_path: Path) -> None:
     from nixos_repl.config import DriverConfig
     from nixos_repl.driver import Driver
-    from nixos_repl.export import NIXPKGS_SYMBOLS
+    from nixos_repl.export import nixpkgs_symbols
 
     driver = Driver(DriverConfig(), out_dir=tmp_path, tmp_dir=tmp_path)
-    assert set(driver.symbol_names()) | {"machine"} == NIXPKGS_SYMBOLS
+    assert set(driver.symbol_names()) | {"machine"} == nixpkgs_symbols()
     cells = [
         Cell(1, "import json\nfor m in machines:\n    m.succeed('true')\n"
              "server.wait_for_unit('x')\nvlan1.stop()\ndata = json.loads(helper(vm1))"),
@@ -302,3 +302,42 @@ def test_any_status_and_output_pair_is_recorded_as_status_and_size(tmp_path: Pat
     lines = [json.loads(line) for line in (tmp_path / "s.jsonl").read_text().splitlines()]
     assert lines[1]["status"] == 3 and lines[1]["output_size"] == 9
     assert "inactive" not in json.dumps(lines[1]) and "secret" not in json.dumps(lines[2])
+
+
+def test_export_never_writes_over_what_it_reads(tmp_path: Path) -> None:
+    log = tmp_path / "session.jsonl"
+    log.write_text(
+        '{"kind": "session", "version": 1}\n{"kind": "cell", "cell": 1, "source": "x = 1"}\n'
+        '{"kind": "cell_end", "cell": 1, "ok": true}\n'
+    )
+    before = log.read_bytes()
+    (tmp_path / "link.jsonl").symlink_to(log)
+    (tmp_path / "hard.jsonl").hardlink_to(log)
+    (tmp_path / "sub").mkdir()
+    for target in ("session.jsonl", "link.jsonl", "hard.jsonl", "sub/../session.jsonl"):
+        result = cli("export", str(log), "-o", str(tmp_path / target))
+        assert result.returncode == 1, (target, result.stderr)
+        assert "session.jsonl itself: writing the testScript there would destroy" in result.stderr
+        assert len(result.stderr.strip().splitlines()) == 1, result.stderr
+        assert log.read_bytes() == before
+    result = cli("export", str(tmp_path / "link.jsonl"), "-o", str(log))
+    assert result.returncode == 1 and log.read_bytes() == before
+    assert list(tmp_path.glob(".*")) == []
+
+
+def test_a_last_line_cut_inside_a_character_is_recovered(tmp_path: Path) -> None:
+    log = tmp_path / "s.jsonl"
+    cut = '{"kind": "cell", "cell": 2, "source": "echo é"}'.encode()
+    cut = cut[: cut.index("é".encode()) + 1]  # the first of é's two bytes
+    log.write_bytes(
+        b'{"kind": "session", "version": 1}\n{"kind": "cell", "cell": 1, "source": "x = 1"}\n'
+        b'{"kind": "cell_end", "cell": 1, "ok": true}\n' + cut
+    )
+    result = cli("export", str(log), "-o", str(tmp_path / "t.py"))
+    assert result.returncode == 0, result.stderr
+    assert "ignoring a last line cut short" in result.stderr
+    assert "x = 1\n" in (tmp_path / "t.py").read_text()
+    broken = tmp_path / "broken.jsonl"
+    broken.write_bytes(b'{"kind": "session", "version": 1}\n"\xc3"\n')  # not the last line
+    result = cli("export", str(broken), "-o", str(tmp_path / "u.py"))
+    assert result.returncode == 1 and "not a text file (not UTF-8)" in result.stderr

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import tempfile
 import time
@@ -53,7 +54,16 @@ def test_notebook_runs(notebook: Path, jupyter_path: Path, guest_dir: Path, tmp_
             pngs = [o for o in cell.outputs if "image/png" in o.get("data", {})]
             assert pngs, f"no image/png for {cell.source!r}"
     assert shots >= 1
-    assert list(tmp_path.glob("vm1-*.png")), "the %screenshot PNG was not saved"
+    out = tmp_path / "nixos-repl-out"
+    assert list(out.glob("vm1-*.png")), "the %screenshot PNG was not saved"
+    assert list(out.glob("session-*.jsonl"))
+    assert not list(tmp_path.glob("*.png")) and not list(tmp_path.glob("session-*"))  # none loose
+    shown = [
+        "".join(o.get("data", {}).get("text/plain", "") for o in c.outputs)
+        for c in nb.cells
+        if "%machines" in c.source.splitlines()
+    ]
+    assert shown and all(f"output: {out} (screenshots, session log)" in t for t in shown)
     assert wait_for_no_qemu(runtime) == []  # the kernel's shutdown stopped its machines
 
 
@@ -84,6 +94,61 @@ def test_bad_input_keeps_the_kernel(kernel: tuple[Kernel, Path]) -> None:
     assert reply["status"] == "error" and "ValueError" in text_of(outputs)
     reply, outputs = k.run("%succeed vm1 echo alive")
     assert reply["status"] == "ok" and "alive" in text_of(outputs)
+
+
+# Each magic's bad input: the reason (and the usage line), never a traceback.
+BAD_INPUT = [
+    ("%machines bogus", "argument action: invalid choice: 'bogus'"),
+    ("%machines add vm1 ./run-vm1-vm", "a machine named 'vm1' already exists"),
+    ("%start vm9", "no machine named 'vm9'"),
+    ("%start --bogus", "unrecognized arguments: --bogus"),
+    ("%shutdown", "the following arguments are required: NAME"),
+    ("%crash vm1 vm2", "unrecognized arguments: vm2"),
+    ("%succeed vm1", "missing the command"),
+    ("%fail", "missing the machine name and the command"),
+    ("%execute vm9 true", "no machine named 'vm9'"),
+    ("%%sh\ntrue", "the following arguments are required: NAME"),
+    ("%wait_for_unit vm1 x --timeout 0", "must be more than 0 seconds: '0'"),
+    ("%wait_for_console vm1 (unclosed", "not a valid regex: missing ), unterminated subpattern"),
+    ("%screenshot vm1 'unterminated", "No closing quotation"),
+    ("%keys vm1", "the following arguments are required: KEY"),
+    ("%keys vm1 ret nosuchkey", "unknown key 'nosuchkey' in send_key('nosuchkey')"),
+    ("%screenshot vm1 /nonexistent/x", "the directory /nonexistent does not exist"),
+    ("%rebuild false", "RebuildError: rebuild: the build command failed (exit code 1)"),
+    ("%type vm9 x", "no machine named 'vm9'"),
+    ("%console vm1 -n zero", "not a whole number: 'zero'"),
+    ("%shell", "the following arguments are required: NAME"),
+    ("%watch --interval 1", "must be at least"),
+    ("%rebuild", "missing the build command"),
+    ("%record --on --off", "contradictory options"),
+    ("%export 'x.py", "No closing quotation"),
+    ("%export {log}", "itself: writing the testScript there would destroy"),
+]
+
+
+def test_every_magic_has_its_bad_input() -> None:
+    from nixos_repl.magic_table import MAGICS
+
+    assert {line.lstrip("%").split()[0] for line, _ in BAD_INPUT} == set(MAGICS)
+
+
+@pytest.mark.parametrize(("line", "message"), BAD_INPUT, ids=[b[0] for b in BAD_INPUT])
+def test_bad_input_of_every_magic_is_its_reason(
+    kernel: tuple[Kernel, Path], line: str, message: str
+) -> None:
+    k, _ = kernel
+    if "{log}" in line:
+        _, outputs = k.run("%record")
+        log = re.search(r": (\S+session-\S+\.jsonl) \(", text_of(outputs))
+        assert log is not None, text_of(outputs)
+        line = line.format(log=log.group(1))
+    reply, outputs = k.run(line)
+    assert reply["status"] == "error"
+    text = text_of(outputs).strip()
+    assert message in text
+    assert len(text.splitlines()) <= 2, text
+    assert "Traceback" not in text and "File " not in text and "nixos_repl" not in text
+    assert k.run("6 * 7")[0]["status"] == "ok"
 
 
 def test_a_failing_command_is_explained(kernel: tuple[Kernel, Path]) -> None:

@@ -176,6 +176,14 @@ def test_console_and_screenshot(shell: Shell) -> None:
     assert named.path == session.driver.out_dir / "named-shot.png"
 
 
+def test_console_shows_the_last_non_empty_lines(shell: Shell) -> None:
+    ip, _, _ = shell
+    run(ip, "%succeed vm1 printf 'tail-a\\n\\n\\ntail-b\\n\\n\\r\\n' > /dev/ttyS0")
+    assert run(ip, "vm1.wait_for_console_text('tail-b')")[0].success
+    time.sleep(0.5)  # the empty lines after it
+    assert run(ip, "%console vm1 -n 2")[0].result.splitlines() == ["tail-a", "tail-b"]
+
+
 def test_keys_and_type(shell: Shell) -> None:
     ip, _, _ = shell
     assert run(ip, "%type vm1 echo typed-$((6*7))\\n")[0].success

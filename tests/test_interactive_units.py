@@ -26,10 +26,11 @@ from nixos_repl.interactive.display import (
 from nixos_repl.interactive.guestshell import PORT_NAME, ShellHint, resize_script, start_script
 from nixos_repl.interactive.kernel import kernel_argv, write_kernelspec
 from nixos_repl.interactive.live import Presenter, clean, clip, status_text
-from nixos_repl.interactive.magics import screenshot_name, unescape
+from nixos_repl.interactive.magics import screenshot_name
 from nixos_repl.interactive.notebook import config_json, notebook_env
 from nixos_repl.interactive.repl import split_cells
 from nixos_repl.interactive.report import machine_details, user_traceback
+from nixos_repl.magic_table import unescape
 
 
 def pretty(value: object) -> str:
@@ -60,6 +61,9 @@ def test_machine_table() -> None:
     assert lines[1].split()[:5] == ["vm1", "up", "1", "min", "05"]
     assert "<td" in table._repr_html_() and "&lt;to&gt;" in table._repr_html_()
     assert "%machines add" in MachineTable([]).text()
+    named = MachineTable(table.rows, Path("/x/nixos-repl-out"))
+    assert named.text().splitlines()[-1] == "output: /x/nixos-repl-out (screenshots, session log)"
+    assert "output: /x/nixos-repl-out" in named._repr_html_()
 
 
 def test_format_duration() -> None:
@@ -140,16 +144,14 @@ def test_presenter_shows_long_steps_only_and_hides_them() -> None:
 
 def test_completion_candidates() -> None:
     names = ["vm1", "vm2", "web"]
-
-    def parser_of(name: str) -> Any:
-        return None
-
-    assert candidates("%succeed v", names, parser_of) == ("v", ["vm1", "vm2"])
-    assert candidates("%succeed vm1 ech", names, parser_of) == ("ech", [])
-    assert candidates("%start vm1 ", names, parser_of) == ("", ["vm2", "web", "--all"])
-    assert candidates("%machines ", names, parser_of) == ("", ["add"])
-    assert candidates("x = 1", names, parser_of) is None
-    assert candidates("%timeit x", names, parser_of) is None
+    assert candidates("%succeed v", names) == ("v", ["vm1", "vm2"])
+    assert candidates("%succeed vm1 ech", names) == ("ech", [])
+    assert candidates("%start vm1 ", names) == ("", ["vm2", "web", "--all"])
+    assert candidates("%machines ", names) == ("", ["add"])
+    assert candidates("%console vm1 -", names) == ("-", ["-n"])
+    assert candidates("%wait_for_unit vm1 x --t", names) == ("--t", ["--timeout"])
+    assert candidates("x = 1", names) is None
+    assert candidates("%timeit x", names) is None
 
 
 def test_unescape_and_names() -> None:

@@ -11,6 +11,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+from nixos_repl.interactive.session import OUT_DIR
+
 from .helpers import (
     BIN,
     Kernel,
@@ -71,7 +73,7 @@ def test_a_session_is_recorded_exported_and_replays_green(
             if "exit 4" not in cell:
                 assert reply["status"] == "ok", (cell, text_of(outputs))
         assert "recording on (without command outputs)" in text_of(outputs)
-        log = session_log(work)
+        log = session_log(work / OUT_DIR)
         lines = records(log)
         assert lines[0]["kind"] == "session" and lines[0]["machines"]["vm1"].endswith("run-vm1-vm")
         actions = [r for r in lines if r["kind"] == "action"]
@@ -159,7 +161,7 @@ def test_a_killed_kernel_leaves_a_log_that_replays(
             'vm1.succeed(f"test $(cat /tmp/two) = two && echo {n}")\n'
             'vm1.succeed("sleep 60")\n'
         )
-        log = session_log(work)
+        log = session_log(work / OUT_DIR)
         deadline = time.monotonic() + 60
         while time.monotonic() < deadline:
             if sum(r["kind"] == "action" for r in records(log)) >= 3:

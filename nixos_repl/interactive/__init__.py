@@ -11,7 +11,6 @@
 
 from __future__ import annotations
 
-import argparse
 from typing import Any
 
 from .session import Session, current, session_from_environment
@@ -40,14 +39,7 @@ def load_ipython_extension(ip: Any) -> None:
     ip.register_magics(magics)
     ip.register_magics(WatchMagics(ip, session))
     ip.register_magics(RebuildMagics(ip, session))
-
-    def parser_of(name: str) -> argparse.ArgumentParser | None:
-        method = ip.magics_manager.magics["line"].get(name) or ip.magics_manager.magics["cell"].get(
-            name
-        )
-        return getattr(method, "parser", None)
-
-    matcher = make_matcher(session.machine_names, parser_of)
+    matcher = make_matcher(session.machine_names)
     ip.Completer.custom_matchers.append(matcher)
 
     handler = session.handler

@@ -1,7 +1,8 @@
 """Tab completion for the magics: machine names and options, in the kernel and the REPL.
 
 One IPython matcher (API v2) serves both: Jupyter asks IPython's completer, and the REPL's
-prompt asks the same completer for lines that start with ``%``.
+prompt asks the same completer for lines that start with ``%``. Which words are machines, and
+the options, come from the magics' table (:data:`nixos_repl.magic_table.MAGICS`).
 """
 
 from __future__ import annotations
@@ -18,26 +19,9 @@ from IPython.core.completer import (
     context_matcher,
 )
 
-__all__ = ["make_matcher"]
+from ..magic_table import MAGICS
 
-# Magics whose first argument is one machine, and the rest is free text.
-_ONE_MACHINE = frozenset(
-    {
-        "succeed",
-        "fail",
-        "execute",
-        "sh",
-        "wait_for_unit",
-        "wait_for_console",
-        "screenshot",
-        "keys",
-        "type",
-        "console",
-        "shell",
-        "shutdown",
-        "crash",
-    }
-)
+__all__ = ["make_matcher"]
 
 
 def _options(parser: argparse.ArgumentParser | None) -> list[str]:
@@ -53,17 +37,14 @@ def _options(parser: argparse.ArgumentParser | None) -> list[str]:
     )
 
 
-def candidates(
-    line: str,
-    machine_names: list[str],
-    parser_of: Callable[[str], argparse.ArgumentParser | None],
-) -> tuple[str, list[str]] | None:
+def candidates(line: str, machine_names: list[str]) -> tuple[str, list[str]] | None:
     """The word being completed and its candidates, for a line of one of our magics."""
     stripped = line.lstrip()
     if not stripped.startswith("%"):
         return None
     magic, _, rest = stripped.lstrip("%").partition(" ")
-    if not _ or magic not in _ONE_MACHINE | {"start", "machines"}:
+    spec = MAGICS.get(magic)
+    if not _ or spec is None or not (spec.machines or spec.words):
         return None
     try:
         words = shlex.split(rest)
@@ -74,13 +55,13 @@ def candidates(
     current = words[-1]
     before = [w for w in words[:-1] if not w.startswith("-")]
     if current.startswith("-"):
-        found = [o for o in _options(parser_of(magic)) if o.startswith(current)]
-    elif magic == "machines":
-        found = ["add"] if not before and "add".startswith(current) else []
-    elif magic == "start":
+        found = [o for o in _options(spec.parser) if o.startswith(current)]
+    elif spec.words:
+        found = [w for w in spec.words if w.startswith(current)] if not before else []
+    elif spec.machines == "many":
         found = [n for n in machine_names if n.startswith(current) and n not in before]
         if not current:
-            found.append("--all")
+            found += [o for o in _options(spec.parser) if o.startswith("--")]
     elif not before:
         found = [n for n in machine_names if n.startswith(current)]
     else:
@@ -88,15 +69,12 @@ def candidates(
     return current, found
 
 
-def make_matcher(
-    machine_names: Callable[[], list[str]],
-    parser_of: Callable[[str], argparse.ArgumentParser | None],
-) -> Any:
+def make_matcher(machine_names: Callable[[], list[str]]) -> Any:
     """An IPython matcher that completes our magics' machine names and options."""
 
     @context_matcher(identifier="nixos_repl")  # type: ignore[untyped-decorator]
     def nixos_repl_matcher(context: CompletionContext) -> SimpleMatcherResult:
-        found = candidates(context.text_until_cursor, machine_names(), parser_of)
+        found = candidates(context.text_until_cursor, machine_names())
         if found is None:
             return {"completions": [], "suppress": False}
         word, names = found

@@ -16,6 +16,8 @@ from typing import TYPE_CHECKING, Any, NamedTuple
 from ..machine.screenshot import PNG_SIGNATURE, Screenshot
 
 if TYPE_CHECKING:
+    from pathlib import Path
+
     from ..machine import Machine
 
 __all__ = [
@@ -94,12 +96,19 @@ def _clip(text: str, width: int) -> str:
 class MachineTable:
     """The machines at one moment: name, state, uptime, pid and last console line."""
 
-    def __init__(self, rows: Sequence[MachineRow]) -> None:
+    def __init__(self, rows: Sequence[MachineRow], out_dir: Path | None = None) -> None:
         self.rows = list(rows)
+        self.out_dir = out_dir
 
     @classmethod
-    def of(cls, machines: Iterable[Machine]) -> MachineTable:
-        return cls([MachineRow.of(m) for m in machines])
+    def of(cls, machines: Iterable[Machine], out_dir: Path | None = None) -> MachineTable:
+        return cls([MachineRow.of(m) for m in machines], out_dir)
+
+    def footer(self) -> str:
+        """Where the session's files go: ``output: DIR (screenshots, session log)``."""
+        if self.out_dir is None:
+            return ""
+        return f"output: {self.out_dir} (screenshots, session log)"
 
     def _cells(self) -> list[tuple[str, ...]]:
         return [
@@ -114,6 +123,9 @@ class MachineTable:
         ]
 
     def text(self) -> str:
+        return "\n".join(t for t in (self._table(), self.footer()) if t)
+
+    def _table(self) -> str:
         if not self.rows:
             return "no machines (define one with %machines add NAME START_SCRIPT)"
         cells = [_HEADERS, *self._cells()]
@@ -128,8 +140,9 @@ class MachineTable:
         p.text(self.text())
 
     def _repr_html_(self) -> str:
+        footer = f"<p>{html.escape(self.footer())}</p>" if self.footer() else ""
         if not self.rows:
-            return f"<p>{html.escape(self.text())}</p>"
+            return f"<p>{html.escape(self._table())}</p>{footer}"
         head = "".join(f"<th>{html.escape(h)}</th>" for h in _HEADERS)
         body = "".join(
             "<tr>"
@@ -142,7 +155,7 @@ class MachineTable:
             + "</tr>"
             for cells in self._cells()
         )
-        return f'<table class="nixos-repl-machines"><tr>{head}</tr>{body}</table>'
+        return f'<table class="nixos-repl-machines"><tr>{head}</tr>{body}</table>{footer}'
 
     def __repr__(self) -> str:
         return self.text()

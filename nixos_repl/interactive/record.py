@@ -17,9 +17,10 @@ from IPython.core.error import UsageError
 from IPython.core.magic import Magics, magics_class
 
 from ..export import ExportError, export_file
+from ..magic_table import MAGICS
 from ..record import SessionLog, describe_error
 from .display import Output
-from .magics import argument, line_magic, magic_arguments, parse_argstring, usage
+from .magics import magic, parse
 
 if TYPE_CHECKING:
     from .session import Session
@@ -98,12 +99,7 @@ class RecordMagics(Magics):
             )
         return self.recording.log
 
-    @magic_arguments()
-    @argument("--outputs", action="store_true", help="also record the output of commands")
-    @argument("--no-outputs", action="store_true", help="record only status and size (default)")
-    @argument("--off", action="store_true", help="pause the recording")
-    @argument("--on", action="store_true", help="resume the recording")
-    @line_magic
+    @magic("record")
     def record(self, line: str) -> Output:
         """Show where the session is recorded; change what is recorded.
 
@@ -112,15 +108,12 @@ class RecordMagics(Magics):
         recorded (only exit status and size) unless ``--outputs`` is on.
         ``%export FILE`` turns the log into a testScript.
         """
-        try:
-            args = parse_argstring(self.record, line)
-        except UsageError as e:
-            raise UsageError(f"{e}\n{usage(self.record)}") from None
+        args = parse("record", line)
         if self.recording is None and not self.session.driver.interactive:
             return Output("not recording: a --batch run is not recorded")
         log = self._log()
         if (args.outputs and args.no_outputs) or (args.on and args.off):
-            raise UsageError(f"contradictory options\n{usage(self.record)}")
+            raise UsageError(f"contradictory options\n{MAGICS['record'].usage()}")
         if args.outputs or args.no_outputs:
             log.outputs = bool(args.outputs)
         if args.on or args.off:
@@ -132,14 +125,7 @@ class RecordMagics(Magics):
             f"({log.actions} actions so far)"
         )
 
-    @magic_arguments()
-    @argument("file", metavar="FILE", help="the testScript to write")
-    @argument(
-        "--keep-failures",
-        action="store_true",
-        help="keep failed succeed/fail steps as the opposite assertion instead of comments",
-    )
-    @line_magic
+    @magic("export")
     def export(self, line: str) -> Output:
         """Write this session as a nixpkgs testScript (the cells before this one).
 
@@ -147,10 +133,7 @@ class RecordMagics(Magics):
         (``--keep-failures``: ``succeed`` <-> ``fail``). Replay it with
         ``nixos-repl --batch FILE`` on the same machines.
         """
-        try:
-            args = parse_argstring(self.export, line)
-        except UsageError as e:
-            raise UsageError(f"{e}\n{usage(self.export)}") from None
+        args = parse("export", line)
         if self.recording is None and not self.session.driver.interactive:
             # a notebook replayed by --batch: the run itself is the test; nothing to export
             return Output(f"not exported: a --batch run is not recorded ({args.file} untouched)")

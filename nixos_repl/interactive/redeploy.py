@@ -7,7 +7,7 @@ from typing import TYPE_CHECKING, Any
 from IPython.core.error import UsageError
 from IPython.core.magic import Magics, magics_class
 
-from .magics import line_magic, no_var_expand
+from .magics import magic
 
 if TYPE_CHECKING:
     from .session import Session
@@ -23,8 +23,7 @@ class RebuildMagics(Magics):
         super().__init__(shell)
         self.session = session
 
-    @no_var_expand
-    @line_magic
+    @magic("rebuild")
     def rebuild(self, line: str) -> Any:
         """%rebuild CMD...: run the build command CMD (the rest of the line, as typed), then
         redeploy: machines whose start script changed restart, new ones are added, removed ones

@@ -9,6 +9,7 @@ exception handler that shows exactly that. The kernel and the REPL keep running.
 
 from __future__ import annotations
 
+import linecache
 import os
 from collections.abc import Callable
 from types import TracebackType
@@ -55,6 +56,16 @@ def user_traceback(tb: TracebackType | None) -> TracebackType | None:
     return kept[0] if kept else None
 
 
+def _magic_only(tb: TracebackType | None) -> bool:
+    """Whether the user's frames are one cell line that is a magic (``%succeed vm1 x``)."""
+    if tb is None or tb.tb_next is not None:
+        return False
+    line = linecache.getline(tb.tb_frame.f_code.co_filename, tb.tb_lineno)
+    return line.strip().startswith(
+        ("get_ipython().run_line_magic(", "get_ipython().run_cell_magic(")
+    )
+
+
 def make_handler(
     details: Callable[[BaseException], list[str]],
     before: Callable[[], None] = lambda: None,
@@ -72,12 +83,13 @@ def make_handler(
         tb_offset: int | None = None,
     ) -> list[str]:
         before()
+        user = user_traceback(tb)
         if isinstance(value, KeyboardInterrupt):
             stb = ["KeyboardInterrupt: stopped; the machines keep running"]
+        elif _magic_only(user):  # the cell's line is the magic itself: just what went wrong
+            stb = [f"{etype.__name__}: {value}", *details(value)]
         else:
-            stb = shell.InteractiveTB.structured_traceback(
-                etype, value, user_traceback(tb), tb_offset=tb_offset
-            )
+            stb = shell.InteractiveTB.structured_traceback(etype, value, user, tb_offset=tb_offset)
             stb = [*stb, *details(value)]
         # Shown the way IPython shows any traceback (a Jupyter kernel sends an error message).
         shell._showtraceback(etype, value, stb)

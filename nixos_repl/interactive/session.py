@@ -4,7 +4,8 @@ The terminal REPL and ``nixos-repl notebook`` build the :class:`Driver` from the
 line and make the session before IPython loads the extension; a kernel started by Jupyter, or a
 plain ``%load_ext nixos_repl``, gets one from :func:`session_from_environment`
 (``NIXOS_REPL_CONFIG`` names a ``driverConfiguration.json``; without it the session starts with
-no machines, and ``%machines add`` defines them).
+no machines, and ``%machines add`` defines them; screenshots and the session log go to
+``nixos-repl-out/`` in the working directory).
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ from .live import InteractiveHandler, JupyterSink, PlainSink, Presenter, Sink, T
 
 __all__ = [
     "CONFIG_ENV",
+    "OUT_DIR",
     "Session",
     "current",
     "session_from_environment",
@@ -33,6 +35,9 @@ __all__ = [
 ]
 
 CONFIG_ENV = "NIXOS_REPL_CONFIG"
+# Where a kernel's screenshots and session log go, in its working directory (the notebook's
+# folder), so that they do not lie loose among the notebooks; ``%machines`` names it.
+OUT_DIR = "nixos-repl-out"
 
 log = logging.getLogger(__name__)
 _current: Session | None = None
@@ -176,9 +181,12 @@ def sink_for(shell: Any) -> Sink:
 def session_from_environment(shell: Any) -> Session:
     """A session for a shell no front end prepared (a Jupyter kernel, ``%load_ext``).
 
-    It stops its machines when the process exits.
+    Its output directory is ``nixos-repl-out`` in the working directory. It stops its machines
+    when the process exits.
     """
-    driver = Driver(config_from_environment(), out_dir=Path.cwd(), interactive=True)
+    out_dir = Path.cwd() / OUT_DIR
+    out_dir.mkdir(exist_ok=True)
+    driver = Driver(config_from_environment(), out_dir=out_dir, interactive=True)
     if os.environ.get(CONFIG_ENV):
         driver.config_source = config_from_environment  # what rebuild() re-reads
     sink = sink_for(shell)

@@ -32,7 +32,7 @@ from PIL import Image
 from ..errors import NixosReplError, UnknownMachineError
 from ..loop import run_sync
 from ..machine.screenshot import Screenshot
-from .magics import argument, line_magic, magic_arguments, parse_argstring, usage
+from .magics import argument, magic, magic_arguments, parse_argstring, usage
 
 if TYPE_CHECKING:
     from ..machine import Machine
@@ -261,7 +261,7 @@ class WatchMagics(Magics):
         help=f"milliseconds between screenshots (default {DEFAULT_INTERVAL_MS})",
     )
     @argument("--stop", action="store_true", help="stop NAME's live screen (all without NAME)")
-    @line_magic
+    @magic("watch")
     def watch(self, line: str) -> Any:
         """Show a machine's screen live in the cell's output (Jupyter), and return at once.
 
