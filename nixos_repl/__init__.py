@@ -19,6 +19,7 @@ from .errors import (
 )
 from .machine import BaseMachine, Machine, QemuMachine
 from .registry import Registry
+from .version import __version__
 
 __all__ = [
     "BaseMachine",
@@ -35,8 +36,8 @@ __all__ = [
     "Registry",
     "RequestedAssertionFailed",
     "UnknownMachineError",
+    "__version__",
 ]
-__version__ = "0.1.0"
 
 
 def load_ipython_extension(ip: object) -> None:

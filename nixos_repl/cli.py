@@ -222,8 +222,52 @@ def generate_driver_symbols(argv: Sequence[str] | None = None) -> int:
     return 0
 
 
+class _CommandParser(argparse.ArgumentParser):
+    """nixos-repl's top-level parser: machine options may come before or after the command.
+
+    A list option (``--vlans 1``, ``--start-scripts A B``) would take the command's name as one
+    more value; the arguments are parsed in two parts instead, up to the command and from it.
+    """
+
+    def parse_known_args(  # type: ignore[override]
+        self, args: Sequence[str] | None = None, namespace: argparse.Namespace | None = None
+    ) -> tuple[argparse.Namespace, list[str]]:
+        argv = list(sys.argv[1:] if args is None else args)
+        split = self._command_index(argv)
+        if not split:
+            return super().parse_known_args(argv, namespace)
+        head, extra = super().parse_known_args(argv[:split], namespace)
+        parsed, more = super().parse_known_args(argv[split:], head)
+        return parsed, extra + more
+
+    def _command_index(self, argv: list[str]) -> int | None:
+        """Where the command is: the first command name that is not an option's value."""
+        commands: set[str] = set()
+        takes_value: set[str] = set()
+        for action in self._actions:
+            if isinstance(action, argparse._SubParsersAction):
+                commands.update(action.choices)
+            elif action.nargs is None:
+                takes_value.update(action.option_strings)
+        after_option = False
+        for i, word in enumerate(argv):
+            if word == "--":
+                return None
+            if not after_option and word in commands:
+                return i
+            after_option = word in takes_value
+        return None
+
+
+def _run_option_dests() -> set[str]:
+    """What the machine options set (the REPL's, --batch's and notebook's)."""
+    options = argparse.ArgumentParser(add_help=False)
+    _add_run_options(options, legacy_positional=False)
+    return {action.dest for action in options._actions}
+
+
 def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = _CommandParser(
         prog="nixos-repl",
         description="An interactive environment for NixOS VM tests.",
         allow_abbrev=False,  # else --batch's --output_directory would take a command's --out
@@ -254,6 +298,7 @@ def _parser() -> argparse.ArgumentParser:
     )
     _add_run_options(run_options, legacy_positional=False)  # type: ignore[arg-type]
     commands = parser.add_subparsers(
+        parser_class=argparse.ArgumentParser,
         dest="command",
         metavar="COMMAND",
         description="Without a command (and without --batch), nixos-repl opens the terminal "
@@ -380,6 +425,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         from .interactive.tour import run_demo as run_demo_repl
 
         return run_demo_repl(Path("demo-out"), verbose=args.verbose)
+    if args.command not in (None, "notebook"):
+        dests = _run_option_dests()
+        given = sorted(d for d in dests if getattr(args, d, None) not in (None, False))
+        if given:
+            options = ", ".join("--" + d.replace("_", "-") for d in given)
+            parser.error(f"{options}: machine options go with the REPL, --batch or notebook, "
+                         f"not with {args.command}")  # fmt: skip
     if args.command in (None, "notebook", "kernel", "shell", "console"):
         return _interactive(args)
     if args.command == "export":

@@ -21,7 +21,7 @@ import datetime as dt
 import json
 import os
 import re
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -32,9 +32,12 @@ __all__ = [
     "DriverConfig",
     "MachineConfig",
     "check_config",
+    "check_machine_name",
+    "check_machine_names",
     "config_from_legacy",
     "load_driver_configuration",
     "machine_name_from_start_script",
+    "pythonize_name",
     "resolve_config",
 ]
 
@@ -74,6 +77,42 @@ def machine_name_from_start_script(script: str | os.PathLike[str]) -> str:
     """nixpkgs' rule: ``run-<name>-vm`` gives ``<name>``, anything else ``machine``."""
     match = re.search("run-(.+)-vm$", Path(script).name)
     return match.group(1) if match else "machine"
+
+
+# -- machine names ----------------------------------------------------------------------------
+
+
+def pythonize_name(name: str) -> str:
+    """A machine name as a Python identifier: ``my-vm`` -> ``my_vm``, ``1st`` -> ``_st``."""
+    return re.sub(r"^[^A-Za-z_]|[^A-Za-z0-9_]", "_", name)
+
+
+def check_machine_name(name: object) -> str:
+    """``name`` if it can name a machine: a plain file-name component (its state directory is
+    ``vm-state-<name>``), one line. Raises ConfigError otherwise."""
+    if not isinstance(name, str):
+        raise ConfigError(f"a machine name must be a string, not {name!r}")
+    if name in ("", ".", "..") or "/" in name or any(ord(c) < 32 or ord(c) == 127 for c in name):
+        raise ConfigError(
+            f"invalid machine name {name!r}: a name is one file-name component "
+            "(no '/', not '.' or '..', no control characters), e.g. 'vm1' or 'server-a'"
+        )
+    return name
+
+
+def check_machine_names(names: Iterable[object]) -> None:
+    """Every name valid (:func:`check_machine_name`), and no two names the same Python name in
+    test scripts (``my-vm`` and ``my_vm`` would shadow each other)."""
+    seen: dict[str, str] = {}
+    for name in names:
+        valid = check_machine_name(name)
+        symbol = pythonize_name(valid)
+        other = seen.setdefault(symbol, valid)
+        if other != valid:
+            raise ConfigError(
+                f"machine names {other!r} and {valid!r} are both {symbol!r} in test scripts: "
+                "rename one of them"
+            )
 
 
 # -- the JSON file ----------------------------------------------------------------------------
@@ -287,12 +326,14 @@ def resolve_config(
 
 
 def check_config(config: DriverConfig, *, need_test_script: bool = True) -> None:
-    """Refuse what cannot run: containers, missing or non-executable start scripts, no script."""
+    """Refuse what cannot run: containers, bad machine names, missing or non-executable start
+    scripts, no script."""
     if config.containers:
         names = ", ".join(sorted(config.containers))
         raise ConfigError(
             f"containers (systemd-nspawn) are not supported by nixos-repl, only QEMU VMs: {names}"
         )
+    check_machine_names(config.vms)
     for name, machine in config.vms.items():
         script = machine.start_script
         if not script.exists():

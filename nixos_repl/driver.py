@@ -18,7 +18,6 @@ from __future__ import annotations
 import contextlib
 import datetime as dt
 import os
-import re
 import signal
 import sys
 import threading
@@ -32,12 +31,14 @@ from pathlib import Path
 from types import CodeType, TracebackType
 from typing import Any, overload
 
-from .config import DriverConfig
+from .config import DriverConfig, pythonize_name
 from .errors import MachineError, PollingConditionError, RequestedAssertionFailed
 from .logs import AbstractLogger, DriverLogger
 from .machine import DEFAULT_TIMEOUT, BaseMachine, Machine, QemuMachine
 from .machine.actions import observing
 from .machine.timing import attempt_bound
+from .rebuild import Redeploy
+from .rebuild import rebuild as redeploy_after_build
 from .registry import Registry, get_tmp_dir
 from .vlan import VLan
 
@@ -72,11 +73,6 @@ class NspawnMachine:
 
     def __init__(self, *args: object, **kwargs: object) -> None:
         raise MachineError("containers (systemd-nspawn) are not supported by nixos-repl")
-
-
-def pythonize_name(name: str) -> str:
-    """A machine name as a Python identifier: ``my-vm`` -> ``my_vm``, ``1st`` -> ``_st``."""
-    return re.sub(r"^[^A-Za-z_]|[^A-Za-z0-9_]", "_", name)
 
 
 # -- durations and retry ---------------------------------------------------------------------
@@ -232,6 +228,31 @@ class PollingCondition:
         self.last_called = time.monotonic()
 
 
+
+class PollingConditions:
+    """The active polling conditions; calling it raises if one fails. Every machine gets it as
+    a callback, with a length: while it is empty a machine skips it, and its waits run in the
+    guest instead of trying once a second from the host."""
+
+    def __init__(self) -> None:
+        self._conditions: list[PollingCondition] = []
+
+    def __call__(self) -> None:
+        for condition in self._conditions:
+            condition.maybe_raise()
+
+    def __len__(self) -> int:
+        return len(self._conditions)
+
+    def __iter__(self) -> Iterator[PollingCondition]:
+        return iter(self._conditions)
+
+    def append(self, condition: PollingCondition) -> None:
+        self._conditions.append(condition)
+
+    def pop(self) -> PollingCondition:
+        return self._conditions.pop()
+
 class Poll:
     """What ``polling_condition`` makes of a function: a context manager with ``wait()``."""
 
@@ -359,7 +380,7 @@ class Driver:
         self.interactive = interactive
         self.debug: DebugAbstract = debug if debug is not None else DebugNop()
         self.global_timeout = self.config.global_timeout
-        self.polling_conditions: list[PollingCondition] = []
+        self.polling_conditions = PollingConditions()
         # Called by the global timeout after the machines are gone, before the process ends.
         self.on_terminate: list[Callable[[], None]] = []
         self._terminating = threading.Event()
@@ -374,19 +395,21 @@ class Driver:
             out_dir=self.out_dir,
             keep_machine_state=keep_machine_state,
             tmp_dir=tmp_dir,
+            callbacks=[self.polling_conditions],
         )
-        for machine in self.registry.machines:
-            machine.callbacks.append(self.check_polling_conditions)
         self._machines: list[Machine] = self.registry.machines
         self._symbols: dict[str, Any] | None = None
-        # rebuild(): where the configuration is re-read from (None: the same start scripts),
-        # and the start scripts' fingerprints as deployed.
+        # What rebind() put in the namespace last (so that it can take back what is gone).
+        self._bound: dict[str, object] = {}
+        # rebuild(): where the configuration is re-read from (None: the same start scripts).
         self.config_source: Callable[[], DriverConfig] | None = None
-        self.deployed: dict[str, str] = {}
         if interactive:
-            from .rebuild import fingerprint
+            self.registry.note_deployed()
 
-            self.deployed = {m.name: fingerprint(m.start_command) for m in self.machines}
+    @property
+    def deployed(self) -> dict[str, str]:
+        """The start scripts' fingerprints as deployed (what ``rebuild`` compares)."""
+        return self.registry.deployed
 
     # -- machines and VLANs --------------------------------------------------------------------
 
@@ -478,13 +501,12 @@ class Driver:
                 "for VMs created with create_machine!"
             )
         machine = self.registry.add(start_command, name=name, keep_machine_state=keep_machine_state)
-        machine.callbacks.append(self.check_polling_conditions)
         self.machines  # noqa: B018 - refresh the shared list
         if self._symbols is not None:
-            self._symbols[pythonize_name(machine.name)] = machine
+            self.rebind()
         return machine
 
-    def rebuild(self, cmd: str, config: str | os.PathLike[str] | None = None) -> Any:
+    def rebuild(self, cmd: str, config: str | os.PathLike[str] | None = None) -> Redeploy:
         """Run the build command ``cmd``, then redeploy: machines whose start script changed
         are restarted, new ones added, removed ones stopped, VLANs follow the new set, and
         the namespace is rebound; logs ``finished: updating machines``.
@@ -493,12 +515,10 @@ class Driver:
         scripts, ``NIXOS_REPL_CONFIG``), or from ``config``, a driverConfiguration.json.
         Returns what changed; a failing build or a bad configuration changes nothing.
         """
-        from .rebuild import rebuild
-
         # One action: the machines it restarts are not recorded on their own.
         kwargs = {"config": str(config)} if config is not None else {}
         with observing(self.registry.observers, None, "rebuild", (cmd,), kwargs) as action:
-            result = rebuild(self, cmd, config)
+            result = redeploy_after_build(self, cmd, config)
             if action is not None:
                 action.result = result.summary()
             return result
@@ -534,8 +554,7 @@ class Driver:
 
     def check_polling_conditions(self) -> None:
         """Run before every machine command: raise if an active polling condition fails."""
-        for condition in self.polling_conditions:
-            condition.maybe_raise()
+        self.polling_conditions()
 
     @overload
     def polling_condition(
@@ -593,29 +612,42 @@ class Driver:
         """The namespace test scripts run in: nixpkgs' globals, one per machine and VLAN.
 
         The same dict on every call (front ends and ``test_script()`` share it); machines and
-        VLANs are refreshed into it. Prints nixpkgs' ``additionally exposed symbols:`` banner.
+        VLANs are refreshed into it (:meth:`rebind`). Prints nixpkgs' ``additionally exposed
+        symbols:`` banner (:meth:`print_symbols`).
         """
+        symbols = self.rebind()
+        self.print_symbols()
+        return symbols
+
+    def rebind(self) -> dict[str, Any]:
+        """Bring the namespace up to date with the machines and VLANs, silently: one name per
+        machine (``my-vm`` is ``my_vm``) and per VLAN (``vlan1``), ``machine`` for a lone
+        machine of another name; names of machines and VLANs that are gone are deleted."""
         if self._symbols is None:
             self._symbols = self._general_symbols()
         symbols = self._symbols
-        general = list(self._general_symbols())
         machines = self.machines
-        for machine in machines:
-            symbols[pythonize_name(machine.name)] = machine
-        names = {pythonize_name(m.name) for m in machines}
-        if len(machines) == 1 and "machine" not in names:
-            symbols["machine"] = _MachineAlias(machines[0])
-        for vlan in self.vlans:
-            symbols[f"vlan{vlan.nr}"] = vlan
+        bound: dict[str, object] = {pythonize_name(m.name): m for m in machines}
+        if len(machines) == 1 and "machine" not in bound:
+            bound["machine"] = _MachineAlias(machines[0])
+        bound |= {f"vlan{vlan.nr}": vlan for vlan in self.vlans}
+        for name, value in self._bound.items():
+            if name not in bound and symbols.get(name) is value:
+                del symbols[name]
+        symbols.update(bound)
+        self._bound = bound
+        return symbols
+
+    def print_symbols(self) -> None:
+        """Print nixpkgs' ``additionally exposed symbols:`` banner."""
         print(
             "additionally exposed symbols:\n    "
-            + ", ".join(m.name for m in machines)
+            + ", ".join(m.name for m in self.machines)
             + ",\n    "
             + ", ".join(f"vlan{v.nr}" for v in self.vlans)
             + ",\n    "
-            + ", ".join(general)
+            + ", ".join(self._general_symbols())
         )
-        return symbols
 
     def adopt_namespace(self, namespace: dict[str, Any]) -> dict[str, Any]:
         """Make ``namespace`` (an IPython shell's ``user_ns``) the one test namespace: fill it

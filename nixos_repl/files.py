@@ -6,7 +6,7 @@ import os
 import secrets
 from pathlib import Path
 
-__all__ = ["write_atomic"]
+__all__ = ["cache_dir", "write_atomic"]
 
 
 def write_atomic(path: Path, data: bytes, mode: int | None = None) -> None:
@@ -31,3 +31,12 @@ def write_atomic(path: Path, data: bytes, mode: int | None = None) -> None:
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
+
+
+def cache_dir() -> Path:
+    """Where built guests are cached: $NIXOS_REPL_CACHE, else $XDG_CACHE_HOME/nixos-repl."""
+    env = os.environ.get("NIXOS_REPL_CACHE")
+    if env:
+        return Path(env)
+    xdg = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
+    return Path(xdg) / "nixos-repl"

@@ -9,38 +9,32 @@ build, then bring the running test up to date and print ``finished: updating mac
 2. re-reads the machine configuration (``Driver.config_source``: the ``--config`` file, the
    start scripts, or ``NIXOS_REPL_CONFIG``; without one, the current machines' start scripts);
    a configuration that does not load or check raises ConfigError and changes nothing;
-3. compares it with what runs. A machine's start script has *changed* when the path it names
+3. hands it to :meth:`Registry.redeploy <nixos_repl.registry.Registry.redeploy>`, which
+   compares it with what runs. A machine's start script has *changed* when the path it names
    resolves to another file or the file's bytes differ (``result/bin/run-vm1-vm`` after a new
    ``nix-build`` does both). Changed machines are stopped and defined again from the new
    script (a fresh state directory unless ``--keep-machine-state``), and started again if they
    were running; new machines are defined (they boot on first use, as in nixpkgs); removed
    machines are stopped and dropped. VLANs that left the set are stopped, new ones started;
-4. rebinds the test namespace (``vm1``, ``machines``, ``vlan<N>``: removed names are deleted),
-   and logs ``finished: updating machines``.
+4. rebinds the test namespace (``Driver.rebind``: ``vm1``, ``machines``, ``vlan<N>``; removed
+   names are deleted), and logs ``finished: updating machines``.
 
 Returns a :class:`Redeploy` that says what changed.
 """
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
 import dataclasses
-import hashlib
-import io
 import os
-import shlex
 import subprocess
 from collections.abc import Callable
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
 from .config import DriverConfig, MachineConfig, check_config, load_driver_configuration
 from .errors import RebuildError
-from .loop import run_sync
-
-if TYPE_CHECKING:
-    from .driver import Driver
+from .logs import AbstractLogger
+from .registry import Redeploy, Registry, fingerprint
 
 __all__ = ["Redeploy", "fingerprint", "rebuild", "start_scripts_source"]
 
@@ -49,53 +43,19 @@ FINISHED = "finished: updating machines"
 TAIL = 20
 
 
-def fingerprint(start_command: str) -> str:
-    """What identifies a start script: the file it resolves to and its bytes (a command that is
-    not a file is its own fingerprint)."""
-    words = shlex.split(start_command) if start_command.strip() else [start_command]
-    path = Path(words[0])
-    try:
-        real = path.resolve(strict=True)
-        digest = hashlib.sha256(real.read_bytes()).hexdigest()
-    except OSError:
-        return f"command:{start_command}"
-    return f"{real}:{digest}:{' '.join(words[1:])}"
+class Redeployable(Protocol):
+    """What :func:`rebuild` uses of the driver."""
+
+    registry: Registry
+    config: DriverConfig
+    logger: AbstractLogger
+    # Where the configuration is re-read from (None: the same start scripts).
+    config_source: Callable[[], DriverConfig] | None
+
+    def rebind(self) -> dict[str, Any]: ...
 
 
-@dataclasses.dataclass
-class Redeploy:
-    """What a rebuild changed."""
-
-    restarted: list[str] = dataclasses.field(default_factory=list)
-    redefined: list[str] = dataclasses.field(default_factory=list)  # changed, were not running
-    added: list[str] = dataclasses.field(default_factory=list)
-    removed: list[str] = dataclasses.field(default_factory=list)
-    unchanged: list[str] = dataclasses.field(default_factory=list)
-    vlans_added: list[int] = dataclasses.field(default_factory=list)
-    vlans_removed: list[int] = dataclasses.field(default_factory=list)
-
-    def summary(self) -> str:
-        parts = []
-        for label, names in (
-            ("restarted", self.restarted),
-            ("redefined", self.redefined),
-            ("added", self.added),
-            ("removed", self.removed),
-            ("unchanged", self.unchanged),
-        ):
-            if names:
-                parts.append(f"{label} {', '.join(names)}")
-        if self.vlans_added:
-            parts.append(f"new VLANs {', '.join(map(str, self.vlans_added))}")
-        if self.vlans_removed:
-            parts.append(f"removed VLANs {', '.join(map(str, self.vlans_removed))}")
-        return "; ".join(parts) if parts else "nothing changed"
-
-    def _repr_pretty_(self, p: Any, cycle: bool) -> None:
-        p.text(self.summary())
-
-
-def start_scripts_source(driver: Driver) -> Callable[[], DriverConfig]:
+def start_scripts_source(driver: Redeployable) -> Callable[[], DriverConfig]:
     """Re-read the start scripts of the machines the driver has (``create_machine`` ones
     included) and keep its VLANs: the fallback when the session has no configuration file."""
 
@@ -117,8 +77,7 @@ def config_file_source(path: str | os.PathLike[str]) -> Callable[[], DriverConfi
     return read
 
 
-def _run_build(driver: Driver, cmd: str) -> None:
-    logger = driver.logger
+def _run_build(logger: AbstractLogger, cmd: str) -> None:
     tail: list[str] = []
     with logger.nested(f"rebuild: running {cmd}"):
         try:
@@ -153,7 +112,9 @@ def _run_build(driver: Driver, cmd: str) -> None:
         )
 
 
-def rebuild(driver: Driver, cmd: str, config: str | os.PathLike[str] | None = None) -> Redeploy:
+def rebuild(
+    driver: Redeployable, cmd: str, config: str | os.PathLike[str] | None = None
+) -> Redeploy:
     """Run ``cmd``, then redeploy what changed in the configuration (see the module's doc).
 
     ``config`` names a driverConfiguration.json to read instead of the session's own source.
@@ -163,10 +124,8 @@ def rebuild(driver: Driver, cmd: str, config: str | os.PathLike[str] | None = No
             'rebuild needs the build command, e.g. rebuild("nix-build -A driverInteractive")'
         )
     registry = driver.registry
-    # What runs now, fingerprinted before the build can touch the files.
-    before = {m.name: driver.deployed.get(m.name) or fingerprint(m.start_command)
-              for m in registry.machines}  # fmt: skip
-    _run_build(driver, cmd)
+    registry.note_deployed()  # what runs now, before the build can touch the files
+    _run_build(driver.logger, cmd)
     if config is not None:
         source = config_file_source(config)
     elif driver.config_source is not None:
@@ -175,82 +134,12 @@ def rebuild(driver: Driver, cmd: str, config: str | os.PathLike[str] | None = No
         source = start_scripts_source(driver)
     new = source()
     check_config(new, need_test_script=False)
-    return _apply(driver, new, before)
-
-
-def _apply(driver: Driver, new: DriverConfig, before: dict[str, str]) -> Redeploy:
-    from .driver import pythonize_name
-
-    registry = driver.registry
-    result = Redeploy()
-    wanted: dict[str, MachineConfig] = dict(new.vms)
-    scripts = {n: str(m.start_script.absolute()) for n, m in wanted.items()}
-    prints = {n: fingerprint(s) for n, s in scripts.items()}
-    removed = [n for n in before if n not in wanted]
-    changed = [n for n in before if n in wanted and prints[n] != before[n]]
-    added = [n for n in wanted if n not in before]
-    result.unchanged = [n for n in before if n in wanted and n not in changed]
-    old_vlans = set(registry.vlan_numbers)
-    new_vlans = set(new.vlans)
-    result.vlans_added = sorted(new_vlans - old_vlans)
-    result.vlans_removed = sorted(old_vlans - new_vlans)
-
     with driver.logger.nested("updating machines"):
-        # Stop what goes away or changes, all at once.
-        going = [registry[n] for n in (*removed, *changed)]
-        was_running = {m.name for m in going if m.booted}
-
-        async def stop_all() -> None:
-            await asyncio.gather(*(m.aio.release() for m in going), return_exceptions=True)
-
-        run_sync(stop_all())
-        symbols = driver._symbols
-        for name in (*removed, *changed):
-            registry.remove(name)
-            driver.deployed.pop(name, None)
-            if symbols is not None:
-                symbols.pop(pythonize_name(name), None)
-        result.removed = removed
-
-        # VLANs: stop those that left, start the new ones, give every machine the new set.
-        for vlan in [v for v in registry.vlans if v.nr in result.vlans_removed]:
-            vlan.stop()
-            registry.vlans.remove(vlan)
-            if symbols is not None:
-                symbols.pop(f"vlan{vlan.nr}", None)
-        registry.vlan_numbers = sorted(new_vlans)
-        registry.start_vlans()
-        for machine in registry.machines:
-            for nr in result.vlans_removed:
-                machine.lifecycle.extra_env.pop(f"QEMU_VDE_SOCKET_{nr}", None)
-
-        # Define the changed and the new machines from their new scripts.
-        for name in (*changed, *added):
-            driver.create_machine(scripts[name], name=name)
-            driver.deployed[name] = prints[name]
-        result.added = added
-        result.restarted = [n for n in changed if n in was_running]
-        result.redefined = [n for n in changed if n not in was_running]
-        for name in result.unchanged:
-            driver.deployed[name] = prints[name]
+        result = registry.redeploy(new)
         driver.config = dataclasses.replace(
-            driver.config, vms=dict(wanted), vlans=sorted(new_vlans)
+            driver.config, vms=dict(new.vms), vlans=list(registry.vlan_numbers)
         )
-
-        if result.restarted:
-            restart = [registry[n] for n in result.restarted]
-
-            async def start_all() -> None:
-                await asyncio.gather(*(m.aio.start() for m in restart))
-
-            run_sync(start_all())
-
-        # The namespace: the machines, the VLANs, `machine` for a lone machine.
-        if symbols is not None:
-            symbols.pop("machine", None)
-            # test_symbols() prints nixpkgs' banner; the summary below says what changed.
-            with contextlib.redirect_stdout(io.StringIO()):
-                driver.test_symbols()
+        driver.rebind()
         driver.logger.log(result.summary())
     driver.logger.log(FINISHED)
     return result

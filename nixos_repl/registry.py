@@ -9,13 +9,18 @@ QEMU behind.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
+import hashlib
 import logging
 import os
+import shlex
 import tempfile
 from collections.abc import Awaitable, Callable, Iterable, Iterator, Sequence
 from pathlib import Path
 from types import TracebackType
+from typing import Any
 
+from .config import DriverConfig, check_machine_names
 from .errors import MachineError, UnknownMachineError
 from .loop import run_sync
 from .machine import ActionObserver, Machine, MachineState, machine_name_from_start_command
@@ -23,7 +28,15 @@ from .machine.lifecycle import ShellFraming
 from .machine.process import check_start_script
 from .vlan import VLan
 
-__all__ = ["STATES", "Registry", "check_out_dir", "get_tmp_dir", "shell_framing_from_env"]
+__all__ = [
+    "STATES",
+    "Redeploy",
+    "Registry",
+    "check_out_dir",
+    "fingerprint",
+    "get_tmp_dir",
+    "shell_framing_from_env",
+]
 
 log = logging.getLogger(__name__)
 
@@ -70,8 +83,58 @@ def check_out_dir(out_dir: Path) -> Path:
     return out_dir
 
 
+def fingerprint(start_command: str) -> str:
+    """What identifies a start script: the file it resolves to and its bytes (a command that is
+    not a file is its own fingerprint)."""
+    words = shlex.split(start_command) if start_command.strip() else [start_command]
+    path = Path(words[0])
+    try:
+        real = path.resolve(strict=True)
+        digest = hashlib.sha256(real.read_bytes()).hexdigest()
+    except OSError:
+        return f"command:{start_command}"
+    return f"{real}:{digest}:{' '.join(words[1:])}"
+
+
+@dataclasses.dataclass
+class Redeploy:
+    """What a redeploy changed."""
+
+    restarted: list[str] = dataclasses.field(default_factory=list)
+    redefined: list[str] = dataclasses.field(default_factory=list)  # changed, were not running
+    added: list[str] = dataclasses.field(default_factory=list)
+    removed: list[str] = dataclasses.field(default_factory=list)
+    unchanged: list[str] = dataclasses.field(default_factory=list)
+    vlans_added: list[int] = dataclasses.field(default_factory=list)
+    vlans_removed: list[int] = dataclasses.field(default_factory=list)
+
+    def summary(self) -> str:
+        parts = []
+        for label, names in (
+            ("restarted", self.restarted),
+            ("redefined", self.redefined),
+            ("added", self.added),
+            ("removed", self.removed),
+            ("unchanged", self.unchanged),
+        ):
+            if names:
+                parts.append(f"{label} {', '.join(names)}")
+        if self.vlans_added:
+            parts.append(f"new VLANs {', '.join(map(str, self.vlans_added))}")
+        if self.vlans_removed:
+            parts.append(f"removed VLANs {', '.join(map(str, self.vlans_removed))}")
+        return "; ".join(parts) if parts else "nothing changed"
+
+    def _repr_pretty_(self, p: Any, cycle: bool) -> None:
+        p.text(self.summary())
+
+
 class Registry:
-    """Machines by name, with their VLANs; a context manager that tears everything down."""
+    """Machines by name, with their VLANs; a context manager that tears everything down.
+
+    ``callbacks`` run before every command and monitor command of every machine (the
+    driver's polling conditions).
+    """
 
     def __init__(
         self,
@@ -80,7 +143,9 @@ class Registry:
         out_dir: str | os.PathLike[str] | None = None,
         keep_machine_state: bool = False,
         tmp_dir: str | os.PathLike[str] | None = None,
+        callbacks: Sequence[Callable[[], None]] = (),
     ) -> None:
+        check_machine_names([name for name, _ in start_scripts])
         self.tmp_dir = Path(tmp_dir) if tmp_dir is not None else get_tmp_dir()
         self.out_dir = check_out_dir(Path(out_dir) if out_dir is not None else Path.cwd())
         self.keep_machine_state = keep_machine_state
@@ -91,6 +156,9 @@ class Registry:
         # Shared by every machine: told of each machine action (the session recording).
         self.observers: list[ActionObserver] = []
         self.shell_framing = shell_framing_from_env()
+        self.callbacks = list(callbacks)
+        # The start scripts' fingerprints as deployed (``redeploy`` compares them).
+        self.deployed: dict[str, str] = {}
         for name, script in start_scripts:
             self.add(str(script), name=name)
 
@@ -121,6 +189,7 @@ class Registry:
         name = name or machine_name_from_start_command(start_command)
         if name in self._machines:
             raise MachineError(f"a machine named {name!r} already exists")
+        check_machine_names([*self._machines, name])
         machine = Machine(
             start_command,
             name=name,
@@ -133,6 +202,7 @@ class Registry:
             on_state_change=self._state_changed,
             shell_framing=self.shell_framing,
             observers=self.observers,
+            callbacks=list(self.callbacks),
         )
         self._machines[name] = machine
         return machine
@@ -143,6 +213,7 @@ class Registry:
         if machine.booted:
             raise MachineError(f"{name} is {machine.state}: stop it before removing it")
         del self._machines[name]
+        self.deployed.pop(name, None)
         return machine
 
     def watch(self, callback: Callable[[Machine], None]) -> None:
@@ -187,6 +258,75 @@ class Registry:
         return {m.name: m.state for m in self.machines}
 
     # -- lifecycle -----------------------------------------------------------------------------
+
+    def note_deployed(self) -> None:
+        """Fingerprint the start scripts of the machines that have none yet (as they are now,
+        before a build changes them)."""
+        for machine in self._machines.values():
+            if machine.name not in self.deployed:
+                self.deployed[machine.name] = fingerprint(machine.start_command)
+
+    def redeploy(self, config: DriverConfig) -> Redeploy:
+        """Bring the machines and VLANs to ``config``; returns what changed.
+
+        A machine's start script has *changed* when the path it names resolves to another file
+        or the file's bytes differ (from the fingerprint ``note_deployed`` took). Changed
+        machines are stopped and defined again from the new script, and started again if they
+        were running; new machines are defined (not started); removed machines are stopped and
+        dropped. VLANs that left the set are stopped, new ones started.
+        """
+        self.note_deployed()
+        before = dict(self.deployed)
+        result = Redeploy()
+        scripts = {n: str(m.start_script.absolute()) for n, m in config.vms.items()}
+        prints = {n: fingerprint(s) for n, s in scripts.items()}
+        removed = [n for n in before if n not in scripts]
+        changed = [n for n in before if n in scripts and prints[n] != before[n]]
+        added = [n for n in scripts if n not in before]
+        check_machine_names(scripts)
+        result.unchanged = [n for n in before if n in scripts and n not in changed]
+        new_vlans = set(config.vlans)
+        result.vlans_added = sorted(new_vlans - set(self.vlan_numbers))
+        result.vlans_removed = sorted(set(self.vlan_numbers) - new_vlans)
+
+        # Stop what goes away or changes, all at once.
+        going = [self[n] for n in (*removed, *changed)]
+        was_running = {m.name for m in going if m.booted}
+
+        async def stop_all() -> None:
+            await asyncio.gather(*(m.aio.release() for m in going), return_exceptions=True)
+
+        run_sync(stop_all())
+        for name in (*removed, *changed):
+            self.remove(name)
+        result.removed = removed
+
+        # VLANs: stop those that left, start the new ones, give every machine the new set.
+        for vlan in [v for v in self.vlans if v.nr in result.vlans_removed]:
+            vlan.stop()
+            self.vlans.remove(vlan)
+        self.vlan_numbers = sorted(new_vlans)
+        self.start_vlans()
+        for machine in self.machines:
+            for nr in result.vlans_removed:
+                machine.lifecycle.extra_env.pop(f"QEMU_VDE_SOCKET_{nr}", None)
+
+        # Define the changed and the new machines from their new scripts.
+        for name in (*changed, *added):
+            self.add(scripts[name], name=name)
+        self.deployed.update(prints)
+        result.added = added
+        result.restarted = [n for n in changed if n in was_running]
+        result.redefined = [n for n in changed if n not in was_running]
+
+        if result.restarted:
+            restart = [self[n] for n in result.restarted]
+
+            async def start_all() -> None:
+                await asyncio.gather(*(m.aio.start() for m in restart))
+
+            run_sync(start_all())
+        return result
 
     def start_vlans(self) -> None:
         for nr in self.vlan_numbers:

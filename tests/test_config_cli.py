@@ -5,6 +5,8 @@ from __future__ import annotations
 import datetime as dt
 import json
 import os
+import re
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -14,6 +16,7 @@ import pytest
 
 from nixos_repl.config import (
     DEFAULT_GLOBAL_TIMEOUT,
+    DriverConfig,
     MachineConfig,
     check_config,
     config_from_legacy,
@@ -328,3 +331,147 @@ def test_batch_options_leave_the_commands_alone() -> None:
     args = _parser().parse_args(["guest", "build", "tiny", "--name", "a", "--out", "d"])
     assert args.out == Path("d") and args.output_directory is None
     assert _parser().parse_args(["demo", "--out", "x"]).out == Path("x")
+
+
+# -- machine names ---------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("how", "names"),
+    [
+        ("config", ["a/../../victim"]),
+        ("vm-names", ["a/../../victim"]),
+        ("config", [".."]),
+        ("vm-names", ["two\nlines"]),
+        ("vm-names", ["my-vm", "my_vm"]),
+    ],
+)
+def test_bad_machine_names_exit_2_and_delete_nothing(
+    tmp_path: Path, how: str, names: list[str]
+) -> None:
+    """A name must be one file-name component (its state directory must stay under
+    $XDG_RUNTIME_DIR) and no two names may be the same Python name; nothing starts."""
+    runtime = tmp_path / "runtime"
+    (runtime / "vm-state-a").mkdir(parents=True)  # left by an earlier run of machine `a`
+    victim = tmp_path / "victim"
+    (victim / "keep").mkdir(parents=True)
+    test = write(tmp_path / "t.py", "open('ran', 'w').close()\n")
+    scripts = [str(vm(tmp_path, f"m{i}")) for i in range(len(names))]
+    if how == "config":
+        vms = {n: {"name": n, "start_script": s} for n, s in zip(names, scripts, strict=True)}
+        args = ["-c", str(json_config(tmp_path, vms=vms, vlans=[])), str(test)]
+    else:
+        args = [str(test), "--vm-names", *names, "--vm-start-scripts", *scripts]
+    result = cli([str(BIN / "nixos-test-driver"), *args], tmp_path)
+    assert result.returncode == 2, result.stderr
+    assert result.stderr.count("\n") == 1, result.stderr
+    expected = "are both 'my_vm' in test scripts" if len(names) == 2 else "invalid machine name"
+    assert expected in result.stderr
+    assert (victim / "keep").is_dir() and (runtime / "vm-state-a").is_dir()
+    assert not (tmp_path / "ran").exists()
+
+
+def test_machine_names_in_the_api(tmp_path: Path) -> None:
+    """``create_machine`` and the registry refuse the same names, before touching anything."""
+    from nixos_repl import Driver, Registry
+    from nixos_repl.machine import Machine
+
+    (tmp_path / "vm-state-x").mkdir()
+    (tmp_path / "victim").mkdir()
+    script = str(vm(tmp_path, "m"))
+    with Driver(DriverConfig(), out_dir=tmp_path, tmp_dir=tmp_path) as driver:
+        with pytest.raises(ConfigError, match=re.escape("invalid machine name 'x/../victim'")):
+            driver.create_machine(script, name="x/../victim")
+        driver.create_machine(script, name="my-vm")
+        with pytest.raises(ConfigError, match="'my-vm' and 'my_vm' are both 'my_vm'"):
+            driver.create_machine(script, name="my_vm")
+        assert [m.name for m in driver.machines] == ["my-vm"]
+    with pytest.raises(ConfigError, match="invalid machine name"):
+        Registry([("ok", script), ("x/../victim", script)], out_dir=tmp_path, tmp_dir=tmp_path)
+    with pytest.raises(ConfigError, match="invalid machine name"):
+        Machine(script, name=".", tmp_dir=tmp_path, out_dir=tmp_path)
+    with pytest.raises(ConfigError, match="invalid machine name"):
+        check_config(DriverConfig(vms={"a/b": MachineConfig("a/b", Path(script))}))
+    assert (tmp_path / "victim").is_dir() and (tmp_path / "vm-state-x").is_dir()
+
+
+# nixpkgs' test_driver package, 2026 layout (nixos/lib/test-driver/src/test_driver/), and the
+# modules of it that are the driver's own plumbing, which no test script imports.
+NIXPKGS_TEST_DRIVER = {
+    "config", "debug", "display", "driver", "duration", "efi", "errors", "logger", "machine",
+    "machine.nspawn_display", "machine.ocr", "machine.qmp", "polling_condition", "qmp",
+    "test_reporter", "vlan", "vsock",
+}  # fmt: skip
+DRIVER_PLUMBING = {"machine.nspawn_display", "test_reporter", "vsock"}
+
+
+def test_every_nixpkgs_module_path_that_scripts_import_is_there() -> None:
+    import importlib
+
+    import test_driver
+
+    root = Path(test_driver.__file__).parent
+    ours = {
+        ".".join(p.relative_to(root).with_suffix("").parts).removesuffix(".__init__")
+        for p in root.rglob("*.py")
+        if p.name != "__init__.py" or p.parent != root
+    }
+    assert ours == NIXPKGS_TEST_DRIVER - DRIVER_PLUMBING
+    for module in sorted(ours):
+        importlib.import_module(f"test_driver.{module}")
+
+
+def test_test_driver_duration_and_efi() -> None:
+    from nixos_repl.errors import MachineError
+    from test_driver.duration import as_seconds, as_timedelta
+    from test_driver.efi import EfiVariable
+
+    assert as_timedelta(2) == dt.timedelta(seconds=2) and as_seconds(dt.timedelta(0, 1)) == 1.0
+    with pytest.raises(TypeError):
+        as_seconds(True)
+    with pytest.raises(MachineError, match="EFI variables"):
+        EfiVariable(name="Demo", flags=EfiVariable.Flags.NON_VOLATILE)
+
+
+@pytest.mark.skipif(shutil.which("tesseract") is None, reason="needs tesseract")
+def test_test_driver_ocr_reads_a_screenshot_file(tmp_path: Path) -> None:
+    """nixpkgs' OCR self-test imports ``test_driver.machine.ocr``."""
+    from test_driver.machine import ocr
+
+    from .helpers import console
+
+    path = tmp_path / "screen.png"
+    console("keys-ok hello 42").save(path)
+    assert "hello" in ocr.perform_ocr_on_screenshot(path)
+    texts = ocr.perform_ocr_variants_on_screenshot(path)
+    assert len(texts) == 3 and any("hello" in text for text in texts)
+    assert ocr.perform_ocr_variants_on_screenshot(path, timeout=0) == ["", "", ""]
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["--vlans", "1", "notebook", "--no-browser"],
+        ["notebook", "--vlans", "1", "--no-browser"],
+        ["--start-scripts", "a", "b", "notebook", "--no-browser", "--vlans", "1"],
+        ["notebook", "--start-scripts", "a", "b", "--vlans", "1", "--no-browser"],
+    ],
+)
+def test_machine_options_before_or_after_the_command(argv: list[str]) -> None:
+    from nixos_repl.cli import _parser
+
+    args = _parser().parse_args(argv)
+    assert (args.command, args.vlans, args.no_browser) == ("notebook", ["1"], True)
+    assert args.start_scripts in (None, ["a", "b"])
+    assert args.jupyter_args == []
+
+
+def test_machine_options_with_a_command_that_takes_none(tmp_path: Path) -> None:
+    result = cli(
+        [sys.executable, "-m", "nixos_repl", "--vlans", "1", "export", "x.jsonl", "-o", "t.py"],
+        tmp_path,
+    )
+    assert result.returncode == 2
+    assert "--vlans: machine options go with the REPL, --batch or notebook, not with export" in (
+        result.stderr
+    )

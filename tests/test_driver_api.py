@@ -142,7 +142,7 @@ def test_polling_condition_interval() -> None:
     assert len(calls) == 2
 
 
-def test_polling_condition_forms(driver: Driver, terminal: io.StringIO) -> None:
+def test_polling_condition_forms(driver: Driver, terminal: io.StringIO, tmp_path: Path) -> None:
     state = {"ok": True}
 
     @driver.polling_condition
@@ -154,13 +154,16 @@ def test_polling_condition_forms(driver: Driver, terminal: io.StringIO) -> None:
         return state["ok"]
 
     called = driver.polling_condition(lambda: True, seconds_interval=0.5)
+    machine = driver.create_machine(str(fake_vm(tmp_path, "polled").start_script))
+    assert not machine.aio._host_loops(), "without conditions, waits run in the guest"
     with plain, factory, called:
         assert len(driver.polling_conditions) == 3
+        assert machine.aio._host_loops(), "conditions are checked before each try"
         driver.check_polling_conditions()
         state["ok"] = False
         with pytest.raises(PollingConditionError, match="custom"):
             driver.check_polling_conditions()
-    assert driver.polling_conditions == []
+    assert len(driver.polling_conditions) == 0
 
 
 def test_poll_wait(driver: Driver, terminal: io.StringIO) -> None:
@@ -238,7 +241,7 @@ def test_create_machine_binds_into_the_namespace(driver: Driver, tmp_path: Path)
     machine = driver.create_machine(str(script))
     assert symbols["late_one"] is machine
     assert machine in symbols["machines"]
-    assert driver.check_polling_conditions in machine.callbacks
+    assert driver.polling_conditions in machine.callbacks
     with pytest.raises(TypeError, match="dict form"):
         driver.create_machine({"startCommand": "x"})  # type: ignore[arg-type]
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import signal
 import subprocess
 import tempfile
 import time
@@ -24,6 +25,7 @@ from .helpers import (
     Kernel,
     install_kernelspec,
     kernel_env,
+    leftovers,
     machines_config,
     qemus_under,
     text_of,
@@ -341,3 +343,136 @@ def test_kernel_info_names_nixos_repl(kernel: tuple[Kernel, Path]) -> None:
 
 if __name__ == "__main__":
     unittest.main()
+
+
+# -- ipykernel: the private hook this project overrides ----------------------------------------
+
+
+def test_ipykernel_still_cancels_awaited_cells_through_the_overridden_method() -> None:
+    """``NixosReplKernel._cancel_on_sigint`` replaces ipykernel's private method of the same
+    name; it must still exist with that signature and still be what ``do_execute`` enters."""
+    import ast
+    import inspect
+    import textwrap
+
+    from ipykernel.ipkernel import IPythonKernel
+
+    from nixos_repl.interactive.kernel import NixosReplKernel
+
+    assert list(inspect.signature(IPythonKernel._cancel_on_sigint).parameters) == [
+        "self",
+        "future",
+    ]
+    assert "_cancel_on_sigint" in vars(NixosReplKernel)
+    source = ast.parse(textwrap.dedent(inspect.getsource(IPythonKernel.do_execute)))
+    used = {
+        node.attr
+        for node in ast.walk(source)
+        if isinstance(node, ast.Attribute) and isinstance(node.value, ast.Name)
+        if node.value.id == "self"
+    }
+    assert "_cancel_on_sigint" in used
+    # ... and the dependency stops at the releases this was checked against.
+    import importlib.metadata
+    import tomllib
+
+    from packaging.requirements import Requirement
+
+    pyproject = tomllib.loads((Path(__file__).parent.parent / "pyproject.toml").read_text())
+    (pin,) = (
+        r for r in map(Requirement, pyproject["project"]["dependencies"]) if r.name == "ipykernel"
+    )
+    assert any(spec.operator == "<" for spec in pin.specifier)
+    assert pin.specifier.contains(importlib.metadata.version("ipykernel"))
+
+
+def test_interrupt_ends_an_awaited_cell_at_once(jupyter_path: Path, tmp_path: Path) -> None:
+    """Through the override, an interrupted ``await`` gets its reply without another request
+    (ipykernel 7.4's own version leaves it waiting until the next message arrives)."""
+    runtime = tmp_path / "rt"
+    runtime.mkdir()
+    k = Kernel(kernel_env(runtime, None))
+    try:
+        msg_id = k.kc.execute("import asyncio\nawait asyncio.sleep(100)")
+        time.sleep(1.0)
+        k.km.interrupt_kernel()
+        reply = k.kc.get_shell_msg(timeout=10)
+        assert reply["parent_header"]["msg_id"] == msg_id
+        assert reply["content"]["status"] == "error"
+        assert k.run("1 + 1")[0]["status"] == "ok"
+    finally:
+        k.shutdown()
+
+
+# -- ending the kernel with work in flight ------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("ending", "vm2"),
+    [("shutdown", "command"), ("shutdown", "boot"), ("restart", "command"), ("sigterm", "boot")],
+)
+def test_the_kernel_ends_with_everything_in_flight(
+    jupyter_path: Path, guest_dir: Path, tmp_path: Path, ending: str, vm2: str
+) -> None:
+    """A shutdown request, a restart request or SIGTERM while vm1 is watched (``%watch``) and
+    has a guest shell attached (``%shell``), and a cell waits on vm2 (a running command, or a
+    boot): the kernel ends within seconds, and every QEMU, vde_switch and attached shell with
+    it."""
+    runtime = tmp_path / "rt"
+    runtime.mkdir()
+    k = Kernel(kernel_env(runtime, machines_config(guest_dir, tmp_path, ("vm1", "vm2"))))
+    attached: subprocess.Popen[bytes] | None = None
+    try:
+        for cell in ("%start vm1", "%succeed vm1 true", "%watch vm1 --interval 100", "%shell vm1"):
+            reply, outputs = k.run(cell)
+            assert reply["status"] == "ok", text_of(outputs)
+        attached = subprocess.Popen(
+            [str(BIN / "nixos-repl"), "shell", "vm1", "--state-dir", str(runtime / "vm-state-vm1")],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+        if vm2 == "command":
+            assert k.run("%succeed vm2 true")[0]["status"] == "ok"
+        else:
+            assert k.run("%start vm2")[0]["status"] == "ok"
+        k.kc.execute("%succeed vm2 sleep 100")
+        time.sleep(1.5)  # the cell waits on vm2
+        assert attached.poll() is None
+        assert len(qemus_under(runtime)) == 2
+        start = time.monotonic()
+        if ending == "sigterm":
+            k.km.signal_kernel(signal.SIGTERM)
+        else:
+            k.kc.shutdown(restart=ending == "restart")
+        while k.km.is_alive() and time.monotonic() - start < 15:
+            time.sleep(0.1)
+        assert not k.km.is_alive(), f"the kernel still runs {ending}-requested 15 s ago"
+        assert wait_for_no_qemu(runtime, timeout=5) == []
+        assert leftovers(runtime) == []
+        assert attached.wait(timeout=5) is not None
+    finally:
+        if attached is not None and attached.poll() is None:
+            attached.kill()
+        if k.km.is_alive():
+            k.km.shutdown_kernel(now=True)
+        k.kc.stop_channels()
+
+
+def test_shutdown_interrupts_a_cell_that_does_not_end(jupyter_path: Path, tmp_path: Path) -> None:
+    """A cell busy in the user's own code is interrupted, so the process still ends."""
+    runtime = tmp_path / "rt"
+    runtime.mkdir()
+    k = Kernel(kernel_env(runtime, None))
+    try:
+        k.kc.execute("import time\ntime.sleep(100)")
+        time.sleep(1.0)
+        start = time.monotonic()
+        k.kc.shutdown()
+        while k.km.is_alive() and time.monotonic() - start < 15:
+            time.sleep(0.1)
+        assert not k.km.is_alive()
+    finally:
+        if k.km.is_alive():
+            k.km.shutdown_kernel(now=True)
+        k.kc.stop_channels()

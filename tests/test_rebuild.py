@@ -220,3 +220,30 @@ def test_notebook_kernels_read_the_config_file_itself(guest_dir: Path, tmp_path:
     assert env["NIXOS_REPL_CONFIG"] == str(config.absolute())
     copied = notebook_env(loaded, tmp_path / "server2")
     assert copied["NIXOS_REPL_CONFIG"] == str(tmp_path / "server2" / "driverConfiguration.json")
+
+
+def test_redeploy_then_rebind_updates_the_namespace_silently(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """``Registry.redeploy`` applies a configuration and ``Driver.rebind`` refreshes the names,
+    without booting anything and without printing the symbols banner."""
+    scripts = {}
+    for name in ("vm1", "vm2", "vm3"):
+        scripts[name] = tmp_path / f"run-{name}-vm"
+        scripts[name].write_text("#!/bin/sh\nexit 1\n")
+        scripts[name].chmod(0o755)
+    first = DriverConfig(vms={n: MachineConfig(n, scripts[n]) for n in ("vm1", "vm2")})
+    with Driver(first, out_dir=tmp_path, tmp_dir=tmp_path, interactive=True) as driver:
+        ns = driver.test_symbols()
+        assert "additionally exposed symbols" in capsys.readouterr().out
+        vm1 = ns["vm1"]
+        scripts["vm2"].write_text("#!/bin/sh\nexit 2\n")
+        result = driver.registry.redeploy(
+            DriverConfig(vms={n: MachineConfig(n, scripts[n]) for n in ("vm2", "vm3")}, vlans=[])
+        )
+        assert (result.removed, result.redefined, result.added) == (["vm1"], ["vm2"], ["vm3"])
+        assert driver.rebind() is ns
+        assert "vm1" not in ns and ns["vm3"] is driver.registry["vm3"]
+        assert ns["vm2"] is driver.registry["vm2"] and ns["vm2"] is not vm1
+        assert [m.name for m in ns["machines"]] == ["vm2", "vm3"]
+        assert capsys.readouterr().out == ""

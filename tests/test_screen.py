@@ -16,7 +16,16 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from nixos_repl import MachineError, QMPAPIError, Registry, RequestedAssertionFailed
+from nixos_repl import (
+    Driver,
+    DriverConfig,
+    MachineConfig,
+    MachineError,
+    PollingConditionError,
+    QMPAPIError,
+    Registry,
+    RequestedAssertionFailed,
+)
 from nixos_repl.interactive.display import PNG_SIGNATURE, Screenshot
 from nixos_repl.loop import run_sync
 from nixos_repl.machine import Machine
@@ -374,3 +383,44 @@ def test_qemu_dying_fails_promptly(own_registry: Registry) -> None:
     with pytest.raises(MachineError, match="crashed"):
         vm.send_key("ret")
     assert time.monotonic() - start < 2
+
+
+def test_a_failing_polling_condition_stops_screen_and_monitor_actions(
+    guest_dir: Path, tmp_path: Path
+) -> None:
+    """As in nixpkgs, where screenshots, keys and ``crash`` go through
+    ``send_monitor_command``: a polling condition that fails stops them as it stops
+    ``succeed``, and nothing reaches QEMU. The live view's ``image()`` is no test action."""
+    config = DriverConfig(vms={"crashy": MachineConfig("crashy", guest_dir / "run-crashy-vm")})
+    healthy = {"ok": True}
+    with Driver(config, out_dir=tmp_path) as driver:
+        machine = driver.machines[0]
+        machine.connect()
+        condition = driver.polling_condition(
+            lambda: healthy["ok"], seconds_interval=0, description="the guest is healthy"
+        )
+        with condition:
+            machine.screenshot("before")
+            machine.send_key("ret")
+            healthy["ok"] = False
+            actions = {
+                "succeed": lambda: machine.succeed("true"),
+                "screenshot": lambda: machine.screenshot("after"),
+                "send_key": lambda: machine.send_key("a"),
+                "send_chars": lambda: machine.send_chars("echo no\n"),
+                "send_monitor_command": lambda: machine.send_monitor_command("info status"),
+                "crash": machine.crash,
+                "reboot": machine.reboot,
+            }
+            for action, call in actions.items():
+                with pytest.raises(PollingConditionError, match="the guest is healthy"):
+                    call()
+                assert machine.is_up(), action
+            assert not (tmp_path / "after.png").exists()
+            assert run_sync(machine.screen.image()).size in CONSOLE_SIZES
+            if shutil.which("tesseract") is not None:
+                with pytest.raises(PollingConditionError):
+                    machine.get_screen_text()
+        assert (tmp_path / "before.png").exists()
+        healthy["ok"] = True
+        assert machine.succeed("echo ok") == "ok\n"

@@ -129,3 +129,33 @@ def test_without_py_typed_the_step_would_fail(site: Path, tmp_path: Path) -> Non
         marker.touch()
     assert result.returncode == 1
     assert "py.typed" in result.stdout
+
+
+def test_the_build_reads_pyproject_without_deprecations(tmp_path: Path) -> None:
+    """``license`` is an SPDX expression (a table is deprecated since setuptools 77, which is
+    the first version to read the expression: the build requires it, and the dev tools too)."""
+    import importlib.metadata
+    import tomllib
+
+    from packaging.requirements import Requirement
+    from packaging.version import Version
+
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())
+    (build,) = (Requirement(r) for r in project["build-system"]["requires"])
+    assert build.name == "setuptools" and not build.specifier.contains("76.9")
+    dev = [Requirement(r) for r in project["project"]["optional-dependencies"]["dev"]]
+    assert all(r.specifier == build.specifier for r in dev if r.name == "setuptools")
+    assert build.specifier.contains(Version(importlib.metadata.version("setuptools")))
+    for name in ("pyproject.toml", "README.md"):
+        shutil.copy(ROOT / name, tmp_path / name)
+    for name in ("nixos_repl", "test_driver", "kernel"):
+        shutil.copytree(ROOT / name, tmp_path / name, ignore=shutil.ignore_patterns("__pycache__"))
+    (tmp_path / "out").mkdir()
+    result = subprocess.run(
+        [sys.executable, "-W", "error", "-c",
+         "from setuptools import build_meta; build_meta.prepare_metadata_for_build_wheel('out')"],
+        cwd=tmp_path, capture_output=True, text=True,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr[-2000:]
+    (metadata,) = (tmp_path / "out").glob("*.dist-info/METADATA")
+    assert "License-Expression: MIT" in metadata.read_text()

@@ -31,7 +31,7 @@ from pathlib import Path
 
 from ..errors import GuestBuildError
 from ..files import write_atomic
-from . import (
+from .tiny import (
     Cpio,
     _require,
     add_modules,

@@ -17,7 +17,6 @@ from typing import Any
 
 import IPython
 
-from .. import __file__ as _package_file
 from ..errors import MachineError, NixosReplError, PollingConditionError, QMPAPIError
 from ..errors import RequestedAssertionFailed as RequestedAssertionFailed
 from .live import clean
@@ -34,9 +33,10 @@ HANDLED: tuple[type[BaseException], ...] = (
 )
 CONSOLE_TAIL = 8
 
+# nixos_repl's own directory (this file's parent's), IPython's and the standard library's.
 _INTERNAL = tuple(
     os.path.dirname(os.path.abspath(f)) + os.sep
-    for f in (_package_file, IPython.__file__, os.__file__)
+    for f in (os.path.dirname(__file__), IPython.__file__, os.__file__)
 )
 
 

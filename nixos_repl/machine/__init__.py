@@ -24,6 +24,7 @@ import time
 from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 
+from ..config import check_machine_name
 from ..errors import MachineError
 from .actions import Action, ActionObserver
 from .api import AsyncMachine, sync
@@ -107,7 +108,7 @@ class Machine:
         observers: list[ActionObserver] | None = None,
     ) -> None:
         self.start_command = str(start_command)
-        self.name = name or machine_name_from_start_command(self.start_command)
+        self.name = check_machine_name(name or machine_name_from_start_command(self.start_command))
         self.tmp_dir = Path(tmp_dir)
         self.out_dir = Path(out_dir)
         self.state_dir = self.tmp_dir / f"vm-state-{self.name}"
@@ -129,8 +130,9 @@ class Machine:
             shell_framing=shell_framing,
             on_change=(lambda: on_state_change(self)) if on_state_change is not None else None,
         )
-        self.screen = Screen(self.lifecycle, self.out_dir)
         self.aio = AsyncMachine(self)
+        # Screenshots and keys run the polling conditions first, as commands do.
+        self.screen = Screen(self.lifecycle, self.out_dir, self.aio._polling_conditions)
         self.shared_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
         if state_dir_in_use(self.state_dir):
             raise MachineError(

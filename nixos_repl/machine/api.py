@@ -25,7 +25,7 @@ import shutil
 import tempfile
 import time
 import warnings
-from collections.abc import Callable, Coroutine
+from collections.abc import Callable, Coroutine, Sized
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Concatenate, ParamSpec, Protocol, TypeVar
 
@@ -49,7 +49,11 @@ from .timing import (
 )
 
 if TYPE_CHECKING:
-    from . import Machine
+    import logging
+
+    from .console import Console
+    from .lifecycle import Lifecycle
+    from .screen import Screen
 
 __all__ = ["AsyncMachine", "sync"]
 
@@ -60,6 +64,20 @@ T = TypeVar("T")
 VLAN_NIC = "virtio-net-pci.1"
 # Where the guest mounts the shared directory (nixpkgs' ``/tmp/shared``).
 GUEST_SHARED = Path("/tmp/shared")
+
+
+class MachineParts(Protocol):
+    """What the coroutines use of their machine (``Machine`` in ``__init__.py`` has it)."""
+
+    name: str
+    out_dir: Path
+    shared_dir: Path
+    logger: logging.Logger
+    console: Console
+    lifecycle: Lifecycle
+    screen: Screen
+    # Run before every command and monitor command (the polling conditions).
+    callbacks: list[Callable[[], None]]
 
 
 class _HasAio(Protocol):
@@ -87,19 +105,27 @@ def sync(
 class AsyncMachine:
     """The coroutine form of one machine's nixpkgs API (``vm1.aio``); see ``Machine``."""
 
-    def __init__(self, machine: Machine) -> None:
+    def __init__(self, machine: MachineParts) -> None:
         self._m = machine
 
     def __repr__(self) -> str:
         return f"<AsyncMachine {self._m.name!r}>"
 
     async def _polling_conditions(self) -> None:
-        """Run the machine's callbacks (nixpkgs' polling conditions) before a command.
+        """Run the machine's callbacks (nixpkgs' polling conditions) before a command, a
+        monitor command, a screendump or a key press (nixpkgs runs them in
+        ``send_monitor_command``, which screenshots, keys and ``crash`` go through).
 
-        They run in a worker thread, so they may use the blocking API themselves.
+        They run in a worker thread, so they may use the blocking API themselves. A callback
+        with a length of 0 (the driver's conditions while there are none) is skipped.
         """
         for callback in self._m.callbacks:
-            await asyncio.to_thread(callback)
+            if _active(callback):
+                await asyncio.to_thread(callback)
+
+    def _host_loops(self) -> bool:
+        """Whether waits loop on the host: polling conditions run before each try."""
+        return any(map(_active, self._m.callbacks))
 
     # -- lifecycle -----------------------------------------------------------------------------
 
@@ -133,6 +159,7 @@ class AsyncMachine:
     @on_io_loop
     async def crash(self) -> None:
         """Make QEMU quit at once, as if the machine lost power (HMP ``quit``)."""
+        await self._polling_conditions()
         await self._m.lifecycle.crash()
 
     @on_io_loop
@@ -149,6 +176,8 @@ class AsyncMachine:
         """
         lifecycle = self._m.lifecycle
         await lifecycle.start_if_needed()
+        # Before the reset is expected: a failing polling condition must leave nothing pending.
+        await self._polling_conditions()
         lifecycle.expect_reset()
         await self.send_key("ctrl-alt-delete")
         if lifecycle.allow_reboot:
@@ -253,8 +282,10 @@ class AsyncMachine:
         output = ""
         # Polling conditions run before each try, and a bounded try is the host's to cut: in
         # those cases the host loops.
-        if attempt_timeout is None and not self._m.callbacks:
-            seen, output = await waits.until(self, command, want_success, limit)
+        if attempt_timeout is None and not self._host_loops():
+            seen, output = await waits.until(
+                self.execute, self._m.logger, command, want_success, limit
+            )
             if seen:
                 return output
 
@@ -385,8 +416,8 @@ class AsyncMachine:
         assert limit is not None
         start = time.monotonic()
         try:
-            if probe is not None and not self._m.callbacks:
-                await waits.until(self, probe(unit, user), True, limit)
+            if probe is not None and not self._host_loops():
+                await waits.until(self.execute, self._m.logger, probe(unit, user), True, limit)
             await poll_until(check, limit, None, start)
         except RequestedAssertionFailed as e:
             raise await self._explained(e, unit, user) from None
@@ -824,6 +855,11 @@ class AsyncMachine:
 for _name, _method in list(vars(AsyncMachine).items()):
     if not _name.startswith("_") and _name != "release" and callable(_method):
         setattr(AsyncMachine, _name, observed(_method))
+
+
+def _active(callback: Callable[[], None]) -> bool:
+    """A callback with a length (a collection of conditions) is active while it is not empty."""
+    return len(callback) > 0 if isinstance(callback, Sized) else True
 
 
 def _copy(source: Path, target: Path) -> None:

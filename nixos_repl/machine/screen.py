@@ -10,6 +10,11 @@ errors:
   an unknown key name raises ``ValueError`` instead of being ignored.
 * ``wait_for_text`` reads screenshots as the OCR passes finish and stops at the first match; at
   the deadline it cancels the running passes, so it ends within its timeout plus one raw pass.
+
+As nixpkgs' ``send_monitor_command`` does, every screendump and key press made for a call of
+the API first runs ``before_action`` (the machine's polling conditions), so a failing condition
+stops a ``screenshot`` or a ``send_key`` the way it stops a ``succeed``. ``image()`` alone
+skips them: it is the live view's, not a test action.
 """
 
 from __future__ import annotations
@@ -20,7 +25,7 @@ import os
 import re
 import secrets
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any, Final, TypeVar
 
@@ -71,13 +76,23 @@ def _convert(ppm: Path, target: str | None) -> Screenshot:
 class Screen:
     """What a person sees and types on one machine, through its QMP session."""
 
-    def __init__(self, lifecycle: Lifecycle, out_dir: Path) -> None:
+    def __init__(
+        self,
+        lifecycle: Lifecycle,
+        out_dir: Path,
+        before_action: Callable[[], Awaitable[None]] | None = None,
+    ) -> None:
         self._lifecycle = lifecycle
         self._out_dir = out_dir
+        self._before_action = before_action
         self.log = lifecycle.log
         self.name = lifecycle.name
 
     # -- screenshots ---------------------------------------------------------------------------
+
+    async def _before(self) -> None:
+        if self._before_action is not None:
+            await self._before_action()
 
     async def _dump(self, convert: Callable[[Path], T]) -> T:
         """QMP ``screendump`` to a PPM in the state dir, then ``convert(ppm)`` in a thread."""
@@ -107,10 +122,16 @@ class Screen:
             _unlink(ppm)
 
     async def image(self) -> Image.Image:
-        """A fresh screenshot as a Pillow image (for OCR: no PNG encoding)."""
+        """A fresh screenshot as a Pillow image (for OCR: no PNG encoding); runs no
+        ``before_action``."""
+        return await self._dump(_load)
+
+    async def _action_image(self) -> Image.Image:
+        await self._before()
         return await self._dump(_load)
 
     async def screenshot(self, filename: str | None = None) -> Screenshot:
+        await self._before()
         if filename is None:
             return await self._dump(lambda ppm: _convert(ppm, None))
         path = screenshot_path(filename, self._out_dir)
@@ -126,6 +147,7 @@ class Screen:
     # -- keys ----------------------------------------------------------------------------------
 
     async def _press(self, keys: list[dict[str, object]], delay: float | None) -> None:
+        await self._before()
         await self._lifecycle.qmp_execute("send-key", {"keys": keys, "hold-time": KEY_HOLD_MS})
         if delay:
             await asyncio.sleep(delay)
@@ -157,15 +179,15 @@ class Screen:
     # -- OCR -----------------------------------------------------------------------------------
 
     async def text(self) -> str:
-        return await ocr.ocr(await self.image())
+        return await ocr.ocr(await self._action_image())
 
     async def text_variants(self) -> list[str]:
-        return await ocr.ocr_variants(await self.image())
+        return await ocr.ocr_variants(await self._action_image())
 
     async def _ocr_attempt(
         self, pattern: re.Pattern[str], delays: tuple[float, ...], seen: set[bytes]
     ) -> bool:
-        async with ocr.iter_ocr(self.image, True, delays, seen) as texts:
+        async with ocr.iter_ocr(self._action_image, True, delays, seen) as texts:
             async for text in texts:
                 if pattern.search(text):
                     return True

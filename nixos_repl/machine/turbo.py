@@ -19,14 +19,19 @@ What was done is logged once per machine start.
 
 from __future__ import annotations
 
+import gzip
 import hashlib
+import io
 import logging
+import lzma
 import os
 import re
 from collections.abc import Mapping
 from pathlib import Path
 
-__all__ = ["PARTS", "accelerator", "turbo_env"]
+from ..files import cache_dir, write_atomic
+
+__all__ = ["PARTS", "accelerator", "extract_vmlinux", "turbo_env"]
 
 PARTS = ("kernel", "norandmaps")
 _KERNEL_VAR = re.compile(r"-kernel\s+\"?\$\{(NIXPKGS_QEMU_KERNEL_[A-Za-z0-9_]+):-([^}\"]+)\}")
@@ -66,14 +71,33 @@ def _script_kernel(start_command: str) -> tuple[str, Path] | None:
     return match.group(1), Path(match.group(2))
 
 
+def extract_vmlinux(bzimage: bytes) -> bytes | None:
+    """The ELF kernel inside a bzImage (xz or gzip payload), or None if it cannot be found."""
+
+    def unxz(data: bytes) -> bytes:
+        return lzma.LZMADecompressor(lzma.FORMAT_XZ).decompress(data)
+
+    def gunzip(data: bytes) -> bytes:
+        return gzip.GzipFile(fileobj=io.BytesIO(data)).read()
+
+    for magic, opener in ((b"\xfd7zXZ\x00", unxz), (b"\x1f\x8b\x08\x00", gunzip)):
+        start = 0
+        while (off := bzimage.find(magic, start)) >= 0:
+            start = off + 1
+            try:
+                out: bytes = opener(bzimage[off:])
+            except (lzma.LZMAError, OSError, EOFError):
+                continue
+            if out.startswith(b"\x7fELF"):
+                return out
+    return None
+
+
 _extracted: dict[tuple[str, int, int], Path] = {}  # (path, size, mtime) -> cached ELF
 
 
 def elf_kernel(kernel: Path, cache: Path) -> Path | None:
     """The ELF vmlinux of ``kernel`` (a bzImage), extracted once into ``cache``."""
-    from ..files import write_atomic
-    from ..guests import extract_vmlinux
-
     with kernel.open("rb") as f:
         if f.read(4) == b"\x7fELF":
             return None  # already an ELF kernel
@@ -106,8 +130,6 @@ def turbo_env(
         found = _script_kernel(start_command)
         if found is not None and found[0] not in env:
             var, kernel = found
-            from ..guests import cache_dir
-
             try:
                 elf = elf_kernel(kernel, cache_dir() / "kernels")
             except OSError as e:

@@ -17,14 +17,13 @@ command (Ctrl-C or its host-side limit kill it and everything it started).
 
 from __future__ import annotations
 
+import logging
 import shlex
 import time
-from typing import TYPE_CHECKING
+from collections.abc import Awaitable
+from typing import Protocol
 
 from . import systemd
-
-if TYPE_CHECKING:
-    from .api import AsyncMachine
 
 __all__ = ["INTERVAL", "loop_script", "unit_in_state", "unit_settled", "until"]
 
@@ -67,8 +66,16 @@ def loop_script(probe: str, want_success: bool, limit: float, interval: float = 
     )
 
 
+class Execute(Protocol):
+    """The machine's ``execute`` coroutine (what a loop runs its script with)."""
+
+    def __call__(
+        self, command: str, check_return: bool = ..., *, timeout: float | None = ...
+    ) -> Awaitable[tuple[int, str]]: ...
+
+
 async def until(
-    machine: AsyncMachine, probe: str, want_success: bool, limit: float
+    execute: Execute, log: logging.Logger, probe: str, want_success: bool, limit: float
 ) -> tuple[bool, str]:
     """Loop ``probe`` in the guest for up to ``limit`` seconds; returns (condition seen, output).
 
@@ -76,10 +83,10 @@ async def until(
     by itself) counts as not seen.
     """
     start = time.monotonic()
-    status, output = await machine.execute(
+    status, output = await execute(
         loop_script(probe, want_success, limit), check_return=True, timeout=limit + SLACK
     )
-    machine._m.logger.debug(
+    log.debug(
         "guest-side wait for `%s`: %s after %.2f s",
         probe if len(probe) < 200 else probe[:200] + "...",
         "seen" if status == 0 else "not seen",

@@ -2,5 +2,6 @@
 
 from nixos_repl.driver import NspawnMachine, retry
 from nixos_repl.machine import BaseMachine, Machine, QemuMachine
+from nixos_repl.machine.keys import CHAR_TO_KEY
 
-__all__ = ["BaseMachine", "Machine", "NspawnMachine", "QemuMachine", "retry"]
+__all__ = ["CHAR_TO_KEY", "BaseMachine", "Machine", "NspawnMachine", "QemuMachine", "retry"]

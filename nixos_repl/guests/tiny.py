@@ -1,0 +1,349 @@
+"""The ``tiny`` guest: the Debian kernel and an initramfs whose ``/init`` runs the backdoor, plus
+the helpers the ``debian`` guest shares (kernel, modules, cpio, run scripts, the cache)."""
+
+from __future__ import annotations
+
+import gzip
+import hashlib
+import logging
+import lzma
+import os
+import re
+import shutil
+import stat
+import subprocess
+from collections.abc import Iterable, Mapping, Sequence
+from importlib import resources
+from pathlib import Path
+
+from ..errors import GuestBuildError
+from ..files import cache_dir, write_atomic
+from ..machine.turbo import extract_vmlinux
+
+__all__ = ["build_tiny", "cache_dir", "extract_vmlinux", "find_kernel"]
+
+log = logging.getLogger(__name__)
+
+BUILDER_VERSION = "1"
+QEMU_BINARY = "qemu-system-x86_64"
+
+# Modules the tiny guest loads (their dependencies are added from modules.dep, deps first).
+TINY_MODULES = (
+    "virtio_pci",
+    "virtio_console",
+    "virtio-rng",
+    "virtio_net",
+    "virtio_blk",
+    "9pnet_virtio",
+    "9p",
+    "vmw_vsock_virtio_transport",
+    "bochs",
+)
+# Dynamically linked host programs copied with their libraries (busybox lacks what nixpkgs needs).
+DYNAMIC_PROGRAMS = {"/bin/nc.openbsd": "/bin/nc"}
+SEARCH_DIRS = ("bin", "sbin", "usr/bin", "usr/sbin")
+
+UDHCPC_SCRIPT = """#!/bin/sh
+case "$1" in
+    bound|renew)
+        ip addr flush dev "$interface"
+        ip addr add "$ip/${mask:-24}" dev "$interface"
+        [ -n "$router" ] && ip route replace default via "${router%% *}" dev "$interface"
+        ;;
+esac
+exit 0
+"""
+PROFILE = """export PATH=/bin:/sbin:/usr/bin:/usr/sbin
+export PS1='\\u@\\h:\\w# '
+"""
+# GNU timeout's interface and exit status (124 when the limit hits); busybox's returns 143.
+TIMEOUT = """#!/bin/bash
+duration=$1
+shift
+sleep "$duration" < /dev/null > /dev/null 2>&1 &
+sleeper=$!
+"$@" &
+pid=$!
+wait -n -p finished "$pid" "$sleeper"
+status=$?
+if [ "$finished" = "$pid" ]; then
+    kill "$sleeper" 2> /dev/null
+    exit "$status"
+fi
+kill -TERM "$pid" 2> /dev/null
+wait "$pid"
+exit 124
+"""
+SYSTEMD_CAT = """#!/bin/sh
+# The tiny guest has no journal: systemd-cat writes its input to the serial console.
+exec cat > /dev/ttyS0
+"""
+
+
+def find_kernel() -> tuple[Path, Path]:
+    """The newest Debian kernel that has both /boot/vmlinuz-<v> and /lib/modules/<v>."""
+    candidates = []
+    for vmlinuz in Path("/boot").glob("vmlinuz-*"):
+        version = vmlinuz.name.removeprefix("vmlinuz-")
+        moddir = Path("/lib/modules") / version
+        if (moddir / "modules.dep").exists() and os.access(vmlinuz, os.R_OK):
+            candidates.append((vmlinuz.stat().st_mtime, vmlinuz, moddir))
+    if not candidates:
+        raise GuestBuildError(
+            "no Debian kernel found (/boot/vmlinuz-* with /lib/modules/*): "
+            "install one with `apt-get install linux-image-amd64`"
+        )
+    _, vmlinuz, moddir = max(candidates)
+    return vmlinuz, moddir
+
+
+def _require(path: str, package: str) -> Path:
+    p = Path(path)
+    if not p.exists():
+        raise GuestBuildError(f"{path} is missing: install it with `apt-get install {package}`")
+    return p
+
+
+def module_order(moddir: Path, wanted: Iterable[str]) -> list[str]:
+    """Module paths (relative to ``moddir``) for ``wanted`` and their dependencies, deps first."""
+    deps: dict[str, list[str]] = {}
+    by_name: dict[str, str] = {}
+    for line in (moddir / "modules.dep").read_text().splitlines():
+        if ":" not in line:
+            continue
+        path, _, rest = line.partition(":")
+        deps[path] = rest.split()
+        base = Path(path).name.split(".ko")[0].replace("-", "_")
+        by_name[base] = path
+    order: list[str] = []
+
+    def visit(path: str) -> None:
+        if path in order:
+            return
+        for dep in deps.get(path, []):
+            visit(dep)
+        order.append(path)
+
+    for name in wanted:
+        key = name.replace("-", "_")
+        if key not in by_name:
+            raise GuestBuildError(f"kernel module {name} not found in {moddir}/modules.dep")
+        visit(by_name[key])
+    return order
+
+
+class Cpio:
+    """A byte-reproducible cpio (newc) archive: sorted, mtime 0, owned by root."""
+
+    def __init__(self) -> None:
+        self.entries: dict[str, tuple[int, bytes, int]] = {}  # path -> (mode, data, rdev)
+
+    def dir(self, path: str) -> None:
+        parts = path.strip("/").split("/")
+        for i in range(1, len(parts) + 1):
+            self.entries.setdefault("/".join(parts[:i]), (stat.S_IFDIR | 0o755, b"", 0))
+
+    def file(self, path: str, data: bytes, mode: int = 0o755) -> None:
+        self.dir(str(Path(path).parent))
+        self.entries[path.strip("/")] = (stat.S_IFREG | mode, data, 0)
+
+    def symlink(self, path: str, target: str) -> None:
+        self.dir(str(Path(path).parent))
+        self.entries[path.strip("/")] = (stat.S_IFLNK | 0o777, target.encode(), 0)
+
+    def chardev(self, path: str, major: int, minor: int) -> None:
+        self.dir(str(Path(path).parent))
+        self.entries[path.strip("/")] = (stat.S_IFCHR | 0o600, b"", (major << 8) | minor)
+
+    def pack(self) -> bytes:
+        out = bytearray()
+
+        def add(ino: int, name: str, mode: int, data: bytes, rdev: int) -> None:
+            fields = [ino, mode, 0, 0, 1, 0, len(data), 0, 0, rdev >> 8, rdev & 0xFF]
+            fields += [len(name) + 1, 0]
+            out.extend(b"070701" + b"".join(b"%08X" % f for f in fields))
+            out.extend(name.encode() + b"\0")
+            out.extend(b"\0" * (-len(out) % 4))
+            out.extend(data)
+            out.extend(b"\0" * (-len(out) % 4))
+
+        for ino, name in enumerate(sorted(k for k in self.entries if k and k != "."), start=1):
+            mode, data, rdev = self.entries[name]
+            add(ino, name, mode, data, rdev)
+        add(0, "TRAILER!!!", 0, b"", 0)
+        return bytes(out)
+
+
+def _libraries(program: str) -> list[str]:
+    try:
+        out = subprocess.run(["ldd", program], capture_output=True, text=True, check=True).stdout
+    except (OSError, subprocess.CalledProcessError) as e:
+        raise GuestBuildError(f"cannot list the libraries of {program}: {e}") from e
+    return re.findall(r"(/\S+)\s+\(0x", out)
+
+
+def _initramfs_inputs(moddir: Path) -> tuple[list[str], dict[str, Path]]:
+    """The module order and every host file that goes into the initramfs (for the cache key)."""
+    files = {
+        "busybox": _require("/bin/busybox", "busybox-static"),
+        "bash": _require("/bin/bash-static", "bash-static"),
+    }
+    for src in DYNAMIC_PROGRAMS:
+        files[src] = _require(src, "netcat-openbsd")
+        for lib in _libraries(src):
+            files[lib] = Path(lib)
+    modules = module_order(moddir, TINY_MODULES)
+    for mod in modules:
+        files[mod] = moddir / mod
+    return modules, files
+
+
+def add_modules(cpio: Cpio, moddir: Path, modules: Sequence[str]) -> None:
+    """Put ``modules`` (from ``module_order``) under /lib/modules and their load order in
+    /etc/modules.order (one path relative to /lib/modules per line, dependencies first)."""
+    for mod in modules:
+        data = (moddir / mod).read_bytes()
+        if mod.endswith(".xz"):
+            data, mod = lzma.decompress(data), mod.removesuffix(".xz")
+        cpio.file(f"lib/modules/{mod}", data, 0o644)
+    cpio.file("etc/modules.order", "".join(m.removesuffix(".xz") + "\n" for m in modules).encode())
+
+
+def compress_initramfs(raw: bytes) -> bytes:
+    """lz4 when available (fastest to unpack under TCG), else gzip."""
+    if shutil.which("lz4"):
+        # The kernel wants the legacy lz4 frame format (-l).
+        return subprocess.run(
+            ["lz4", "-l", "-9", "-q", "-c"], input=raw, capture_output=True, check=True
+        ).stdout
+    return gzip.compress(raw, compresslevel=6, mtime=0)
+
+
+def _build_initramfs(moddir: Path, modules: list[str], files: dict[str, Path]) -> bytes:
+    cpio = Cpio()
+    for d in ("proc", "sys", "dev", "tmp", "run", "root", "etc", *SEARCH_DIRS):
+        cpio.dir(d)
+    cpio.chardev("dev/console", 5, 1)
+    cpio.chardev("dev/null", 1, 3)
+    init = resources.files(__package__).joinpath("init.sh").read_bytes()
+    cpio.file("init", init)
+    cpio.file("bin/busybox", files["busybox"].read_bytes())
+    applets = subprocess.run(
+        [str(files["busybox"]), "--list"], capture_output=True, text=True, check=True
+    ).stdout.split()
+    for applet in applets:
+        if applet not in ("sh", "init", "linuxrc", "nc", "busybox"):
+            cpio.symlink(f"usr/bin/{applet}", "/bin/busybox")
+    cpio.file("bin/bash", files["bash"].read_bytes())
+    cpio.symlink("bin/sh", "bash")
+    for src, dst in DYNAMIC_PROGRAMS.items():
+        cpio.file(dst, files[src].read_bytes())
+        for lib in _libraries(src):
+            cpio.file(lib, Path(lib).resolve().read_bytes())
+    cpio.file("usr/bin/systemd-cat", SYSTEMD_CAT.encode())
+    cpio.file("bin/timeout", TIMEOUT.encode())
+    add_modules(cpio, moddir, modules)
+    cpio.file("etc/udhcpc.script", UDHCPC_SCRIPT.encode())
+    cpio.file("etc/profile", PROFILE.encode(), 0o644)
+    cpio.file("etc/passwd", b"root:x:0:0:root:/root:/bin/bash\n", 0o644)
+    cpio.file("etc/group", b"root:x:0:\n", 0o644)
+    cpio.file("etc/hosts", b"127.0.0.1 localhost\n::1 localhost\n", 0o644)
+    return compress_initramfs(cpio.pack())
+
+
+def _inputs_key(vmlinuz: Path, files: dict[str, Path]) -> str:
+    h = hashlib.sha256(BUILDER_VERSION.encode())
+    h.update(resources.files(__package__).joinpath("init.sh").read_bytes())
+    h.update((UDHCPC_SCRIPT + PROFILE + SYSTEMD_CAT + TIMEOUT).encode())
+    h.update(str(bool(shutil.which("lz4"))).encode())
+    for key, path in sorted({"kernel": vmlinuz, **files}.items()):
+        st = path.stat()
+        h.update(f"{key}\0{path}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
+    return h.hexdigest()[:16]
+
+
+def build_tiny_image(cache: Path | None = None) -> tuple[Path, Path]:
+    """Build (or reuse) the tiny guest's kernel and initramfs; returns their cached paths."""
+    vmlinuz, moddir = find_kernel()
+    modules, files = _initramfs_inputs(moddir)
+    target = (cache or cache_dir()) / f"tiny-{_inputs_key(vmlinuz, files)}"
+    kernel, initrd = target / "vmlinux", target / "initrd"
+    if kernel.exists() and initrd.exists():
+        log.debug("tiny guest cached in %s", target)
+        return kernel, initrd
+    log.info("building the tiny guest into %s", target)
+    bzimage = vmlinuz.read_bytes()
+    target.mkdir(parents=True, exist_ok=True)
+    write_atomic(kernel, extract_vmlinux(bzimage) or bzimage, 0o644)
+    write_atomic(initrd, _build_initramfs(moddir, modules, files), 0o644)
+    return kernel, initrd
+
+
+def check_names(names: Sequence[str]) -> None:
+    """Machine names must be given, unique, and usable in file names and kernel parameters."""
+    if not names:
+        raise GuestBuildError("no machine names given: pass at least one --name")
+    for name in names:
+        if not re.fullmatch(r"[A-Za-z0-9_][A-Za-z0-9_.-]*", name):
+            raise GuestBuildError(f"invalid machine name {name!r}: use letters, digits, - _ .")
+    if len(set(names)) != len(names):
+        raise GuestBuildError(f"machine names must be unique: {list(names)}")
+
+
+def render_template(template: str, values: Mapping[str, str]) -> str:
+    """Replace each ``@KEY@`` by its value.
+
+    A line that holds nothing but one placeholder (and possibly a line-continuing backslash)
+    whose value is empty is dropped, so optional sections leave no trace in the output.
+    """
+    lines = []
+    for line in template.splitlines(keepends=True):
+        bare = line.strip().removesuffix("\\").strip()
+        if bare.startswith("@") and bare.endswith("@") and values.get(bare[1:-1], None) == "":
+            continue
+        for key, value in values.items():
+            line = line.replace(f"@{key}@", value)
+        lines.append(line)
+    return "".join(lines)
+
+
+def write_run_scripts(names: Sequence[str], out_dir: Path, values: Mapping[str, str]) -> list[Path]:
+    """Write an executable ``out_dir/run-<name>-vm`` per name from ``run-vm.sh``.
+
+    ``values`` fills the guest's placeholders (KIND, MEMORY, KERNEL, INITRD, KERNEL_PARAMS,
+    DISK_SETUP, DISK_OPTS); they may contain ``@NAME@`` and ``@NODE@``, filled in per machine.
+    Node numbers (the last byte of VLAN addresses, 192.168.<vlan>.<node>) follow the sorted
+    names, as in a NixOS test network.
+    """
+    check_names(names)
+    template = resources.files(__package__).joinpath("run-vm.sh").read_text()
+    template = render_template(template, {"QEMU": QEMU_BINARY, **values})
+    scripts = []
+    for node, name in enumerate(sorted(names), start=1):
+        var = re.sub(r"[^A-Za-z0-9_]", "_", name)
+        text = render_template(template, {"NAME": name, "NODE": str(node), "VAR": var})
+        script = Path(out_dir) / f"run-{name}-vm"
+        script.parent.mkdir(parents=True, exist_ok=True)
+        write_atomic(script, text.encode(), 0o755)
+        scripts.append(script)
+    return scripts
+
+
+def build_tiny(names: Sequence[str], out_dir: Path, cache: Path | None = None) -> list[Path]:
+    """Write an executable ``out_dir/run-<name>-vm`` per name; returns the script paths.
+
+    Node numbers (the last byte of VLAN addresses, 192.168.<vlan>.<node>) follow the sorted
+    names, as in a NixOS test network.
+    """
+    check_names(names)
+    kernel, initrd = build_tiny_image(cache)
+    values = {
+        "KIND": "tiny",
+        "MEMORY": "256",
+        "KERNEL": str(kernel),
+        "INITRD": str(initrd),
+        "KERNEL_PARAMS": "loglevel=4 nixos_repl.name=@NAME@",
+        "DISK_SETUP": "",
+        "DISK_OPTS": "",
+    }
+    return write_run_scripts(names, out_dir, values)
