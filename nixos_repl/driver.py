@@ -228,7 +228,6 @@ class PollingCondition:
         self.last_called = time.monotonic()
 
 
-
 class PollingConditions:
     """The active polling conditions; calling it raises if one fails. Every machine gets it as
     a callback, with a length: while it is empty a machine skips it, and its waits run in the
@@ -252,6 +251,7 @@ class PollingConditions:
 
     def pop(self) -> PollingCondition:
         return self._conditions.pop()
+
 
 class Poll:
     """What ``polling_condition`` makes of a function: a context manager with ``wait()``."""

@@ -33,7 +33,7 @@ from .monitor import Monitor
 from .process import QemuProcess, driver_qemu_options, graphical_display_available
 from .qmp import QMPSession
 from .shell import OUT_CHARDEV, ShellChannel
-from .snapshot import SnapshotInfo, Snapshots
+from .snapshot import SnapshotInfo, Snapshots, check_label
 from .timing import Duration, nested, seconds
 from .turbo import turbo_env
 
@@ -367,6 +367,7 @@ class Lifecycle:
 
         A command running on the machine is waited for; new ones wait for the save.
         """
+        check_label(label)
         if self.state is not MachineState.UP:
             self.require_running("save a snapshot")
             raise MachineError(
@@ -383,6 +384,7 @@ class Lifecycle:
 
     async def restore(self, label: str) -> None:
         """Bring the machine back to the state saved as ``label``, in place, in the same QEMU."""
+        check_label(label)
         if self.state is not MachineState.UP:
             self.require_running("restore a snapshot")
             raise MachineError(

@@ -338,6 +338,11 @@ class Snapshots:
         finally:
             self._stamp = self._file_stamp()
 
+    @property
+    def known(self) -> list[SnapshotInfo]:
+        """The snapshots as last listed (no QEMU call)."""
+        return list(self._known)
+
     def _file_stamp(self) -> tuple[int, int] | None:
         try:
             st = self.path.stat()
