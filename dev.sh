@@ -16,6 +16,7 @@ APT_PACKAGES=(
     vde2                              # VLANs (vde_switch)
     tesseract-ocr tesseract-ocr-eng   # OCR
     tmux                              # tests drive the terminal REPL through it
+    shellcheck                        # tests lint the guest-side bash of the shell channel
     chromium chromium-driver          # tests open JupyterLab in headless chromium
     nix-bin                           # tests parse flake.nix and evaluate it against a stub nixpkgs
 )

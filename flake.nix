@@ -49,6 +49,7 @@
               pkgs.ruff
               pkgs.mypy
               pkgs.tmux
+              pkgs.shellcheck # tests lint the shell channel's guest-side bash
             ]
             ++ nixos-repl.runtimeTools;
           };
@@ -102,6 +103,7 @@
                 nativeBuildInputs = [
                   nixos-repl.devPython
                   pkgs.tmux
+                  pkgs.shellcheck
                   pkgs.nix # tests/test_nix.py evaluates this flake against the stub nixpkgs
                 ]
                 ++ nixos-repl.runtimeTools;

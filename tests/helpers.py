@@ -113,6 +113,23 @@ def children_named(name: str) -> list[tuple[int, str]]:
     return found
 
 
+def start_processes(path: Path) -> list[int]:
+    """Pids of the processes a machine's start left (its launcher or reaper) whose command line
+    names ``path`` (its state directory)."""
+    found = []
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/cmdline", "rb") as f:
+                args = f.read().split(b"\0")
+        except OSError:
+            continue
+        if b"nixos-repl-start" in args and any(str(path).encode() in arg for arg in args):
+            found.append(int(entry))
+    return found
+
+
 def tesseract_children() -> list[tuple[int, str]]:
     """(pid, state) of this process's tesseract children, zombies included."""
     return children_named("tesseract")

@@ -43,3 +43,13 @@ def test_retry_cuts_the_commands_of_a_try(go_in_two_seconds: Machine) -> None:
 def test_a_cut_try_does_not_count_as_a_failure(vm1: Machine) -> None:
     with pytest.raises(RequestedAssertionFailed, match="action timed out after"):
         vm1.wait_until_fails("sleep 100", timeout=3, attempt_timeout=1)
+
+
+def test_a_cut_try_that_redirected_its_output_is_killed(vm1: Machine) -> None:
+    # nixpkgs' attempt-timeout self-test: a try that keeps nothing of its stdout open.
+    start = time.monotonic()
+    with pytest.raises(RequestedAssertionFailed, match="action timed out after"):
+        vm1.wait_until_fails("exec sleep 100 > /dev/null", timeout=3, attempt_timeout=1)
+    assert vm1.succeed("echo next") == "next\n"
+    assert time.monotonic() - start < 3 + 3, "no try, and no later command, waits behind one"
+    assert "sleep 100" not in vm1.succeed("ps -o args")

@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
-from nixos_repl import Machine, Registry
+from nixos_repl import Machine, MachineError, Registry, RequestedAssertionFailed
+from nixos_repl.loop import get_loop
 
 from .helpers import interrupt_after
 
@@ -39,3 +42,29 @@ def test_interrupted_reply_is_skipped(compat: Machine) -> None:
     with pytest.raises(KeyboardInterrupt):
         compat.succeed("sleep 2; echo stale-reply")
     assert compat.succeed("echo fresh-reply") == "fresh-reply\n"
+
+
+def test_timeouts_end_the_commands_and_the_waits(compat: Machine) -> None:
+    start = time.monotonic()
+    assert compat.execute("sleep 30 > /dev/null & exec sleep 20 > /dev/null", timeout=2)[0] == 124
+    assert compat.succeed("echo next") == "next\n"
+    assert time.monotonic() - start < 2 + 3
+    start = time.monotonic()
+    with pytest.raises(RequestedAssertionFailed, match="action timed out after"):
+        compat.wait_until_succeeds("sleep 1000", timeout=3)
+    assert time.monotonic() - start < 3 + 2, "the wait ends at its timeout"
+    processes = compat.succeed("ps -o args")
+    assert not {"sleep 20", "sleep 30", "sleep 1000"} & set(processes.splitlines())
+
+
+def test_output_the_console_port_lost_raises(compat: Machine) -> None:
+    # The host falls behind for a moment (a busy machine): QEMU drops console bytes.
+    loop = get_loop()
+    stall = threading.Timer(1.0, lambda: loop.call_soon_threadsafe(time.sleep, 1.5))
+    stall.start()
+    try:
+        with pytest.raises(MachineError, match="arrived incomplete"):
+            compat.succeed("head -c 10000000 /dev/zero | tr '\\0' a")
+    finally:
+        stall.join()
+    assert compat.succeed("echo in-sync") == "in-sync\n"

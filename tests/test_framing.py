@@ -11,15 +11,18 @@ import contextlib
 import re
 import shlex
 import socket
-from collections.abc import AsyncIterator, Awaitable, Callable
+import subprocess
+from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine
 from dataclasses import dataclass
+from importlib import resources
+from typing import Any
 
 import pytest
 
 from nixos_repl.errors import MachineError
 from nixos_repl.loop import run_sync
-from nixos_repl.machine import shell as shell_module
 from nixos_repl.machine.shell import OUT_MARK, OutDemux, ShellChannel
+from nixos_repl.machine.shell import fast as fast_framing
 
 
 def mark(nonce: str) -> bytes:
@@ -135,7 +138,7 @@ def test_a_reply_and_its_output() -> None:
 
 
 def test_late_output_of_a_timed_out_command_is_dropped(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(shell_module, "KILL_GRACE", 0.5)
+    monkeypatch.setattr(fast_framing, "KILL_GRACE", 0.5)
 
     async def scenario(chan: ShellChannel, guest: Guest) -> None:
         # The guest is "frozen": the first command gets no reply within its timeout.
@@ -209,3 +212,85 @@ def test_a_dead_backdoor_fails_every_command_at_once() -> None:
         assert not chan.dead
 
     run(scenario)
+
+
+# -- the hvc0 reader and nixpkgs' framing ----------------------------------------------------
+
+
+class CountingBuffer(bytearray):
+    """A bytearray that counts the bytes its ``find`` calls look at."""
+
+    scanned = 0
+
+    def find(self, sub: Any, start: Any = 0, *args: Any) -> int:
+        self.scanned += len(self) - (start or 0)
+        return super().find(sub, start, *args)
+
+
+def test_a_long_line_arriving_in_pieces_is_scanned_once() -> None:
+    async def scenario(chan: ShellChannel, guest: Guest) -> None:
+        buf = chan.backdoor.buf = CountingBuffer()
+        reading = asyncio.ensure_future(chan.backdoor.read_marker(b""))
+        piece = b"x" * 10_000
+        for _ in range(200):
+            await guest.say(piece)
+            await asyncio.sleep(0.001)  # every piece wakes the reader
+        await guest.say(b"\n")
+        _, line = await reading
+        assert len(line) == 200 * len(piece)
+        assert buf.scanned < 3 * len(line), "no rescan of the line at every wake-up"
+
+    run(scenario)
+
+
+def nixpkgs_reply(
+    reply: bytes,
+) -> Callable[[ShellChannel, Guest], Coroutine[Any, Any, tuple[int, bytes]]]:
+    """A scenario: ``echo hi; echo hi`` over nixpkgs' framing, answered with ``reply``."""
+
+    async def scenario(chan: ShellChannel, guest: Guest) -> tuple[int, bytes]:
+        chan.fast = False
+        task = asyncio.ensure_future(chan.execute("echo hi; echo hi"))
+        match = re.match(r"printf 'S%s\\n' (\w+);", await guest.line())
+        assert match is not None
+        nonce = match.group(1).encode()
+        await guest.say(b"S" + nonce + b"\n" + reply + b"\nE" + nonce + b" 0\n")
+        return await task
+
+    return scenario
+
+
+def test_nixpkgs_framing_returns_whole_output() -> None:
+    async def scenario(chan: ShellChannel, guest: Guest) -> None:
+        assert await nixpkgs_reply(b"aGkKaGkK 8")(chan, guest) == (0, b"hi\nhi\n")
+
+    run(scenario)
+
+
+@pytest.mark.parametrize(
+    "reply",
+    [
+        b"aGkK 8",  # a whole buffer lost: what is left is valid base64, but short
+        b"aGkKaGkK",  # the count lost
+        b"aGk=aGkK 8",
+        b"aGkK= 5",
+        b"aGkKaGk 7",
+        b"aGk\x00aGkK 8",
+    ],
+)
+def test_nixpkgs_framing_refuses_output_that_is_not_whole(reply: bytes) -> None:
+    async def scenario(chan: ShellChannel, guest: Guest) -> None:
+        with pytest.raises(MachineError, match="arrived incomplete"):
+            await nixpkgs_reply(reply)(chan, guest)
+
+    run(scenario)
+
+
+def test_the_guest_side_setup_passes_shellcheck() -> None:
+    script = resources.files(fast_framing.__package__).joinpath("setup.sh")
+    with resources.as_file(script) as path:
+        result = subprocess.run(
+            ["shellcheck", "--shell=bash", str(path)], capture_output=True, text=True
+        )
+    assert result.returncode == 0, result.stdout
+    assert b"@NONCE@" not in fast_framing.setup_script("n" * 16, "t" * 16)

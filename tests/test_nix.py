@@ -201,7 +201,7 @@ def test_kernelspec_is_installed_and_points_at_nixos_repl(summary: Any) -> None:
 def test_dev_shell(summary: Any) -> None:
     shell = summary["devShell"]
     assert shell[0].startswith("python3-") and shell[0].endswith("-env")
-    assert {"ruff", "mypy", "qemu", "vde2", "tesseract", "tmux"} <= set(shell)
+    assert {"ruff", "mypy", "qemu", "vde2", "tesseract", "tmux", "shellcheck"} <= set(shell)
 
 
 def test_overlay_replaces_nixos_test_driver_and_honours_override(summary: Any) -> None:
@@ -284,7 +284,8 @@ def test_checks(summary: Any) -> None:
     assert 'pytest -q -p no:cacheprovider -m "not vm"' in tests
     assert "mypy --strict nixos_repl test_driver tests bench" in tests
     # The fast lane includes this file: it needs nix-instantiate in the sandbox too.
-    assert {"nix", "tmux", "qemu", "vde2", "tesseract"} <= set(checks["tests"]["nativeBuildInputs"])
+    tools = set(checks["tests"]["nativeBuildInputs"])
+    assert {"nix", "tmux", "shellcheck", "qemu", "vde2", "tesseract"} <= tools
 
 
 # A machine named by a magic (`%succeed client ...`) or called (`server.wait_for_unit(...)`).

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from nixos_repl import Machine, RequestedAssertionFailed
-from nixos_repl.machine import shell as shell_module
+from nixos_repl.machine.shell import fast as fast_framing
 
 from .helpers import interrupt_after
 
@@ -113,10 +113,28 @@ def test_timeout_is_enforced_host_side(vm1: Machine) -> None:
     assert vm1.succeed("echo after-timeout") == "after-timeout\n"
 
 
+def test_a_timeout_kills_a_command_that_redirected_its_output(vm1: Machine) -> None:
+    # nixpkgs' attempt-timeout self-test does this: nothing of the command holds its stdout.
+    start = time.monotonic()
+    status, _ = vm1.execute("sleep 30 > /dev/null & exec sleep 20 > /dev/null", timeout=2)
+    assert status == 124
+    assert vm1.succeed("echo next") == "next\n"
+    assert time.monotonic() - start < 2 + 3, "the next command does not wait behind it"
+    processes = vm1.succeed("ps -o args")
+    assert "sleep 20" not in processes and "sleep 30" not in processes, "its whole tree died"
+
+
+def test_the_guest_has_gnu_timeout(vm1: Machine) -> None:
+    # nixpkgs' framing runs `timeout N bash -c ...`: the guest has coreutils' compiled one.
+    assert "GNU coreutils" in vm1.succeed("timeout --version")
+    assert vm1.execute("timeout 0.2 sleep 5")[0] == 124
+    assert vm1.execute("timeout -s KILL 0.2 sleep 5")[0] == 137
+
+
 def test_background_job_holding_stdout_is_waited_for(
     vm1: Machine, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
 ) -> None:
-    monkeypatch.setattr(shell_module, "STDOUT_GRACE", 0.5)
+    monkeypatch.setattr(fast_framing, "STDOUT_GRACE", 0.5)
     caplog.set_level(logging.WARNING)
     start = time.monotonic()
     out = vm1.succeed("(sleep 2; echo late) & echo early")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+import time
 from collections.abc import Iterator
 from typing import Any
 
@@ -68,9 +69,28 @@ def test_timeout_raises_nixpkgs_message_after_a_last_try(vm1: Machine, commands:
     assert re.fullmatch(
         r"action timed out after \d+\.\d\d seconds \(timeout=1\.0\)", str(error.value)
     )
-    assert len(commands) == 2, "the guest-side loop, then nixpkgs' last try"
+    assert len(commands) == 1, "the guest-side loop makes nixpkgs' last try itself"
     tries = int(vm1.succeed(f"wc -l < {COUNTER}"))
     assert tries > 2, "the loop tried more than once in the guest"
+
+
+def test_a_blocking_try_ends_with_the_wait(vm1: Machine, commands: list[str]) -> None:
+    start = time.monotonic()
+    with pytest.raises(RequestedAssertionFailed, match="action timed out after"):
+        vm1.wait_until_succeeds("sleep 1000", timeout=3)
+    assert time.monotonic() - start < 3 + 2, "the wait ends at its timeout, not 10 s later"
+    assert "sleep 1000" not in vm1.succeed("ps -o args")
+
+
+def test_a_blocking_try_ends_with_a_host_side_wait_too(vm1: Machine) -> None:
+    vm1.callbacks.append(lambda: None)  # polling conditions: the host loops
+    try:
+        start = time.monotonic()
+        with pytest.raises(RequestedAssertionFailed, match="action timed out after"):
+            vm1.wait_until_succeeds("sleep 1000", timeout=3)
+        assert time.monotonic() - start < 3 + 2, "no try runs on past the wait's end"
+    finally:
+        vm1.callbacks.clear()
 
 
 def test_wait_for_file_and_port(vm1: Machine, commands: list[str]) -> None:

@@ -24,7 +24,7 @@ __all__ = ["build_tiny", "cache_dir", "extract_vmlinux", "find_kernel"]
 
 log = logging.getLogger(__name__)
 
-BUILDER_VERSION = "1"
+BUILDER_VERSION = "2"
 QEMU_BINARY = "qemu-system-x86_64"
 
 # Modules the tiny guest loads (their dependencies are added from modules.dep, deps first).
@@ -39,8 +39,13 @@ TINY_MODULES = (
     "vmw_vsock_virtio_transport",
     "bochs",
 )
-# Dynamically linked host programs copied with their libraries (busybox lacks what nixpkgs needs).
-DYNAMIC_PROGRAMS = {"/bin/nc.openbsd": "/bin/nc"}
+# Dynamically linked host programs copied with their libraries (busybox lacks what nixpkgs needs:
+# `nc -z`, and GNU `timeout`, which nixpkgs' framing runs for every command with a timeout; a
+# compiled one costs what it costs on NixOS), with the Debian package that has each.
+DYNAMIC_PROGRAMS = {
+    "/bin/nc.openbsd": ("/bin/nc", "netcat-openbsd"),
+    "/usr/bin/timeout": ("/bin/timeout", "coreutils"),
+}
 SEARCH_DIRS = ("bin", "sbin", "usr/bin", "usr/sbin")
 
 UDHCPC_SCRIPT = """#!/bin/sh
@@ -55,24 +60,6 @@ exit 0
 """
 PROFILE = """export PATH=/bin:/sbin:/usr/bin:/usr/sbin
 export PS1='\\u@\\h:\\w# '
-"""
-# GNU timeout's interface and exit status (124 when the limit hits); busybox's returns 143.
-TIMEOUT = """#!/bin/bash
-duration=$1
-shift
-sleep "$duration" < /dev/null > /dev/null 2>&1 &
-sleeper=$!
-"$@" &
-pid=$!
-wait -n -p finished "$pid" "$sleeper"
-status=$?
-if [ "$finished" = "$pid" ]; then
-    kill "$sleeper" 2> /dev/null
-    exit "$status"
-fi
-kill -TERM "$pid" 2> /dev/null
-wait "$pid"
-exit 124
 """
 SYSTEMD_CAT = """#!/bin/sh
 # The tiny guest has no journal: systemd-cat writes its input to the serial console.
@@ -188,8 +175,8 @@ def _initramfs_inputs(moddir: Path) -> tuple[list[str], dict[str, Path]]:
         "busybox": _require("/bin/busybox", "busybox-static"),
         "bash": _require("/bin/bash-static", "bash-static"),
     }
-    for src in DYNAMIC_PROGRAMS:
-        files[src] = _require(src, "netcat-openbsd")
+    for src, (_, package) in DYNAMIC_PROGRAMS.items():
+        files[src] = _require(src, package)
         for lib in _libraries(src):
             files[lib] = Path(lib)
     modules = module_order(moddir, TINY_MODULES)
@@ -232,16 +219,15 @@ def _build_initramfs(moddir: Path, modules: list[str], files: dict[str, Path]) -
         [str(files["busybox"]), "--list"], capture_output=True, text=True, check=True
     ).stdout.split()
     for applet in applets:
-        if applet not in ("sh", "init", "linuxrc", "nc", "busybox"):
+        if applet not in ("sh", "init", "linuxrc", "nc", "timeout", "busybox"):
             cpio.symlink(f"usr/bin/{applet}", "/bin/busybox")
     cpio.file("bin/bash", files["bash"].read_bytes())
     cpio.symlink("bin/sh", "bash")
-    for src, dst in DYNAMIC_PROGRAMS.items():
+    for src, (dst, _) in DYNAMIC_PROGRAMS.items():
         cpio.file(dst, files[src].read_bytes())
         for lib in _libraries(src):
             cpio.file(lib, Path(lib).resolve().read_bytes())
     cpio.file("usr/bin/systemd-cat", SYSTEMD_CAT.encode())
-    cpio.file("bin/timeout", TIMEOUT.encode())
     add_modules(cpio, moddir, modules)
     cpio.file("etc/udhcpc.script", UDHCPC_SCRIPT.encode())
     cpio.file("etc/profile", PROFILE.encode(), 0o644)
@@ -254,7 +240,7 @@ def _build_initramfs(moddir: Path, modules: list[str], files: dict[str, Path]) -
 def _inputs_key(vmlinuz: Path, files: dict[str, Path]) -> str:
     h = hashlib.sha256(BUILDER_VERSION.encode())
     h.update(resources.files(__package__).joinpath("init.sh").read_bytes())
-    h.update((UDHCPC_SCRIPT + PROFILE + SYSTEMD_CAT + TIMEOUT).encode())
+    h.update((UDHCPC_SCRIPT + PROFILE + SYSTEMD_CAT).encode())
     h.update(str(bool(shutil.which("lz4"))).encode())
     for key, path in sorted({"kernel": vmlinuz, **files}.items()):
         st = path.stat()

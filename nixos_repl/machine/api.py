@@ -288,6 +288,7 @@ class AsyncMachine:
             )
             if seen:
                 return output
+            raise timed_out(start, limit)  # the loop's try at the deadline was the last one
 
         async def check(_last_try: bool) -> bool:
             nonlocal output

@@ -405,7 +405,7 @@ class Lifecycle:
                     except MachineError as e:
                         await self._after_failed_load(qmp, e)
                         raise
-                    shell.forget_pending()
+                    shell.rewound()
                 await self.guard(self.snapshots.after_load(self._guest_run, label))
             finally:
                 self._up_again()

@@ -6,18 +6,22 @@ inherited environment, and the driver's QEMU options appended. The driver listen
 ``shell`` and ``monitor`` sockets (and its own two ports); QEMU listens on ``qmp``.
 
 No QEMU outlives the Python process, whatever the start script does (``exec`` or not, forking or
-not). The script runs under a small ``sh`` reaper in a session of its own, so everything it starts
-is one process group:
+not), and the process the driver starts is the start script itself, so its pid is nixpkgs'
+``machine.pid``: killing it at any moment kills the VM. The script runs in a session of its own,
+so everything it starts is one process group, which a small ``bash`` reaper in that group watches:
 
-* the reaper gets ``PR_SET_PDEATHSIG`` = SIGUSR1 when the I/O thread that forked it dies (which
-  is when the process dies, SIGKILL included), and then SIGKILLs the whole group;
+* the reaper reads a pipe whose other end only the driver holds; when the driver dies (SIGKILL
+  included) the pipe closes, and the reaper SIGKILLs the whole group. It does so too when the
+  script has exited and the driver lets go of it, so nothing the script left behind survives;
+* the script also gets ``PR_SET_PDEATHSIG`` = SIGKILL for the I/O thread that forked it;
 * ``terminate()`` sends SIGTERM to the group (QEMU shuts down cleanly), then SIGKILL;
 * every live group is SIGKILLed at interpreter exit;
 * being in its own session, QEMU never sees the terminal's Ctrl-C meant for the REPL.
 
 The exit is noticed through a pidfd, not through the pipes, so a process that keeps QEMU's
-stdout open cannot hide it. ``pid`` is QEMU's own pid, read from the monitor socket's peer
-credentials (nixpkgs' ``machine.pid``), not the reaper's.
+stdout open cannot hide it. ``pid`` is the script's pid (QEMU's own when the script execs
+it, as NixOS's does); once QEMU has connected to the monitor it is QEMU's, read from the socket's
+peer credentials, so that a script that forks QEMU is covered too.
 """
 
 from __future__ import annotations
@@ -58,31 +62,18 @@ _live: weakref.WeakSet[QemuProcess] = weakref.WeakSet()
 # Driver-side listening sockets (QEMU connects to them) in the state directory.
 SOCKETS = ("shell", "monitor", "nixos-repl-out", "nixos-repl-ctl")
 
-# Runs "$@" (the start script and the driver's options) and takes its whole process group down
-# when the driver dies (SIGUSR1, from PR_SET_PDEATHSIG). SIGTERM is left to the group's members:
-# the reaper waits for the script to exit and exits with its status. The script gets the
-# reaper's stdin through fd 3 (a background job's own stdin would be /dev/null).
-REAPER = r"""exec 3<&0
-trap 'kill -KILL 0' USR1
-trap : TERM INT HUP
-"$@" <&3 3<&- &
-child=$!
-exec 3<&-
-while :; do
-  wait "$child"
-  status=$?
-  kill -0 "$child" 2>/dev/null || exit "$status"
-done
+# Starts the reaper in the background (fd $1 is the driver's pipe: when it closes, the reaper
+# kills the whole process group), then becomes the start script "$@".
+LAUNCH = r"""fd=$1
+shift
+( trap '' TERM INT HUP; read -r -u "$fd" _; kill -KILL 0 ) < /dev/null > /dev/null 2>&1 &
+exec {fd}<&- "$@"
 """
 
 
 def die_with_parent(sig: int = signal.SIGKILL) -> None:
     """``preexec_fn``: send ``sig`` to this child when the forking thread (the I/O loop) dies."""
     _libc.prctl(PR_SET_PDEATHSIG, sig)
-
-
-def _reaper_preexec() -> None:
-    die_with_parent(signal.SIGUSR1)
 
 
 @atexit.register
@@ -170,13 +161,14 @@ class QemuProcess:
         self._accepted: list[socket.socket] = []  # closed with the listeners, adopted or not
         self._pidfd: int | None = None
         self._pipes: list[int] = []
+        self._reaper: int | None = None  # the driver's end of the reaper's pipe
         self._stdout_done = asyncio.Event()
         self._stderr_done = asyncio.Event()
         self._exit_task: asyncio.Task[None] | None = None
 
     @property
     def pid(self) -> int | None:
-        """QEMU's pid once it connected to the monitor, else the reaper's."""
+        """QEMU's pid once it connected to the monitor, else the start script's."""
         if self.qemu_pid is not None:
             return self.qemu_pid
         return self.proc.pid if self.proc is not None else None
@@ -214,20 +206,25 @@ class QemuProcess:
         argv = self.argv(extra_args)
         self._listen()
         self.log.info("starting vm")
+        reaper, self._reaper = os.pipe()
         try:
             self.proc = subprocess.Popen(
-                ["/bin/sh", "-c", REAPER, "nixos-repl-reaper", *argv],
+                ["/bin/bash", "-c", LAUNCH, "nixos-repl-start", str(reaper), *argv],
                 stdin=subprocess.PIPE,
                 stdout=subprocess.PIPE,
                 stderr=subprocess.PIPE,
                 cwd=self.state_dir,
                 env=dict(env),
                 start_new_session=True,
-                preexec_fn=_reaper_preexec,
+                pass_fds=(reaper,),
+                preexec_fn=die_with_parent,
             )
         except OSError as e:
+            self._release_group()
             self.close_sockets()
             raise MachineError(f"{self.name}: cannot run start script {argv[0]}: {e}") from e
+        finally:
+            os.close(reaper)
         _live.add(self)
         loop = asyncio.get_running_loop()
         assert self.proc.stdout is not None and self.proc.stderr is not None
@@ -268,9 +265,7 @@ class QemuProcess:
         loop.remove_reader(self._pidfd)
         os.close(self._pidfd)
         self._pidfd = None
-        status = self.proc.wait()
-        # The reaper exits 128+N when the script died of signal N: report it as nixpkgs would.
-        self.returncode = 128 - status if status > 128 else status
+        self.returncode = self.proc.wait()
         _live.discard(self)
         self._exit_task = loop.create_task(self._finish_exit())
 
@@ -282,7 +277,14 @@ class QemuProcess:
                 await self._stderr_done.wait()
         self._close_pipes()
         self.close_sockets()
+        self._release_group()
         self.exited.set()
+
+    def _release_group(self) -> None:
+        """Let the reaper go: it kills whatever is left of the process group."""
+        if self._reaper is not None:
+            os.close(self._reaper)
+            self._reaper = None
 
     def _close_pipes(self) -> None:
         loop = asyncio.get_running_loop()

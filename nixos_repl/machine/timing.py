@@ -14,6 +14,7 @@ from ..errors import RequestedAssertionFailed
 
 __all__ = [
     "DEFAULT_TIMEOUT",
+    "LAST_TRY_GRACE",
     "Duration",
     "attempt_bound",
     "attempt_expired",
@@ -29,6 +30,9 @@ Duration = dt.timedelta | int | float
 
 # nixpkgs' default for every wait and for a command's guest-side limit.
 DEFAULT_TIMEOUT = dt.timedelta(minutes=15)
+# How long after a wait's deadline its last try may run before it is cut: a wait ends within its
+# timeout plus this (and the time to kill the try).
+LAST_TRY_GRACE = 0.5
 
 
 @contextlib.contextmanager
@@ -132,15 +136,20 @@ async def poll_until(
 ) -> None:
     """nixpkgs' ``retry`` for machine waits: try until the deadline, then one last try.
 
-    With ``attempt_timeout``, guest commands of each try are cut after that many seconds.
+    With ``attempt_timeout``, guest commands of each try are cut after that many seconds; and no
+    try's guest commands run past the deadline plus ``LAST_TRY_GRACE`` (the last try, made after
+    the deadline, gets that grace at least).
     ``start`` (a ``time.monotonic()`` value) is when the wait began, if before this call (a
     guest-side wait came first): the deadline is ``start + timeout``, and the timeout message
     counts from it.
     """
     began = time.monotonic() if start is None else start
+    end = began + timeout + LAST_TRY_GRACE
 
     async def attempt(last_try: bool) -> bool:
-        with attempt_bound(attempt_timeout):
+        # The last try, made after the deadline, gets the grace at least.
+        bound = max(end - time.monotonic(), LAST_TRY_GRACE)
+        with attempt_bound(bound if attempt_timeout is None else min(bound, attempt_timeout)):
             return await check(last_try)
 
     for pause in backoff(max(0.0, timeout - (time.monotonic() - began))):

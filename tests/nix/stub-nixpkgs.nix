@@ -252,6 +252,7 @@ let
         vde2 = tool "vde2";
         tesseract = tool "tesseract";
         tmux = tool "tmux";
+        shellcheck = tool "shellcheck";
         ruff = tool "ruff";
         mypy = tool "mypy";
         nix = tool "nix";
