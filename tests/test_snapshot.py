@@ -219,3 +219,29 @@ def test_a_save_that_fills_the_disk_keeps_nothing(
             assert crashy.succeed("echo still up") == "still up\n"
     finally:
         subprocess.run(["umount", "-l", str(small)], check=False)
+
+
+def test_a_machine_that_is_off_starts_from_its_snapshot(guest_dir: Path, tmp_path: Path) -> None:
+    with Registry.from_start_scripts([guest_dir / "run-crashy-vm"], out_dir=tmp_path) as reg:
+        crashy = reg["crashy"]
+        crashy.succeed("echo saved > /root/f")
+        crashy.snapshot("fork")
+        crashy.succeed("echo later > /root/f")
+        crashy.shutdown()
+        assert crashy.state == "off"
+        with pytest.raises(MachineError, match=r"no snapshot 'nope' to start from .*: fork\)"):
+            crashy.restore("nope")
+        assert crashy.state == "off", "nothing started"
+
+        crashy.restore("fork")
+        assert crashy.state == "up" and crashy.pid is not None
+        assert crashy.succeed("cat /root/f") == "saved\n"
+        assert crashy.shell is not None and crashy.shell.fast, "the fast framing again"
+        assert shares(crashy) == ["/tmp/shared", "/tmp/xchg"]
+        assert "restored snapshot fork" in crashy.get_console_log().splitlines()
+        status, _ = crashy.execute("sleep 30", timeout=1)
+        assert status == 124, "a timeout still kills through the control port"
+        assert crashy.succeed("echo next") == "next\n"
+        crashy.crash()
+        crashy.restore("fork")  # as often as wanted
+        assert crashy.succeed("cat /root/f") == "saved\n"

@@ -157,14 +157,15 @@ class Lifecycle:
 
     # -- start ---------------------------------------------------------------------------------
 
-    async def start(self, allow_reboot: bool = False) -> None:
-        """Start QEMU unless it runs; does not wait for the guest to boot."""
+    async def start(self, allow_reboot: bool = False, paused: bool = False) -> None:
+        """Start QEMU unless it runs; does not wait for the guest to boot. ``paused``: the
+        guest does not run until QMP ``cont`` (to load a saved state first)."""
         async with self._start_lock:
             if self.state.running:
                 return
-            await self._start(allow_reboot)
+            await self._start(allow_reboot, paused)
 
-    async def _start(self, allow_reboot: bool) -> None:
+    async def _start(self, allow_reboot: bool, paused: bool = False) -> None:
         self.crash_report = None
         self._shutdown_reason = None
         self._reset_expected = False
@@ -188,6 +189,8 @@ class Lifecycle:
         }
         env.update(turbo)
         extra = driver_qemu_options(self.state_dir, allow_reboot, graphical_display_available())
+        if paused:
+            extra.append("-S")
         try:
             process.spawn(extra, env, self.console.feed)
             monitor = await process.accept("monitor", self.socket_timeout)
@@ -378,13 +381,20 @@ class Lifecycle:
             assert self.qmp is not None
             self._set_state(MachineState.SAVING)
             try:
-                return await self.guard(self.snapshots.save(self.qmp, self._guest_run, label))
+                info = await self.guard(self.snapshots.save(self.qmp, self._guest_run, label))
+                if self.shell is not None:
+                    self.snapshots.death_tokens[label] = self.shell.death_token
+                return info
             finally:
                 self._up_again()
 
     async def restore(self, label: str) -> None:
-        """Bring the machine back to the state saved as ``label``, in place, in the same QEMU."""
+        """Bring the machine back to the state saved as ``label``: in place, in the same QEMU,
+        when it runs; from a new QEMU started from that state (a fork) when it is off."""
         check_label(label)
+        if not self.state.running:
+            await self._fork(label)
+            return
         if self.state is not MachineState.UP:
             self.require_running("restore a snapshot")
             raise MachineError(
@@ -411,6 +421,43 @@ class Lifecycle:
                 self._up_again()
         self.console.note(f"restored snapshot {label}")
         self.log.info("restored snapshot %s in %.2f s", label, time.monotonic() - start)
+
+    async def _fork(self, label: str) -> None:
+        """Start QEMU paused, load ``label`` into it and let it run: the guest goes on from the
+        saved state (its backdoor up already) instead of booting."""
+        self._check_can_fork(label)
+        start = time.monotonic()
+        async with self._connect_lock:
+            await self.start(self.allow_reboot, paused=True)
+            qmp, shell = self.qmp, self.shell
+            assert qmp is not None and shell is not None
+            self._set_state(MachineState.RESTORING)
+            try:
+                await self.guard(self.snapshots.load(qmp, label))
+                await self.guard(qmp.aexecute("cont"))
+                shell.resume(self.snapshots.death_tokens.get(label) or shell.death_token)
+                if self.shell_framing != "nixpkgs":
+                    await self.guard(shell.setup())
+            except BaseException:
+                process = self.process
+                if process is not None:
+                    await asyncio.shield(self._abandon(process))
+                raise
+            self._set_state(MachineState.UP)
+        await self.guard(self.snapshots.after_load(self._guest_run, label))
+        self.console.note(f"restored snapshot {label}")
+        self.log.info("started from snapshot %s in %.2f s", label, time.monotonic() - start)
+
+    def _check_can_fork(self, label: str) -> None:
+        if self.state is MachineState.STOPPING:
+            self.check("restore a snapshot")
+        known = [s.label for s in self.snapshots.known]
+        if label not in known:
+            raise MachineError(
+                f"{self.name} has no snapshot {label!r} to start from (its snapshots: "
+                f"{', '.join(known) or 'none yet'}); take one while it runs with "
+                f"{self.name}.snapshot({label!r})"
+            )
 
     async def _after_failed_load(self, qmp: QMPSession, error: MachineError) -> None:
         """A load QEMU gave up on half-way leaves a guest that cannot run: stop it, and say so."""

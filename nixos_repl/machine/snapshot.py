@@ -114,6 +114,8 @@ class Snapshots:
         self._known: list[SnapshotInfo] = []  # the last listing (shown while the machine is off)
         self._shares: dict[str, list[_Share]] = {}  # label -> the 9p shares it was saved without
         self._stamp: tuple[int, int] | None = None  # the file's size and mtime after our last write
+        # label -> the backdoor's death token when it was saved (a fork's channel takes it on)
+        self.death_tokens: dict[str, bytes] = {}
 
     # -- QEMU side -----------------------------------------------------------------------------
 
@@ -121,6 +123,8 @@ class Snapshots:
         """Add the state qcow2 to this QEMU (created on first use), once per QEMU run."""
         if self._attached is qmp:
             return
+        # Attaching may touch the file: a change made behind QEMU's back must still show.
+        untouched = self._stamp is None or self._file_stamp() == self._stamp
         if not self.path.exists():
             await qmp.run_job(
                 "blockdev-create",
@@ -145,7 +149,8 @@ class Snapshots:
             "blockdev-add", {"driver": "qcow2", "node-name": NODE, "file": FILE_NODE}
         )
         self._attached = qmp
-        self._stamp = self._file_stamp()
+        if untouched:
+            self._stamp = self._file_stamp()
 
     async def _devices(self, qmp: QMPSession) -> list[str]:
         """The state node and every writable disk; a writable disk that is not qcow2 is refused."""
@@ -362,5 +367,8 @@ class Snapshots:
             )
 
     def forget(self) -> None:
-        """QEMU is gone: the node with it (the file stays, for a later run of this machine)."""
+        """QEMU is gone: the node with it (the file stays, for a fork of this machine). QEMU
+        wrote the file last as it closed it."""
+        if self._attached is not None and self._stamp is not None:
+            self._stamp = self._file_stamp()
         self._attached = None
