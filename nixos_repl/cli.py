@@ -379,6 +379,11 @@ def _parser() -> argparse.ArgumentParser:
         action="store_true",
         help="keep failed succeed/fail steps as the opposite assertion instead of comments",
     )
+    export.add_argument(
+        "--keep-undone",
+        action="store_true",
+        help="keep the steps a restore of a snapshot undid, as comments (default: left out)",
+    )
 
     shell = commands.add_parser(
         "shell", help="attach this terminal to a machine's guest shell (started by %%shell NAME)"
@@ -466,7 +471,12 @@ def _export(args: argparse.Namespace) -> int:
     from .export import ExportError, export_file
 
     try:
-        exported = export_file(args.source, args.output, keep_failures=args.keep_failures)
+        exported = export_file(
+            args.source,
+            args.output,
+            keep_failures=args.keep_failures,
+            keep_undone=args.keep_undone,
+        )
     except ExportError as e:
         print(f"nixos-repl: error: {e}", file=sys.stderr)
         return 1

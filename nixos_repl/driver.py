@@ -459,6 +459,18 @@ class Driver:
             with self.logger.nested("start all VMs"):
                 self.registry.start_all()
 
+    def snapshot_all(self, label: str = "booted") -> None:
+        """Save every running machine as ``label`` at once (nixos-repl's; not in nixpkgs)."""
+        with observing(self.registry.observers, None, "snapshot_all", (label,)):
+            with self.logger.nested(f"save snapshot {label} of all VMs"):
+                self.registry.snapshot_all(label)
+
+    def restore_all(self, label: str = "booted") -> None:
+        """Restore every running machine to ``label`` at once (nixos-repl's; not in nixpkgs)."""
+        with observing(self.registry.observers, None, "restore_all", (label,)):
+            with self.logger.nested(f"restore snapshot {label} of all VMs"):
+                self.registry.restore_all(label)
+
     def join_all(self) -> None:
         """Wait for every machine to shut down (and stop the global timeout)."""
         with self.logger.nested("wait for all VMs to finish"):

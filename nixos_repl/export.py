@@ -30,7 +30,16 @@ from typing import Any
 from .config import DriverConfig
 from .driver import Driver, pythonize_name
 from .errors import NixosReplError
-from .magic_table import IPYTHON_SILENT, MAGICS, NoCall, ShowOnly, Silent, Translation, py_str
+from .magic_table import (
+    DEFAULT_LABEL,
+    IPYTHON_SILENT,
+    MAGICS,
+    NoCall,
+    ShowOnly,
+    Silent,
+    Translation,
+    py_str,
+)
 
 __all__ = [
     "Cell",
@@ -560,10 +569,23 @@ class Exported:
     unknown: list[str] = field(default_factory=list)
 
 
+@dataclass
+class _Step:
+    """One entry of an exported cell: a statement (``code``) or comment lines."""
+
+    cell: int
+    group: int  # the cell's place in the export (a number may come again)
+    lines: list[str]
+    code: bool = False
+    statement: bool = False  # comment lines that stand for a statement (counted as commented)
+    undone_by: str | None = None  # the restore that undid it
+
+
 def export_cells(
     cells: Sequence[Cell],
     *,
     keep_failures: bool = False,
+    keep_undone: bool = False,
     source: str = "",
     machines: dict[str, str] | None = None,
     vlans: Sequence[int] | None = None,
@@ -572,63 +594,89 @@ def export_cells(
 
     ``machines`` (name -> start script, from a session log) and ``vlans`` go in the header's
     replay line; names the script reads that nixpkgs does not define are listed there too.
+    The export follows the surviving timeline: the steps on a machine between a snapshot and
+    a restore of it were undone, so they are left out (``keep_undone``: kept as comments), and
+    the snapshots and restores themselves (nixos-repl's, not nixpkgs') become comments.
     """
     translation = Translation()
-    out: list[str] = []
+    steps: list[_Step] = []
     imports: set[str] = set()
-    statements = commented = 0
-    for cell in cells:
-        block: list[str] = []
+    for group, cell in enumerate(cells):
         if not cell.export:
             continue
+
+        def code(text: str, cell: Cell = cell, group: int = group) -> None:
+            steps.append(_Step(cell.number, group, [text], code=True))
+
+        def comment(
+            lines: list[str], cell: Cell = cell, group: int = group, statement: bool = True
+        ) -> None:
+            steps.append(_Step(cell.number, group, lines, statement=statement))
+
         if not cell.finished:
-            block.append(f"# cell {cell.number} was cut short; the actions it had finished:")
+            comment(
+                [f"# cell {cell.number} was cut short; the actions it had finished:"],
+                statement=False,
+            )
             for record in cell.actions:
                 call, needs = action_call(record)
                 if record.get("ok"):
-                    block.append(call)
+                    code(call)
                     imports |= needs
-                    statements += 1
                 else:
-                    block.append(f"# failed: {call}: {record.get('error', 'error')}")
-                    commented += 1
+                    comment([f"# failed: {call}: {record.get('error', 'error')}"])
+            continue
+        translated = translate_cell(cell.source, translation)
+        for stmt in translated:
+            failed_here = (
+                cell.ok is False
+                and cell.line is not None
+                and stmt.lines[0] <= cell.line <= stmt.lines[1]
+            )
+            after_failure = cell.ok is False and cell.line is not None and stmt.lines[0] > cell.line
+            unknown_failure = cell.ok is False and cell.line is None
+            if failed_here or (unknown_failure and len(translated) == 1):
+                opposite = _opposite(stmt.text) if keep_failures else None
+                if opposite is not None and stmt.problem is None:
+                    comment(
+                        [f"# this failed in cell {cell.number} ({cell.error}):"], statement=False
+                    )
+                    code(opposite)
+                else:
+                    comment(stmt.commented(f"failed in cell {cell.number}: {cell.error}"))
+            elif after_failure:
+                comment(stmt.commented(f"not run (cell {cell.number} failed above)"))
+            elif unknown_failure:
+                comment(stmt.commented(f"cell {cell.number} failed ({cell.error})"))
+            elif stmt.problem is not None:
+                comment(stmt.commented())
+            else:
+                code(stmt.text)
+    _follow_timeline(steps)
+    out: list[str] = []
+    statements = commented = 0
+    current: int | None = None
+    for step in steps:
+        if step.undone_by is not None and not keep_undone:
+            commented += 1
+            continue
+        if step.group != current:
+            if current is not None:
+                out.append("")
+            out.append(f"# cell {step.cell}" if step.cell else "# actions")
+            current = step.group
+        if step.undone_by is not None:
+            out.append(f"# undone by {step.undone_by}:")
+            out += [f"# {line}" if line else "#" for line in step.lines[0].splitlines()]
+            commented += 1
+        elif step.code:
+            out += step.lines
+            statements += 1
         else:
-            translated = translate_cell(cell.source, translation)
-            for stmt in translated:
-                failed_here = (
-                    cell.ok is False
-                    and cell.line is not None
-                    and stmt.lines[0] <= cell.line <= stmt.lines[1]
-                )
-                after_failure = (
-                    cell.ok is False and cell.line is not None and stmt.lines[0] > cell.line
-                )
-                unknown_failure = cell.ok is False and cell.line is None
-                if failed_here or (unknown_failure and len(translated) == 1):
-                    opposite = _opposite(stmt.text) if keep_failures else None
-                    if opposite is not None and stmt.problem is None:
-                        block.append(f"# this failed in cell {cell.number} ({cell.error}):")
-                        block.append(opposite)
-                        statements += 1
-                    else:
-                        block += stmt.commented(f"failed in cell {cell.number}: {cell.error}")
-                        commented += 1
-                elif after_failure:
-                    block += stmt.commented(f"not run (cell {cell.number} failed above)")
-                    commented += 1
-                elif unknown_failure:
-                    block += stmt.commented(f"cell {cell.number} failed ({cell.error})")
-                    commented += 1
-                elif stmt.problem is not None:
-                    block += stmt.commented()
-                    commented += 1
-                else:
-                    block.append(stmt.text)
-                    statements += 1
-        if block:
-            out.append(f"# cell {cell.number}" if cell.number else "# actions")
-            out += block
-            out.append("")
+            out += step.lines
+            commented += step.statement
+    if out:
+        out.append("")
     if statements == 0:
         where = f" {source}" if source else ""
         raise ExportError(
@@ -664,6 +712,108 @@ def export_cells(
     head += [f"import {name}" for name in sorted(imports)]
     text = "\n".join([*head, "", *out]).rstrip("\n") + "\n"
     return Exported(text, statements, commented, sorted(unknown))
+
+
+# Snapshot steps (nixos-repl's, not nixpkgs'): method -> what it does to the timeline.
+_REWINDS = {
+    "snapshot": "save",
+    "snapshot_all": "save",
+    "restore": "restore",
+    "restore_all": "restore",
+    "delete_snapshot": "",
+    "snapshots": "",
+}
+# Names whose use acts on every machine.
+_ALL_MACHINES = frozenset({"machines", "start_all", "join_all", "driver"})
+
+
+def _rewind(text: str) -> tuple[str, str | None, str | None] | None:
+    """A snapshot step: (``save``/``restore``/``""``, the machine or None for all, the label or
+    None when it is not a literal); None for any other statement."""
+    try:
+        tree = ast.parse(text)
+    except SyntaxError:
+        return None
+    if len(tree.body) != 1 or not isinstance(tree.body[0], ast.Expr):
+        return None
+    call = tree.body[0].value
+    if not (isinstance(call, ast.Call) and isinstance(call.func, ast.Attribute)):
+        return None
+    kind = _REWINDS.get(call.func.attr)
+    if kind is None or not isinstance(call.func.value, ast.Name):
+        return None
+    machine = None if call.func.attr.endswith("_all") else call.func.value.id
+    given = call.args[0] if call.args else next((k.value for k in call.keywords), None)
+    if given is None:
+        label: str | None = DEFAULT_LABEL
+    elif isinstance(given, ast.Constant) and isinstance(given.value, str):
+        label = given.value
+    else:
+        label = None
+    return kind, machine, label
+
+
+def _names(text: str) -> set[str]:
+    try:
+        tree = ast.parse(text)
+    except SyntaxError:
+        return set()
+    return {node.id for node in ast.walk(tree) if isinstance(node, ast.Name)}
+
+
+def _follow_timeline(steps: list[_Step]) -> None:
+    """Mark the steps a restore undid, and turn snapshot steps into comments.
+
+    A restore of machine M to label L undoes the steps on M since the last snapshot L of M (or
+    of every machine); a restore of every machine undoes the steps on any machine. A step is
+    on M when it names M (or ``machines``, ``start_all``...). Host-side steps stay.
+    """
+    from .machine import Machine
+
+    methods = {name for name in dir(Machine) if not name.startswith("_")}
+    machines: set[str] = set()
+    for step in steps:
+        if step.code:
+            tree = ast.parse(step.lines[0])
+            machines |= {
+                node.value.id
+                for node in ast.walk(tree)
+                if isinstance(node, ast.Attribute)
+                and isinstance(node.value, ast.Name)
+                and node.attr in methods
+            }
+    saved: dict[tuple[str | None, str], int] = {}
+    for j, step in enumerate(steps):
+        if not step.code or step.undone_by is not None:
+            continue
+        rewind = _rewind(step.lines[0])
+        if rewind is None:
+            continue
+        kind, machine, label = rewind
+        call = step.lines[0]
+        step.code, step.statement = False, True
+        step.lines = [f"# {call}  (a snapshot step: nixos-repl's, not in nixpkgs)"]
+        if label is None or not kind:
+            continue
+        if kind == "save":
+            saved[(machine, label)] = j
+            continue
+        targets = [machine] if machine is not None else sorted(machines)
+        undone = False
+        for target in targets:
+            start = max(saved.get((target, label), -1), saved.get((None, label), -1))
+            if start < 0:
+                continue
+            undone = True
+            for k in range(start + 1, j):
+                other = steps[k]
+                names = _names(other.lines[0]) if other.code else set()
+                if other.undone_by is None and names & {target, *_ALL_MACHINES}:
+                    other.undone_by = f"{call} in cell {step.cell}"
+        if not undone:
+            step.lines.append(
+                "# (its snapshot was taken before what this exports: check the steps)"
+            )
 
 
 @functools.cache
@@ -728,6 +878,7 @@ def export_file(
     target: Path,
     *,
     keep_failures: bool = False,
+    keep_undone: bool = False,
     skip_cells: Iterable[int] = (),
 ) -> Exported:
     """Export ``source`` (session log, notebook or .ipy) to ``target``, written atomically."""
@@ -746,6 +897,7 @@ def export_file(
     exported = export_cells(
         cells,
         keep_failures=keep_failures,
+        keep_undone=keep_undone,
         source=str(source),
         machines=header.get("machines") or None,
         vlans=header.get("vlans") or None,

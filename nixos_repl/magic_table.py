@@ -122,6 +122,7 @@ count = _positive(int, "whole number")
 
 
 WAIT_TIMEOUT = DEFAULT_TIMEOUT.total_seconds()  # Machine.wait_for_unit's default
+DEFAULT_LABEL = "booted"  # Machine.snapshot's and restore's default label
 
 
 # -- the table -------------------------------------------------------------------------------
@@ -166,7 +167,8 @@ class MagicSpec:
     ``rest`` (metavar, help, what): the magic takes ``NAME`` and the rest of the line raw;
     ``cell``: a cell magic (the body is ``args.body``); ``raw``: no ``$var`` expansion;
     ``machines``: ``one`` (the first word), ``many`` (every word) or ``""``; ``words``:
-    subcommands completed in first place. ``to_python(args, translation)`` returns the
+    subcommands completed in first place; ``labels``: the word after the machine is a snapshot
+    label. ``to_python(args, translation)`` returns the
     statements, or raises :class:`NoCall` (or a subclass) saying why there are none.
     """
 
@@ -178,6 +180,7 @@ class MagicSpec:
     raw: bool = False
     machines: Literal["one", "many", ""] = ""
     words: tuple[str, ...] = ()
+    labels: bool = False  # the word after the machine is one of its snapshots' labels
 
     def declare(self, fn: Any) -> Any:
         """Attach the arguments to ``fn`` as IPython's ``@magic_arguments`` decorators do (so
@@ -305,6 +308,40 @@ def _machines(args: Namespace, _: Translation) -> list[str]:
     raise ShowOnly("it shows the machines")
 
 
+def rewind_target(args: Namespace) -> tuple[str | None, str]:
+    """``%snapshot``/``%restore``: the machine (None with ``--all``) and the label."""
+    if args.all:
+        if args.label is not None:
+            raise UsageError("with --all, give only the LABEL (every running machine is meant)")
+        return None, args.name or DEFAULT_LABEL
+    if args.name is None:
+        raise UsageError("missing the machine name (or --all)")
+    return args.name, args.label or DEFAULT_LABEL
+
+
+def _rewind(method: str) -> ToPython:
+    """``NAME LABEL`` -> ``NAME.method("LABEL")``; ``--all LABEL`` -> ``driver.method_all(...)``."""
+
+    def to_python(args: Namespace, _: Translation) -> list[str]:
+        try:
+            name, label = rewind_target(args)
+        except UsageError as e:
+            raise NoCall(str(e)) from None
+        if name is None:
+            return [f"driver.{method}_all({py_str(label)})"]
+        return [f"{_var(name)}.{method}({py_str(label)})"]
+
+    return to_python
+
+
+def _rewind_args(verb: str) -> list[Arg]:
+    return [
+        arg("name", nargs="?", metavar="NAME", help="the machine"),
+        arg("label", nargs="?", metavar="LABEL", help=f"the snapshot (default {DEFAULT_LABEL})"),
+        flag("--all", f"{verb} every running machine at once"),
+    ]
+
+
 def _rebuild(args: Namespace, _: Translation) -> list[str]:
     raise NoCall("redeploy by rebuilding the test instead")
 
@@ -342,6 +379,19 @@ MAGICS: dict[str, MagicSpec] = {
             machines="one",
         ),
         MagicSpec("crash", lambda a, _: [f"{_var(a.name)}.crash()"], [_NAME], machines="one"),
+        # snapshots
+        MagicSpec(
+            "snapshot", _rewind("snapshot"), _rewind_args("save"), machines="one", labels=True
+        ),
+        MagicSpec(
+            "restore", _rewind("restore"), _rewind_args("restore"), machines="one", labels=True
+        ),
+        MagicSpec(
+            "snapshots",
+            _shows("it shows the snapshots"),
+            [arg("name", nargs="?", metavar="NAME", help="the machine (default: all)")],
+            machines="one",
+        ),
         # commands
         MagicSpec("succeed", _method("succeed"), rest=_COMMAND, raw=True, machines="one"),
         MagicSpec("fail", _method("fail"), rest=_COMMAND, raw=True, machines="one"),
@@ -435,6 +485,7 @@ MAGICS: dict[str, MagicSpec] = {
                     "--keep-failures",
                     "keep failed succeed/fail steps as the opposite assertion instead of comments",
                 ),
+                flag("--keep-undone", "keep the steps a %restore undid, as comments"),
             ],
         ),
     ]

@@ -15,7 +15,7 @@ import logging
 import os
 import shlex
 import tempfile
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Awaitable, Callable, Iterable, Iterator, Sequence
 from pathlib import Path
 from types import TracebackType
 from typing import Any
@@ -341,21 +341,40 @@ class Registry:
 
     def start_all(self) -> None:
         """Start every machine (in parallel; does not wait for boot)."""
+        self._on_all("start", lambda m: m.aio.start())
 
-        async def start_all() -> list[tuple[str, BaseException]]:
-            results = await asyncio.gather(
-                *(m.aio.start() for m in self.machines), return_exceptions=True
-            )
+    def snapshot_all(self, label: str = "booted") -> None:
+        """Save every running machine as ``label``, at the same time (a network rewinds whole)."""
+        self._on_all("save a snapshot of", lambda m: m.aio.snapshot(label), running=True)
+
+    def restore_all(self, label: str = "booted") -> None:
+        """Restore every running machine to ``label``, at the same time."""
+        self._on_all("restore", lambda m: m.aio.restore(label), running=True)
+
+    def _on_all(
+        self,
+        verb: str,
+        action: Callable[[Machine], Awaitable[object]],
+        running: bool = False,
+    ) -> None:
+        """Run ``action`` on every machine (the running ones) at once; one error for all that
+        failed."""
+        machines = [m for m in self.machines if m.state.running or not running]
+        if running and not machines:
+            raise MachineError(f"no machine is running, so there is nothing to {verb}")
+
+        async def on_all() -> list[tuple[str, BaseException]]:
+            results = await asyncio.gather(*map(action, machines), return_exceptions=True)
             return [
                 (m.name, r)
-                for m, r in zip(self.machines, results, strict=True)
+                for m, r in zip(machines, results, strict=True)
                 if isinstance(r, BaseException)
             ]
 
-        errors = run_sync(start_all())
+        errors = run_sync(on_all())
         if errors:
             raise MachineError(
-                "Failed to start the following machines:\n"
+                f"Failed to {verb} the following machines:\n"
                 + "\n".join(f"{name}: {e}" for name, e in errors)
             )
 

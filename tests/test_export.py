@@ -341,3 +341,45 @@ def test_a_last_line_cut_inside_a_character_is_recovered(tmp_path: Path) -> None
     broken.write_bytes(b'{"kind": "session", "version": 1}\n"\xc3"\n')  # not the last line
     result = cli("export", str(broken), "-o", str(tmp_path / "u.py"))
     assert result.returncode == 1 and "not a text file (not UTF-8)" in result.stderr
+
+
+# -- the surviving timeline --------------------------------------------------------------------
+
+REWOUND = [
+    Cell(1, "%start vm1\n%snapshot vm1 base"),
+    Cell(2, "%succeed vm1 rm -rf /etc\nx = 1\nvm2.succeed('true')"),
+    Cell(3, "%restore vm1 base\n%succeed vm1 ls /etc\n%snapshots"),
+]
+
+
+def test_export_leaves_out_what_a_restore_undid() -> None:
+    text = export_cells(REWOUND).text
+    assert "rm -rf /etc" not in text, "undone on vm1"
+    assert "x = 1" in text and "vm2.succeed('true')" in text, "the host and vm2 were not rewound"
+    assert 'vm1.succeed("ls /etc")' in text, "after the restore: the surviving timeline"
+    assert '# vm1.snapshot("base")' in text and '# vm1.restore("base")' in text
+    code = [line for line in text.splitlines() if line and not line.startswith("#")]
+    assert not any("snapshot" in line or "restore" in line for line in code), "nixpkgs has none"
+    compile(text, "t.py", "exec")
+
+
+def test_keep_undone_keeps_them_as_comments() -> None:
+    text = export_cells(REWOUND, keep_undone=True).text
+    assert '# undone by vm1.restore("base") in cell 3:\n# vm1.succeed("rm -rf /etc")' in text
+
+
+def test_restoring_every_machine_undoes_the_steps_on_any_machine() -> None:
+    cells = [
+        Cell(1, "%snapshot --all net\nvm1.succeed('a')\nvm2.succeed('b')\ny = 2"),
+        Cell(2, "%restore --all net\nvm1.succeed('c')"),
+        Cell(3, "vm2.succeed('d')\nawait vm2.aio.restore('net')\nvm2.succeed('e')"),
+    ]
+    text = export_cells(cells).text
+    assert "'a'" not in text and "'b'" not in text and "'d'" not in text
+    assert "y = 2" in text and "vm1.succeed('c')" in text and "vm2.succeed('e')" in text
+
+
+def test_a_restore_without_its_snapshot_in_the_export_keeps_the_steps_and_says_so() -> None:
+    text = export_cells([Cell(1, "vm1.succeed('a')\nvm1.restore()\nvm1.succeed('b')")]).text
+    assert "vm1.succeed('a')" in text and "vm1.succeed('b')" in text
+    assert "its snapshot was taken before what this exports" in text

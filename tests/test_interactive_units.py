@@ -154,6 +154,21 @@ def test_completion_candidates() -> None:
     assert candidates("%timeit x", names) is None
 
 
+def test_completion_of_snapshot_labels() -> None:
+    labels = {"vm1": ["base", "booted"], "vm2": ["other"]}
+
+    def labels_of(name: str | None) -> list[str]:
+        return labels.get(name, []) if name else sorted({x for v in labels.values() for x in v})
+
+    names = ["vm1", "vm2"]
+    assert candidates("%restore vm", names, labels_of) == ("vm", ["vm1", "vm2"])
+    assert candidates("%restore vm1 b", names, labels_of) == ("b", ["base", "booted"])
+    assert candidates("%snapshot vm2 ", names, labels_of) == ("", ["other"])
+    assert candidates("%restore --all o", names, labels_of) == ("o", ["other"])
+    assert candidates("%restore vm1 base ", names, labels_of) == ("", [])
+    assert candidates("%restore --a", names, labels_of) == ("--a", ["--all"])
+
+
 def test_unescape_and_names() -> None:
     assert unescape(r"echo hi\n") == "echo hi\n"
     assert unescape(r"a\tb\\n") == "a\tb\\n"

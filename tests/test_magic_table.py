@@ -26,6 +26,9 @@ EXAMPLES: dict[str, tuple[str, str | type[NoCall]]] = {
     "start": ("%start vm1", "vm1.start()\nvm1.connect()"),
     "shutdown": ("%shutdown vm1", "vm1.shutdown()"),
     "crash": ("%crash vm1", "vm1.crash()"),
+    "snapshot": ("%snapshot vm1", 'vm1.snapshot("booted")'),
+    "restore": ("%restore --all base", 'driver.restore_all("base")'),
+    "snapshots": ("%snapshots vm1", ShowOnly),
     "succeed": ("%succeed vm1 echo $x", 'vm1.succeed("echo $x")'),
     "fail": ("%fail vm1 false", 'vm1.fail("false")'),
     "execute": ("%execute vm1 exit 3", 'vm1.execute("exit 3")'),
@@ -176,3 +179,22 @@ def test_the_junit_mode_follows_subtest_calls_not_the_word(tmp_path: Path) -> No
     assert not cells(tmp_path, words).uses_subtests
     called = 'def check():\n    with subtest("x"):\n        pass\n# %%\ncheck()\n'
     assert cells(tmp_path, called).uses_subtests
+
+
+@pytest.mark.parametrize(
+    ("line", "expected"),
+    [
+        ("vm1 base", 'vm1.restore("base")'),
+        ("vm-2", 'vm_2.restore("booted")'),
+        ("--all", 'driver.restore_all("booted")'),
+        ("--all base", 'driver.restore_all("base")'),
+    ],
+)
+def test_rewind_magics_name_a_machine_or_all(line: str, expected: str) -> None:
+    assert MAGICS["restore"].calls(line, None, Translation()) == [expected]
+
+
+@pytest.mark.parametrize("line", ["", "--all vm1 base", "vm1 base extra"])
+def test_rewind_magics_refuse_what_is_not_one_target(line: str) -> None:
+    with pytest.raises(NoCall):
+        MAGICS["snapshot"].calls(line, None, Translation())

@@ -16,7 +16,7 @@ from .helpers import BIN, kernel_env, machines_config, replay
 NOTEBOOKS = Path(__file__).parent.parent / "notebooks"
 
 
-@pytest.mark.parametrize("name", ["multivm", "export"])
+@pytest.mark.parametrize("name", ["multivm", "export", "rewind"])
 def test_the_export_of_a_notebook_replays_green(name: str, guest_dir: Path, tmp_path: Path) -> None:
     script = tmp_path / f"{name}.py"
     result = subprocess.run(
@@ -29,6 +29,8 @@ def test_the_export_of_a_notebook_replays_green(name: str, guest_dir: Path, tmp_
     assert "nixos_repl" not in text.replace("exported by nixos-repl", "")
     if name == "multivm":
         assert "vm1.block()" in text and "vm2.screenshot(" in text
+    if name == "rewind":  # the surviving timeline: what the restore undid is left out
+        assert "rm -rf /etc" not in text and 'vm1.succeed("ls /etc | head -5")' in text
     stderr = replay(script, guest_dir, tmp_path, ("vm1", "vm2"))
     if name == "multivm":
         assert "vm1: must succeed: ip -4 addr show" in stderr

@@ -39,7 +39,7 @@ def load_ipython_extension(ip: Any) -> None:
     ip.register_magics(magics)
     ip.register_magics(WatchMagics(ip, session))
     ip.register_magics(RebuildMagics(ip, session))
-    matcher = make_matcher(session.machine_names)
+    matcher = make_matcher(session.machine_names, session.snapshot_labels)
     ip.Completer.custom_matchers.append(matcher)
 
     handler = session.handler

@@ -37,8 +37,15 @@ def _options(parser: argparse.ArgumentParser | None) -> list[str]:
     )
 
 
-def candidates(line: str, machine_names: list[str]) -> tuple[str, list[str]] | None:
-    """The word being completed and its candidates, for a line of one of our magics."""
+def candidates(
+    line: str,
+    machine_names: list[str],
+    labels_of: Callable[[str | None], list[str]] = lambda _: [],
+) -> tuple[str, list[str]] | None:
+    """The word being completed and its candidates, for a line of one of our magics.
+
+    ``labels_of(name)`` gives a machine's snapshot labels (every machine's for None).
+    """
     stripped = line.lstrip()
     if not stripped.startswith("%"):
         return None
@@ -62,19 +69,27 @@ def candidates(line: str, machine_names: list[str]) -> tuple[str, list[str]] | N
         found = [n for n in machine_names if n.startswith(current) and n not in before]
         if not current:
             found += [o for o in _options(spec.parser) if o.startswith("--")]
+    elif spec.labels and "--all" in words and not before:
+        found = [label for label in labels_of(None) if label.startswith(current)]
     elif not before:
         found = [n for n in machine_names if n.startswith(current)]
+    elif spec.labels and len(before) == 1:
+        found = [label for label in labels_of(before[0]) if label.startswith(current)]
     else:
         found = []
     return current, found
 
 
-def make_matcher(machine_names: Callable[[], list[str]]) -> Any:
-    """An IPython matcher that completes our magics' machine names and options."""
+def make_matcher(
+    machine_names: Callable[[], list[str]],
+    labels_of: Callable[[str | None], list[str]] = lambda _: [],
+) -> Any:
+    """An IPython matcher that completes our magics' machine names, options and snapshot
+    labels."""
 
     @context_matcher(identifier="nixos_repl")  # type: ignore[untyped-decorator]
     def nixos_repl_matcher(context: CompletionContext) -> SimpleMatcherResult:
-        found = candidates(context.text_until_cursor, machine_names())
+        found = candidates(context.text_until_cursor, machine_names(), labels_of)
         if found is None:
             return {"completions": [], "suppress": False}
         word, names = found

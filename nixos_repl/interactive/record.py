@@ -130,7 +130,8 @@ class RecordMagics(Magics):
         """Write this session as a nixpkgs testScript (the cells before this one).
 
         Magics become the calls they wrap, plain Python is kept, failed steps become comments
-        (``--keep-failures``: ``succeed`` <-> ``fail``). Replay it with
+        (``--keep-failures``: ``succeed`` <-> ``fail``), and the steps a ``%restore`` undid
+        are left out (``--keep-undone``: kept as comments). Replay it with
         ``nixos-repl --batch FILE`` on the same machines.
         """
         args = parse("export", line)
@@ -144,7 +145,11 @@ class RecordMagics(Magics):
         skip = [log.cell] if log.cell is not None else []
         try:
             exported = export_file(
-                log.path, target, keep_failures=args.keep_failures, skip_cells=skip
+                log.path,
+                target,
+                keep_failures=args.keep_failures,
+                keep_undone=args.keep_undone,
+                skip_cells=skip,
             )
         except ExportError as e:
             raise UsageError(str(e)) from None

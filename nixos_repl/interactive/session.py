@@ -98,6 +98,12 @@ class Session:
         """The machine called ``name``; UnknownMachineError names the known ones."""
         return self.driver.registry[name]
 
+    def snapshot_labels(self, name: str | None) -> list[str]:
+        """The snapshot labels of machine ``name`` (of every machine for None), for completion:
+        only what is known without asking QEMU, so completion never waits."""
+        machines = self.machines if name is None else [m for m in self.machines if m.name == name]
+        return sorted({s.label for m in machines for s in m.lifecycle.snapshots.known})
+
     def machine_names(self) -> list[str]:
         return [m.name for m in self.driver.machines]
 

@@ -170,7 +170,11 @@ class Machine:
     def connected(self) -> bool:
         """Whether the backdoor shell is connected. Setting it to False makes the next command
         wait for a new backdoor shell (after the guest rebooted on its own, e.g. by kexec)."""
-        return self.lifecycle.state is MachineState.UP
+        return self.lifecycle.state in (
+            MachineState.UP,
+            MachineState.SAVING,
+            MachineState.RESTORING,
+        )
 
     @connected.setter
     def connected(self, value: bool) -> None:
@@ -335,6 +339,11 @@ class Machine:
     block = sync(AsyncMachine.block)
     unblock = sync(AsyncMachine.unblock)
     shell_interact = sync(AsyncMachine.shell_interact)
+
+    snapshot = sync(AsyncMachine.snapshot)
+    restore = sync(AsyncMachine.restore)
+    snapshots = sync(AsyncMachine.snapshots)
+    delete_snapshot = sync(AsyncMachine.delete_snapshot)
 
 
 # nixpkgs names for the same class.

@@ -36,6 +36,7 @@ from .actions import observed
 from .monitor import hmp_output, tcp_port
 from .screenshot import Screenshot
 from .shell import abbreviate
+from .snapshot import SnapshotInfo
 from .timing import (
     DEFAULT_TIMEOUT,
     Duration,
@@ -806,6 +807,39 @@ class AsyncMachine:
         await self._hmp_checked(
             f"set_link {VLAN_NIC} on", "unblock() (it needs a VLAN network interface)"
         )
+
+    # -- snapshots (nixos-repl's; not in nixpkgs) ------------------------------------------------
+
+    @on_io_loop
+    async def snapshot(self, label: str = "booted") -> SnapshotInfo:
+        """Save the whole machine (RAM, devices, writable disks) as ``label``; it keeps running.
+
+        A snapshot of that label is replaced. The guest's 9p shares (``/tmp/shared``,
+        ``/tmp/xchg``) are unmounted for the save and mounted again. Returns what was saved.
+        """
+        await self._polling_conditions()
+        return await self._m.lifecycle.save(label)
+
+    @on_io_loop
+    async def restore(self, label: str = "booted") -> None:
+        """Bring the machine back to exactly the state saved as ``label``, in place.
+
+        What happened since is gone (files, processes, the console's view of it); the next
+        command returns its own output, the guest's clock is set from the host's, and the shares
+        are mounted again. A command running on the machine is waited for first.
+        """
+        await self._polling_conditions()
+        await self._m.lifecycle.restore(label)
+
+    @on_io_loop
+    async def snapshots(self) -> list[SnapshotInfo]:
+        """The machine's snapshots, oldest first: label, size of the saved state, age."""
+        return await self._m.lifecycle.list_snapshots()
+
+    @on_io_loop
+    async def delete_snapshot(self, label: str) -> None:
+        """Delete the snapshot ``label`` (its disk space is reused by later ones)."""
+        await self._m.lifecycle.delete_snapshot(label)
 
     @on_io_loop
     async def shell_interact(self, address: str | None = None) -> None:

@@ -97,6 +97,15 @@ class Console:
         for waiter in list(self._waiters):
             self._search(waiter, max(waiter.cursor, first_new - CONTEXT_LINES))
 
+    def note(self, text: str) -> None:
+        """A line of the driver's own in the console log (``restored snapshot L``)."""
+        self._lines.append(text)
+        self._count += 1
+        self.log.debug("%s # %s", self.name, text)
+        if self._file is not None:
+            self._file.write(text + "\n")
+            self._file.flush()
+
     def _window(self, start: int) -> tuple[int, str]:
         """The lines from absolute number ``start`` (or the oldest kept), joined."""
         oldest = self._count - len(self._lines)

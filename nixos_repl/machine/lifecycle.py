@@ -5,8 +5,9 @@ from it, so they cannot disagree with it. Every change goes through ``Lifecycle.
 which logs it and tells the registry's watchers (as qemu.qmp's ``_set_state`` does)::
 
     defined -> starting -> up -> stopping -> off
-                  ^        |                  |
-                  +--------+ (reboot)         +--> starting (start() again)
+                  ^        |  ^               |
+                  +--------+  |  (reboot)     +--> starting (start() again)
+                     saving / restoring (a snapshot; back to up)
     starting/up/stopping --(QEMU exits unexpectedly)--> crashed --(start())--> starting
 
 What each state allows is checked in one place (``check`` / ``require_running``), with a
@@ -32,6 +33,7 @@ from .monitor import Monitor
 from .process import QemuProcess, driver_qemu_options, graphical_display_available
 from .qmp import QMPSession
 from .shell import OUT_CHARDEV, ShellChannel
+from .snapshot import SnapshotInfo, Snapshots, check_label
 from .timing import Duration, nested, seconds
 from .turbo import turbo_env
 
@@ -55,6 +57,8 @@ class MachineState(StrEnum):
     DEFINED = "defined"  # never started
     STARTING = "starting"  # QEMU runs; the backdoor shell is not connected (yet, or again)
     UP = "up"  # the backdoor shell is connected
+    SAVING = "saving"  # a snapshot is being taken; commands wait for it
+    RESTORING = "restoring"  # a snapshot is being loaded; commands wait for it
     STOPPING = "stopping"  # QEMU is expected to exit (shutdown, crash, release, reboot)
     OFF = "off"  # QEMU exited as expected
     CRASHED = "crashed"  # QEMU exited unexpectedly; start() boots it again
@@ -62,7 +66,7 @@ class MachineState(StrEnum):
     @property
     def running(self) -> bool:
         """Whether a QEMU process belongs to this state (nixpkgs' ``booted``)."""
-        return self in (MachineState.STARTING, MachineState.UP, MachineState.STOPPING)
+        return self not in (MachineState.DEFINED, MachineState.OFF, MachineState.CRASHED)
 
 
 class Lifecycle:
@@ -105,6 +109,7 @@ class Lifecycle:
         self._connect_lock = asyncio.Lock()
         self._watcher: asyncio.Task[None] | None = None
         self._stopped = asyncio.Event()  # set when the current run's QEMU is gone
+        self.snapshots = Snapshots(name, state_dir)
 
     # -- state ---------------------------------------------------------------------------------
 
@@ -152,14 +157,15 @@ class Lifecycle:
 
     # -- start ---------------------------------------------------------------------------------
 
-    async def start(self, allow_reboot: bool = False) -> None:
-        """Start QEMU unless it runs; does not wait for the guest to boot."""
+    async def start(self, allow_reboot: bool = False, paused: bool = False) -> None:
+        """Start QEMU unless it runs; does not wait for the guest to boot. ``paused``: the
+        guest does not run until QMP ``cont`` (to load a saved state first)."""
         async with self._start_lock:
             if self.state.running:
                 return
-            await self._start(allow_reboot)
+            await self._start(allow_reboot, paused)
 
-    async def _start(self, allow_reboot: bool) -> None:
+    async def _start(self, allow_reboot: bool, paused: bool = False) -> None:
         self.crash_report = None
         self._shutdown_reason = None
         self._reset_expected = False
@@ -183,6 +189,8 @@ class Lifecycle:
         }
         env.update(turbo)
         extra = driver_qemu_options(self.state_dir, allow_reboot, graphical_display_available())
+        if paused:
+            extra.append("-S")
         try:
             process.spawn(extra, env, self.console.feed)
             monitor = await process.accept("monitor", self.socket_timeout)
@@ -350,6 +358,137 @@ class Lifecycle:
         await self.start(self.allow_reboot)
         self._check_crashed()
 
+    # -- snapshots -----------------------------------------------------------------------------
+
+    async def _guest_run(self, command: str) -> tuple[int, str]:
+        assert self.shell is not None
+        status, out = await self.guard(self.shell.execute(command, timeout=60.0))
+        return status, out.decode(errors="replace")
+
+    async def save(self, label: str) -> SnapshotInfo:
+        """Save the machine (RAM, devices, writable disks) under ``label``; it stays up.
+
+        A command running on the machine is waited for; new ones wait for the save.
+        """
+        check_label(label)
+        if self.state is not MachineState.UP:
+            self.require_running("save a snapshot")
+            raise MachineError(
+                f"{self.name} is {self.state}, so it cannot save a snapshot yet; wait until it "
+                f"is up ({self.name}.connect())"
+            )
+        async with self._connect_lock:  # new commands wait in connect() until it is up again
+            assert self.qmp is not None
+            self._set_state(MachineState.SAVING)
+            try:
+                info = await self.guard(self.snapshots.save(self.qmp, self._guest_run, label))
+                if self.shell is not None:
+                    self.snapshots.death_tokens[label] = self.shell.death_token
+                return info
+            finally:
+                self._up_again()
+
+    async def restore(self, label: str) -> None:
+        """Bring the machine back to the state saved as ``label``: in place, in the same QEMU,
+        when it runs; from a new QEMU started from that state (a fork) when it is off."""
+        check_label(label)
+        if not self.state.running:
+            await self._fork(label)
+            return
+        if self.state is not MachineState.UP:
+            self.require_running("restore a snapshot")
+            raise MachineError(
+                f"{self.name} is {self.state}, so it cannot restore a snapshot yet; wait until "
+                f"it is up ({self.name}.connect())"
+            )
+        async with self._connect_lock:
+            qmp, shell = self.qmp, self.shell
+            assert qmp is not None and shell is not None
+            self._set_state(MachineState.RESTORING)
+            start = time.monotonic()
+            try:
+                # A command running now belongs to the timeline being abandoned: wait for it
+                # (the shell's lock), then load with the channel idle on both sides.
+                async with shell.idle():
+                    try:
+                        await self.guard(self.snapshots.load(qmp, label))
+                    except MachineError as e:
+                        await self._after_failed_load(qmp, e)
+                        raise
+                    shell.rewound()
+                await self.guard(self.snapshots.after_load(self._guest_run, label))
+            finally:
+                self._up_again()
+        self.console.note(f"restored snapshot {label}")
+        self.log.info("restored snapshot %s in %.2f s", label, time.monotonic() - start)
+
+    async def _fork(self, label: str) -> None:
+        """Start QEMU paused, load ``label`` into it and let it run: the guest goes on from the
+        saved state (its backdoor up already) instead of booting."""
+        self._check_can_fork(label)
+        start = time.monotonic()
+        async with self._connect_lock:
+            await self.start(self.allow_reboot, paused=True)
+            qmp, shell = self.qmp, self.shell
+            assert qmp is not None and shell is not None
+            self._set_state(MachineState.RESTORING)
+            try:
+                await self.guard(self.snapshots.load(qmp, label))
+                await self.guard(qmp.aexecute("cont"))
+                shell.resume(self.snapshots.death_tokens.get(label) or shell.death_token)
+                if self.shell_framing != "nixpkgs":
+                    await self.guard(shell.setup())
+            except BaseException:
+                process = self.process
+                if process is not None:
+                    await asyncio.shield(self._abandon(process))
+                raise
+            self._set_state(MachineState.UP)
+        await self.guard(self.snapshots.after_load(self._guest_run, label))
+        self.console.note(f"restored snapshot {label}")
+        self.log.info("started from snapshot %s in %.2f s", label, time.monotonic() - start)
+
+    def _check_can_fork(self, label: str) -> None:
+        if self.state is MachineState.STOPPING:
+            self.check("restore a snapshot")
+        known = [s.label for s in self.snapshots.known]
+        if label not in known:
+            raise MachineError(
+                f"{self.name} has no snapshot {label!r} to start from (its snapshots: "
+                f"{', '.join(known) or 'none yet'}); take one while it runs with "
+                f"{self.name}.snapshot({label!r})"
+            )
+
+    async def _after_failed_load(self, qmp: QMPSession, error: MachineError) -> None:
+        """A load QEMU gave up on half-way leaves a guest that cannot run: stop it, and say so."""
+        with contextlib.suppress(Exception):
+            if (await qmp.aexecute("query-status"))["return"].get("running"):
+                return  # refused before anything was loaded: the machine is as it was
+        self.log.error("the failed restore left the guest half-loaded; stopping QEMU")
+        process = self.process
+        self._set_state(MachineState.STOPPING)
+        if process is not None:
+            await process.terminate()
+            await self._stopped.wait()
+        error.args = (
+            f"{error}\nThe guest was half-loaded, so its QEMU was stopped: the machine is off. "
+            f"Start it again ({self.name}.start()).",
+        )
+
+    def _up_again(self) -> None:
+        if self.state in (MachineState.SAVING, MachineState.RESTORING):
+            self._set_state(MachineState.UP)
+
+    async def list_snapshots(self) -> list[SnapshotInfo]:
+        return await self.snapshots.listing(self.qmp if self.state.running else None)
+
+    async def delete_snapshot(self, label: str) -> None:
+        if not self.state.running or self.qmp is None:
+            raise MachineError(
+                f"{self.name} is {self.state}: start it to delete a snapshot ({self.name}.start())"
+            )
+        await self.guard(self.snapshots.delete(self.qmp, label))
+
     # -- stop ----------------------------------------------------------------------------------
 
     async def _watch_exit(self, process: QemuProcess) -> None:
@@ -371,6 +510,7 @@ class Lifecycle:
 
     async def _teardown(self) -> None:
         """Close every connection of the current QEMU run (the process is gone or going)."""
+        self.snapshots.forget()
         if self.qmp is not None:
             await self.qmp.close()
         if self.shell is not None:

@@ -65,9 +65,16 @@ class QMPSession:
         self._event_arrived = asyncio.Event()
         self._closed = False
         self._disconnecting = False
+        self._jobs: dict[str, asyncio.Future[None]] = {}  # job id -> concluded
+        self._closed_event = asyncio.Event()
 
     def _dispatch(self, event: Event) -> None:
         self.log.debug("event %s", event)
+        if event.get("event") == "JOB_STATUS_CHANGE":
+            data = event.get("data") or {}
+            job = self._jobs.get(str(data.get("id")))
+            if job is not None and data.get("status") == "concluded" and not job.done():
+                job.set_result(None)
         if not _internal(event):
             self._events.append(event)
             self._event_arrived.set()
@@ -94,6 +101,31 @@ class QMPSession:
         except (QMPError, EOFError, OSError) as e:
             raise ConnectionError(f"QMP connection to {self.name} closed: {e}") from e
         return {"return": result}
+
+    async def run_job(self, cmd: str, args: dict[str, Any], job_id: str) -> None:
+        """Run a QMP job command (``snapshot-save``...) to its end, then dismiss it.
+
+        The end is QEMU's ``JOB_STATUS_CHANGE`` event, not a poll. A job that failed raises
+        ``QMPAPIError`` with QEMU's reason.
+        """
+        concluded = asyncio.get_running_loop().create_future()
+        self._jobs[job_id] = concluded
+        try:
+            await self.aexecute(cmd, {"job-id": job_id, **args})
+            closed = asyncio.ensure_future(self._closed_event.wait())
+            try:
+                await asyncio.wait({concluded, closed}, return_when=asyncio.FIRST_COMPLETED)
+            finally:
+                closed.cancel()
+            if not concluded.done():
+                raise ConnectionError(f"QMP connection to {self.name} closed during {cmd}")
+            jobs = (await self.aexecute("query-jobs"))["return"]
+            error = next((j.get("error") for j in jobs if j.get("id") == job_id), None)
+            await self.aexecute("job-dismiss", {"id": job_id})
+        finally:
+            del self._jobs[job_id]
+        if error:
+            raise QMPAPIError({"error": {"class": "GenericError", "desc": error}, "id": None})
 
     def send(self, cmd: str, args: dict[str, Any] | None = None) -> dict[str, Any]:
         """nixpkgs' ``QMPSession.send``: run a command and return the response message."""
@@ -128,6 +160,7 @@ class QMPSession:
     def mark_closed(self) -> None:
         """Called when QEMU exits: every waiter gets ConnectionError instead of hanging."""
         self._closed = True
+        self._closed_event.set()
         self._event_arrived.set()
 
     async def close(self) -> None:

@@ -14,9 +14,10 @@ waiting for stdout to close.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import secrets
 import socket
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 
 from ...errors import MachineError
 from .fast import OUT_CHARDEV, OUT_MARK, FastFraming, OutDemux, setup_script
@@ -133,6 +134,31 @@ class ShellChannel:
             self.backdoor.log.info(
                 "the guest has no nixos-repl ports: using nixpkgs' shell framing"
             )
+
+    # -- snapshots -----------------------------------------------------------------------------
+
+    @contextlib.asynccontextmanager
+    async def idle(self) -> AsyncIterator[None]:
+        """No command runs on the channel while in this block (a running one is waited for)."""
+        async with self._lock:
+            yield
+
+    def rewound(self) -> None:
+        """The guest was rewound (a snapshot was loaded): drop what arrived from the abandoned
+        timeline; the next command's reply cannot be taken from it."""
+        self.backdoor.buf.clear()
+        self.framing.rewound()
+
+    @property
+    def death_token(self) -> bytes:
+        """The line the guest's backdoor prints when it dies (set up with the fast framing)."""
+        return self._death
+
+    def resume(self, death_token: bytes) -> None:
+        """A QEMU started from a saved state: its backdoor is up already (no banner comes) and
+        was set up with ``death_token``; ``setup()`` then finds its framing again."""
+        self._death = death_token
+        self._banner = b""
 
     # -- commands ------------------------------------------------------------------------------
 

@@ -167,6 +167,12 @@ class FastFraming:
     def _cmd(self, cmd: Command | None) -> None:
         self.backdoor.current = cmd
 
+    def rewound(self) -> None:
+        # Mark the next command's output: nothing stale may pass for it.
+        self._demux = OutDemux()
+        self._clean = False
+        self._unsent = None
+
     def _note_stray(self, data: bytes) -> None:
         if data:
             self.log.debug("dropping %d stray bytes: %r", len(data), data[:200])

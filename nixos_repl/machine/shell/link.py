@@ -60,6 +60,9 @@ class Framing(Protocol):
         channel in sync."""
         ...
 
+    def rewound(self) -> None:
+        """The guest was rewound to a snapshot: forget what the abandoned timeline left."""
+
 
 class Backdoor:
     """The backdoor shell's socket (hvc0): drained as soon as bytes arrive, read as lines.

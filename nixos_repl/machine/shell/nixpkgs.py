@@ -45,6 +45,9 @@ class NixpkgsFraming:
         self.name = name
         self.backdoor = backdoor
 
+    def rewound(self) -> None:
+        pass  # every reply is matched by its nonce already
+
     async def settle(self) -> None:
         """Nothing is left half-way between two commands."""
 

@@ -1,0 +1,113 @@
+"""Snapshot benchmark: save and in-place restore against a cold boot, one run, TCG.
+
+Run by hand (not a test): ``.venv/bin/python bench/snapshot.py [-n 20] [--debian]``.
+
+Prints, for the tiny guest (and the Debian guest with ``--debian``): boot to the first command
+(the cold start a restore replaces), ``snapshot()``, ``restore()``, ``restore()`` followed by the
+first command (the first command after a restore pays for TCG's emptied translation cache), the
+size of one saved state against the RAM the guest uses, and the ratios. Every restore is checked:
+a file written after the snapshot must be gone, or the run fails.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import statistics
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+from nixos_repl import Machine, Registry
+from nixos_repl.guests import build_debian, build_tiny
+
+
+def median_ms(fn: Callable[[], object], n: int) -> float:
+    samples = []
+    for _ in range(n):
+        start = time.perf_counter()
+        fn()
+        samples.append(time.perf_counter() - start)
+    return statistics.median(samples) * 1000
+
+
+def used_mib(vm: Machine) -> float:
+    info = dict(line.split(":", 1) for line in vm.succeed("cat /proc/meminfo").splitlines())
+    kib = int(info["MemTotal"].split()[0]) - int(info["MemFree"].split()[0])
+    return kib / 1024
+
+
+def measure(script: Path, out: Path, n: int, label: str) -> None:
+    with Registry.from_start_scripts([script], out_dir=out) as reg:
+        (vm,) = reg.machines
+        start = time.perf_counter()
+        vm.succeed("true")
+        boot = (time.perf_counter() - start) * 1000
+        vm.snapshot("bench")
+        save = median_ms(lambda: vm.snapshot("bench"), n)
+
+        def restore() -> None:
+            vm.succeed("touch /root/after-snapshot")
+            vm.restore("bench")
+
+        def restore_and_check() -> None:
+            restore()
+            if vm.execute("test -e /root/after-snapshot")[0] == 0:
+                raise SystemExit(f"[{label}] a restore did not rewind the guest")
+
+        restore_and_check()
+        touch = median_ms(lambda: vm.succeed("touch /root/after-snapshot"), n)
+        restore_only = median_ms(restore, n) - touch
+        restore_first = median_ms(restore_and_check, n) - touch
+        command = median_ms(lambda: vm.succeed("true"), n)
+        (info,) = [s for s in vm.snapshots() if s.label == "bench"]
+        used = used_mib(vm)
+        file_mib = vm.lifecycle.snapshots.path.stat().st_size / 2**20
+
+        def fork() -> None:
+            vm.crash()
+            vm.restore("bench")
+            if vm.succeed("echo forked") != "forked\n":
+                raise SystemExit(f"[{label}] a fork did not answer")
+
+        fork_first = median_ms(fork, max(3, n // 4))
+    print(f"[{label}] boot to first command: {boot:.0f} ms (cold, once)")
+    print(f"[{label}] snapshot(): median {save:.0f} ms")
+    print(
+        f"[{label}] restore(): median {restore_only:.0f} ms; restore() + first command: "
+        f"{restore_first:.0f} ms (a later command: {command:.1f} ms)"
+    )
+    print(
+        f"[{label}] restore is {boot / restore_only:.1f}x faster than booting; "
+        f"restore + first command {boot / restore_first:.1f}x"
+    )
+    print(
+        f"[{label}] fork (QEMU started from the saved state) to the first command: "
+        f"{fork_first:.0f} ms, {boot / fork_first:.1f}x faster than booting"
+    )
+    print(
+        f"[{label}] one saved state: {info.size / 2**20:.1f} MiB of machine state for "
+        f"{used:.1f} MiB of guest RAM in use (the snapshot file: {file_mib:.1f} MiB)"
+    )
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("-n", type=int, default=20, help="samples per figure (default 20)")
+    parser.add_argument("--debian", action="store_true", help="also the Debian guest")
+    args = parser.parse_args()
+    logging.basicConfig(level=logging.WARNING)
+    with tempfile.TemporaryDirectory(prefix="bench-snapshot-") as tmp:
+        guests = Path(tmp) / "guests"
+        build_tiny(["tiny"], guests)
+        measure(guests / "run-tiny-vm", Path(tmp), args.n, "tiny")
+        if args.debian:
+            build_debian(["deb"], guests)
+            measure(guests / "run-deb-vm", Path(tmp), args.n, "debian")
+        else:
+            print("[debian] not measured (pass --debian; the first build takes ~75 s)")
+
+
+if __name__ == "__main__":
+    main()
