@@ -46,7 +46,9 @@ def debian(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Machine]:
     guests = tmp_path_factory.mktemp("debian-guests")
     script, _ = build_debian([NAME, PEER], guests)  # the peer is not started
     out = tmp_path_factory.mktemp("debian-out")
-    with Registry.from_start_scripts([script], vlans=[1], out_dir=out) as registry:
+    # A directory of its own: the session's tiny pair may hold VLAN 1 in the shared one.
+    run = tmp_path_factory.mktemp("debian-run")
+    with Registry([(NAME, script)], vlans=[1], out_dir=out, tmp_dir=run) as registry:
         machine = registry[NAME]
         machine.start()
         machine.connect()
