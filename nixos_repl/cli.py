@@ -102,6 +102,13 @@ def _add_run_options(parser: argparse.ArgumentParser, *, legacy_positional: bool
         type=Path,
     )
     parser.add_argument(
+        "--boot-cache",
+        metavar="DIR",
+        type=Path,
+        help="start machines from their state right after boot saved in DIR by an earlier run "
+        "(the first run saves it; env: NIXOS_REPL_BOOT_CACHE)",
+    )
+    parser.add_argument(
         "--log-level",
         metavar="LOG_LEVEL",
         choices=LOG_LEVELS,
@@ -206,7 +213,16 @@ def _test_driver_parser() -> argparse.ArgumentParser:
 def test_driver_main(argv: Sequence[str] | None = None) -> int:
     """``nixos-test-driver``: nixpkgs' command line, flag for flag."""
     args = _test_driver_parser().parse_args(argv)
+    _use_boot_cache(args)
     return _run(args, "nixos-test-driver", args.testscript)
+
+
+def _use_boot_cache(args: argparse.Namespace) -> None:
+    """``--boot-cache DIR`` is ``NIXOS_REPL_BOOT_CACHE=DIR`` for this process and its kernels."""
+    if getattr(args, "boot_cache", None) is not None:
+        from .machine.bootcache import ENV
+
+        os.environ[ENV] = str(args.boot_cache.absolute())
 
 
 def generate_driver_symbols(argv: Sequence[str] | None = None) -> int:
@@ -362,6 +378,12 @@ def _parser() -> argparse.ArgumentParser:
         "jupyter_args", nargs=argparse.REMAINDER, metavar="...", help="passed to jupyter lab"
     )
 
+    cache = commands.add_parser("cache", help="the boot cache: list or clear its entries")
+    cache.add_argument("action", choices=["list", "clear"], help="list or clear the entries")
+    cache.add_argument(
+        "--dir", type=Path, metavar="DIR", help="the cache (default: $NIXOS_REPL_BOOT_CACHE)"
+    )
+
     export = commands.add_parser(
         "export",
         help="write a nixpkgs testScript from a session log, a notebook or an .ipy file",
@@ -415,6 +437,7 @@ def _parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     parser = _parser()
     args = parser.parse_args(argv)
+    _use_boot_cache(args)
     if args.batch is not None:
         if args.command is not None:
             parser.error("--batch runs a test script; it takes no command")
@@ -441,6 +464,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return _interactive(args)
     if args.command == "export":
         return _export(args)
+    if args.command == "cache":
+        return _cache(args)
     quiet = args.command == "demo" and not args.verbose
     logging.basicConfig(
         level=logging.DEBUG if args.verbose else logging.WARNING if quiet else logging.INFO,
@@ -464,6 +489,28 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 1
     parser.print_help()
     return 2
+
+
+def _cache(args: argparse.Namespace) -> int:
+    """``nixos-repl cache list|clear [--dir DIR]``."""
+    from .machine.bootcache import ENV, BootCache
+
+    root = args.dir or (Path(os.environ[ENV]) if os.environ.get(ENV) else None)
+    if root is None:
+        print(f"nixos-repl: error: which boot cache? Give --dir DIR or set {ENV}",
+              file=sys.stderr)  # fmt: skip
+        return 2
+    cache = BootCache(root.expanduser())
+    if args.action == "clear":
+        print(f"removed {cache.clear()} entries from {root}")
+        return 0
+    entries = cache.entries()
+    for entry in entries:
+        print(f"{entry.meta.get('name', '?'):16s} {entry.size / 2**20:8.1f} MiB  "
+              f"{entry.meta.get('created', '?')}  {entry.path}")  # fmt: skip
+    if not entries:
+        print(f"no entries in {root}")
+    return 0
 
 
 def _export(args: argparse.Namespace) -> int:

@@ -28,12 +28,13 @@ from pathlib import Path
 from typing import Any, Literal, TypeVar
 
 from ..errors import MachineError
+from .bootcache import BootCache, key_parts
 from .console import Console
 from .monitor import Monitor
 from .process import QemuProcess, driver_qemu_options, graphical_display_available
 from .qmp import QMPSession
 from .shell import OUT_CHARDEV, ShellChannel
-from .snapshot import SnapshotInfo, Snapshots, check_label
+from .snapshot import BOOT_LABEL, SnapshotInfo, Snapshots, check_label
 from .timing import Duration, nested, seconds
 from .turbo import turbo_env
 
@@ -110,6 +111,8 @@ class Lifecycle:
         self._watcher: asyncio.Task[None] | None = None
         self._stopped = asyncio.Event()  # set when the current run's QEMU is gone
         self.snapshots = Snapshots(name, state_dir)
+        # With a boot cache: where to save this machine once it has booted cold.
+        self._cache_todo: tuple[BootCache, dict[str, str]] | None = None
 
     # -- state ---------------------------------------------------------------------------------
 
@@ -254,6 +257,8 @@ class Lifecycle:
 
     async def _connect(self) -> None:
         with nested(self.log, "waiting for the VM to finish booting"):
+            if not self.state.running and await self._start_from_cache():
+                return
             await self.start(self.allow_reboot)
             self.check("run a command")
             shell = self.shell
@@ -275,6 +280,7 @@ class Lifecycle:
             self._set_state(MachineState.UP)
             self.log.info("connected to guest root shell")
             self.log.info("(connecting took %.2f seconds)", time.monotonic() - start)
+            await self._fill_cache()
 
     def expect_new_boot(self) -> None:
         """The guest reboots in the same QEMU: the next command waits for the new backdoor."""
@@ -378,15 +384,78 @@ class Lifecycle:
                 f"is up ({self.name}.connect())"
             )
         async with self._connect_lock:  # new commands wait in connect() until it is up again
-            assert self.qmp is not None
-            self._set_state(MachineState.SAVING)
-            try:
-                info = await self.guard(self.snapshots.save(self.qmp, self._guest_run, label))
-                if self.shell is not None:
-                    self.snapshots.death_tokens[label] = self.shell.death_token
-                return info
-            finally:
-                self._up_again()
+            return await self._save_locked(label)
+
+    async def _save_locked(self, label: str) -> SnapshotInfo:
+        assert self.qmp is not None
+        self._set_state(MachineState.SAVING)
+        try:
+            info = await self.guard(self.snapshots.save(self.qmp, self._guest_run, label))
+            if self.shell is not None:
+                self.snapshots.death_tokens[label] = self.shell.death_token
+            return info
+        finally:
+            self._up_again()
+
+    # -- the boot cache ------------------------------------------------------------------------
+
+    async def _start_from_cache(self) -> bool:
+        """With a boot cache: start from its saved boot when there is one (True), else note
+        what to save once booted. A machine with snapshots of its own keeps them (no cache)."""
+        self._cache_todo = None
+        env = {**os.environ, **self.extra_env}
+        cache = BootCache.from_env(env)
+        if cache is None or self.snapshots.path.exists():
+            return False
+        parts = key_parts(self.start_command, env)
+        entry, why = cache.lookup(self.name, parts)
+        if entry is None:
+            self.log.info("boot cache: booting %s cold (%s)", self.name, why)
+            self._cache_todo = (cache, parts)
+            return False
+        cache.install(entry, self.state_dir)
+        self.snapshots.adopt(entry.meta)
+        try:
+            await self._fork_locked(BOOT_LABEL)
+        except MachineError as e:
+            self.log.warning(
+                "boot cache: booting %s cold: its saved boot failed (%s)", self.name, e
+            )
+            cache.discard(entry)
+            self.snapshots.reset()
+            self._cache_todo = (cache, parts)
+            return False
+        self.log.info("boot cache: %s started from its saved boot (%s)", self.name, entry.path)
+        return True
+
+    async def _fill_cache(self) -> None:
+        """After a cold boot with a boot cache: save the machine and keep it there."""
+        todo, self._cache_todo = self._cache_todo, None
+        if todo is None or self.qmp is None:
+            return
+        cache, parts = todo
+        qmp = self.qmp
+        disks = await self.snapshots.disk_files(qmp)
+        if disks is None:
+            self.log.info(
+                "boot cache: not saving %s: a writable disk is outside its state directory",
+                self.name,
+            )
+            return
+        await self._save_locked(BOOT_LABEL)
+        await qmp.aexecute("stop")  # the disks hold still while they are copied
+        try:
+            entry = await asyncio.to_thread(
+                cache.store,
+                self.name,
+                parts,
+                self.snapshots.path,
+                disks,
+                self.snapshots.describe(BOOT_LABEL),
+            )
+        finally:
+            await qmp.aexecute("cont")
+        self.log.info("boot cache: saved the boot of %s (%s)", self.name, entry.path)
 
     async def restore(self, label: str) -> None:
         """Bring the machine back to the state saved as ``label``: in place, in the same QEMU,
@@ -426,24 +495,27 @@ class Lifecycle:
         """Start QEMU paused, load ``label`` into it and let it run: the guest goes on from the
         saved state (its backdoor up already) instead of booting."""
         self._check_can_fork(label)
-        start = time.monotonic()
         async with self._connect_lock:
-            await self.start(self.allow_reboot, paused=True)
-            qmp, shell = self.qmp, self.shell
-            assert qmp is not None and shell is not None
-            self._set_state(MachineState.RESTORING)
-            try:
-                await self.guard(self.snapshots.load(qmp, label))
-                await self.guard(qmp.aexecute("cont"))
-                shell.resume(self.snapshots.death_tokens.get(label) or shell.death_token)
-                if self.shell_framing != "nixpkgs":
-                    await self.guard(shell.setup())
-            except BaseException:
-                process = self.process
-                if process is not None:
-                    await asyncio.shield(self._abandon(process))
-                raise
-            self._set_state(MachineState.UP)
+            await self._fork_locked(label)
+
+    async def _fork_locked(self, label: str) -> None:
+        start = time.monotonic()
+        await self.start(self.allow_reboot, paused=True)
+        qmp, shell = self.qmp, self.shell
+        assert qmp is not None and shell is not None
+        self._set_state(MachineState.RESTORING)
+        try:
+            await self.guard(self.snapshots.load(qmp, label))
+            await self.guard(qmp.aexecute("cont"))
+            shell.resume(self.snapshots.death_tokens.get(label) or shell.death_token)
+            if self.shell_framing != "nixpkgs":
+                await self.guard(shell.setup())
+        except BaseException:
+            process = self.process
+            if process is not None:
+                await asyncio.shield(self._abandon(process))
+            raise
+        self._set_state(MachineState.UP)
         await self.guard(self.snapshots.after_load(self._guest_run, label))
         self.console.note(f"restored snapshot {label}")
         self.log.info("started from snapshot %s in %.2f s", label, time.monotonic() - start)

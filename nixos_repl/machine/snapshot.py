@@ -38,8 +38,9 @@ from typing import Any
 from ..errors import MachineError, QMPAPIError
 from .qmp import INTERNAL_PREFIX, QMPSession
 
-__all__ = ["LABEL", "SnapshotInfo", "Snapshots", "check_label"]
+__all__ = ["BOOT_LABEL", "LABEL", "SnapshotInfo", "Snapshots", "check_label"]
 
+BOOT_LABEL = "booted"  # the default label, and the boot cache's
 LABEL = re.compile(r"[A-Za-z0-9][A-Za-z0-9._+-]{0,63}\Z")
 NODE = f"{INTERNAL_PREFIX}snapshots"
 FILE_NODE = f"{NODE}-file"
@@ -342,6 +343,48 @@ class Snapshots:
             ) from None
         finally:
             self._stamp = self._file_stamp()
+
+    # -- the boot cache's view ------------------------------------------------------------------
+
+    def describe(self, label: str) -> dict[str, Any]:
+        """What a fork of ``label`` needs besides the files (kept in a boot cache entry)."""
+        info = next(s for s in self._known if s.label == label)
+        token = self.death_tokens.get(label)
+        return {
+            "label": label,
+            "size": info.size,
+            "shares": [[s.tag, s.target, s.options] for s in self._shares.get(label, [])],
+            "token": token.hex() if token is not None else None,
+        }
+
+    def adopt(self, described: dict[str, Any]) -> None:
+        """Take on a state file from elsewhere (a boot cache entry) with its description."""
+        label = str(described["label"])
+        self._known = [SnapshotInfo(label, int(described["size"]), dt.datetime.now(dt.UTC))]
+        self._shares[label] = [_Share(*share) for share in described.get("shares", [])]
+        token = described.get("token")
+        if token:
+            self.death_tokens[label] = bytes.fromhex(token)
+        self._stamp = None
+
+    def reset(self) -> None:
+        """Forget every saved state (the file is removed)."""
+        self.path.unlink(missing_ok=True)
+        self._known, self._shares, self.death_tokens, self._stamp = [], {}, {}, None
+
+    async def disk_files(self, qmp: QMPSession) -> dict[str, Path] | None:
+        """The writable disks (file name in the state directory -> file); None when one lives
+        elsewhere (a boot cache entry could not carry it)."""
+        found: dict[str, Path] = {}
+        for block in (await qmp.aexecute("query-block"))["return"]:
+            inserted = block.get("inserted")
+            if not inserted or inserted.get("ro") or inserted.get("node-name") == NODE:
+                continue
+            disk = Path(str(inserted.get("file", "")))
+            if disk.parent != self.path.parent or not disk.is_file():
+                return None
+            found[disk.name] = disk
+        return found
 
     @property
     def known(self) -> list[SnapshotInfo]:

@@ -1,0 +1,155 @@
+"""The boot cache: keys (pure), and machines started from a saved boot on the tiny guest."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from nixos_repl import Registry
+from nixos_repl.machine.bootcache import ENV, BootCache, key_parts
+
+from .helpers import BIN, machines_config
+
+
+def script(tmp_path: Path, text: str) -> Path:
+    path = tmp_path / "run-x-vm"
+    path.write_text(text)
+    path.chmod(0o755)
+    return path
+
+
+def test_the_key_covers_what_shapes_the_vm(tmp_path: Path) -> None:
+    kernel = tmp_path / "bzImage"
+    kernel.write_bytes(b"kernel")
+    start = script(tmp_path, f'#!/bin/sh\nexec qemu-system-x86_64 -kernel {kernel} "$@"\n')
+    base = key_parts(str(start), {})
+    assert key_parts(str(start), {}) == base, "the same machine, the same key"
+    assert (
+        key_parts(str(start), {"QEMU_OPTS": "-m 512"})["the environment"] != base["the environment"]
+    )
+    assert key_parts(str(start), {"QEMU_VDE_SOCKET_1": "/x"})["the VLANs"] == "1"
+    assert key_parts(str(start), {"UNRELATED": "1"}) == base
+    kernel.write_bytes(b"another kernel")
+    assert key_parts(str(start), {})["a file it names"] != base["a file it names"]
+    start.write_text(start.read_text() + "# edited\n")
+    assert key_parts(str(start), {})["the start script"] != base["the start script"]
+    assert "QEMU emulator version" in base["QEMU's version"]
+
+
+def test_a_miss_says_which_part_changed(tmp_path: Path) -> None:
+    cache = BootCache(tmp_path / "cache")
+    parts = {"the start script": "a", "QEMU's version": "7.2"}
+    assert cache.lookup("vm1", parts) == (None, "no entry for it yet")
+    state = tmp_path / "state.qcow2"
+    state.write_bytes(b"state")
+    entry = cache.store("vm1", parts, state, {}, {"label": "booted", "size": 5})
+    found, _ = cache.lookup("vm1", parts)
+    assert found is not None and found.path == entry.path
+    assert cache.lookup("vm1", {**parts, "QEMU's version": "8.0"}) == (
+        None,
+        "QEMU's version changed",
+    )
+    assert [e.meta["name"] for e in cache.entries()] == ["vm1"]
+    assert not list((tmp_path / "cache").glob(".tmp-*")), "nothing half-written is left"
+    assert cache.clear() == 1 and cache.entries() == []
+
+
+def test_a_second_run_starts_from_the_saved_boot(
+    guest_dir: Path,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    monkeypatch.setenv(ENV, str(tmp_path / "cache"))
+    runs = []
+    for run in range(2):
+        out = tmp_path / f"out{run}"
+        out.mkdir()
+        caplog.clear()
+        with caplog.at_level("INFO"):
+            with Registry.from_start_scripts([guest_dir / "run-solo-vm"], out_dir=out) as reg:
+                solo = reg["solo"]
+                solo.succeed("echo hello > /tmp/shared/from-guest")
+                runs.append(caplog.text)
+                assert solo.succeed("grep -c 9p /proc/mounts") == "2\n"
+                assert solo.shell is not None and solo.shell.fast
+                if run == 1:
+                    assert "restored snapshot booted" in solo.get_console_log()
+                    solo.succeed("touch /root/only-in-run-2")
+                    solo.restore()  # its saved boot is a snapshot like any other
+                    solo.fail("test -e /root/only-in-run-2")
+    assert "booting solo cold (no entry for it yet)" in runs[0]
+    assert "saved the boot of solo" in runs[0]
+    assert "solo started from its saved boot" in runs[1]
+
+
+def test_a_changed_machine_boots_cold_and_says_why(
+    guest_dir: Path,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    monkeypatch.setenv(ENV, str(tmp_path / "cache"))
+    with Registry.from_start_scripts([guest_dir / "run-solo-vm"], out_dir=tmp_path) as reg:
+        reg["solo"].connect()
+    monkeypatch.setenv("QEMU_KERNEL_PARAMS", "quiet")
+    with caplog.at_level("INFO"):
+        with Registry.from_start_scripts([guest_dir / "run-solo-vm"], out_dir=tmp_path) as reg:
+            reg["solo"].connect()
+    assert "booting solo cold (the environment changed)" in caplog.text
+
+
+def test_a_damaged_entry_is_dropped_and_the_machine_boots(
+    guest_dir: Path,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    monkeypatch.setenv(ENV, str(tmp_path / "cache"))
+    with Registry.from_start_scripts([guest_dir / "run-solo-vm"], out_dir=tmp_path) as reg:
+        reg["solo"].connect()
+    (entry,) = BootCache(tmp_path / "cache").entries()
+    state = entry.path / "snapshots.qcow2"
+    with open(state, "r+b") as f:
+        f.truncate(state.stat().st_size // 2)
+    damaged = state.stat().st_size
+    with caplog.at_level("INFO"):
+        with Registry.from_start_scripts([guest_dir / "run-solo-vm"], out_dir=tmp_path) as reg:
+            assert reg["solo"].succeed("echo up") == "up\n"
+    assert "booting solo cold: its saved boot failed" in caplog.text
+    (again,) = BootCache(tmp_path / "cache").entries()  # saved anew by the cold boot
+    assert (again.path / "snapshots.qcow2").stat().st_size > damaged
+
+
+def test_batch_with_a_boot_cache_and_the_cache_command(guest_dir: Path, tmp_path: Path) -> None:
+    test = tmp_path / "test.py"
+    test.write_text('vm1.succeed("true")\n')
+    config = machines_config(guest_dir, tmp_path, ("vm1",))
+    cache = tmp_path / "cache"
+    env = {**os.environ, "XDG_RUNTIME_DIR": str(tmp_path)}
+    env.pop(ENV, None)
+    for expected in ("booting vm1 cold", "vm1 started from its saved boot"):
+        result = subprocess.run(
+            [str(BIN / "nixos-repl"), "--batch", str(test), "--config", str(config),
+             "--boot-cache", str(cache), "-o", str(tmp_path)],
+            capture_output=True, text=True, env=env, timeout=300,
+        )  # fmt: skip
+        assert result.returncode == 0, result.stderr
+        assert expected in result.stderr
+    listing = subprocess.run(
+        [str(BIN / "nixos-repl"), "cache", "list", "--dir", str(cache)],
+        capture_output=True, text=True, env=env,
+    )  # fmt: skip
+    assert listing.returncode == 0 and listing.stdout.startswith("vm1 ")
+    meta = json.loads(next(cache.glob("*/meta.json")).read_text())
+    assert meta["label"] == "booted" and meta["token"]
+    cleared = subprocess.run(
+        [str(BIN / "nixos-repl"), "cache", "clear", "--dir", str(cache)],
+        capture_output=True, text=True, env=env,
+    )  # fmt: skip
+    assert cleared.stdout.startswith("removed 1 entries")
+    assert BootCache(cache).entries() == []
