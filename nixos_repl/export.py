@@ -521,8 +521,8 @@ def _span(node: ast.AST, starts: list[int], base: int) -> tuple[int, int]:
 _OPPOSITE = {"succeed": "fail", "fail": "succeed"}
 
 
-def _opposite(text: str) -> str | None:
-    """``vm1.succeed("x")`` -> ``vm1.fail("x")`` (and back); None for anything else."""
+def _method_call(text: str) -> ast.Call | None:
+    """The call when ``text`` is one statement calling a method (``x.m(...)``), else None."""
     try:
         tree = ast.parse(text)
     except SyntaxError:
@@ -530,7 +530,15 @@ def _opposite(text: str) -> str | None:
     if len(tree.body) != 1 or not isinstance(tree.body[0], ast.Expr):
         return None
     call = tree.body[0].value
-    if not (isinstance(call, ast.Call) and isinstance(call.func, ast.Attribute)):
+    if isinstance(call, ast.Call) and isinstance(call.func, ast.Attribute):
+        return call
+    return None
+
+
+def _opposite(text: str) -> str | None:
+    """``vm1.succeed("x")`` -> ``vm1.fail("x")`` (and back); None for anything else."""
+    call = _method_call(text)
+    if call is None or not isinstance(call.func, ast.Attribute):
         return None
     other = _OPPOSITE.get(call.func.attr)
     func = ast.get_source_segment(text, call.func)
@@ -730,14 +738,8 @@ _ALL_MACHINES = frozenset({"machines", "start_all", "join_all", "driver"})
 def _rewind(text: str) -> tuple[str, str | None, str | None] | None:
     """A snapshot step: (``save``/``restore``/``""``, the machine or None for all, the label or
     None when it is not a literal); None for any other statement."""
-    try:
-        tree = ast.parse(text)
-    except SyntaxError:
-        return None
-    if len(tree.body) != 1 or not isinstance(tree.body[0], ast.Expr):
-        return None
-    call = tree.body[0].value
-    if not (isinstance(call, ast.Call) and isinstance(call.func, ast.Attribute)):
+    call = _method_call(text)
+    if call is None or not isinstance(call.func, ast.Attribute):
         return None
     kind = _REWINDS.get(call.func.attr)
     if kind is None or not isinstance(call.func.value, ast.Name):

@@ -22,6 +22,18 @@ def script(tmp_path: Path, text: str) -> Path:
     return path
 
 
+@pytest.fixture
+def cache(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """A boot cache for the machines this test starts."""
+    monkeypatch.setenv(ENV, str(tmp_path / "cache"))
+    return tmp_path / "cache"
+
+
+def boot_solo(guest_dir: Path, out: Path) -> None:
+    with Registry.from_start_scripts([guest_dir / "run-solo-vm"], out_dir=out) as reg:
+        assert reg["solo"].succeed("echo up") == "up\n"
+
+
 def test_the_key_covers_what_shapes_the_vm(tmp_path: Path) -> None:
     kernel = tmp_path / "bzImage"
     kernel.write_bytes(b"kernel")
@@ -59,12 +71,8 @@ def test_a_miss_says_which_part_changed(tmp_path: Path) -> None:
 
 
 def test_a_second_run_starts_from_the_saved_boot(
-    guest_dir: Path,
-    tmp_path: Path,
-    monkeypatch: pytest.MonkeyPatch,
-    caplog: pytest.LogCaptureFixture,
+    guest_dir: Path, tmp_path: Path, cache: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
-    monkeypatch.setenv(ENV, str(tmp_path / "cache"))
     runs = []
     for run in range(2):
         out = tmp_path / f"out{run}"
@@ -90,38 +98,30 @@ def test_a_second_run_starts_from_the_saved_boot(
 def test_a_changed_machine_boots_cold_and_says_why(
     guest_dir: Path,
     tmp_path: Path,
-    monkeypatch: pytest.MonkeyPatch,
+    cache: Path,
     caplog: pytest.LogCaptureFixture,
+    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    monkeypatch.setenv(ENV, str(tmp_path / "cache"))
-    with Registry.from_start_scripts([guest_dir / "run-solo-vm"], out_dir=tmp_path) as reg:
-        reg["solo"].connect()
+    boot_solo(guest_dir, tmp_path)
     monkeypatch.setenv("QEMU_KERNEL_PARAMS", "quiet")
     with caplog.at_level("INFO"):
-        with Registry.from_start_scripts([guest_dir / "run-solo-vm"], out_dir=tmp_path) as reg:
-            reg["solo"].connect()
+        boot_solo(guest_dir, tmp_path)
     assert "booting solo cold (the environment changed)" in caplog.text
 
 
 def test_a_damaged_entry_is_dropped_and_the_machine_boots(
-    guest_dir: Path,
-    tmp_path: Path,
-    monkeypatch: pytest.MonkeyPatch,
-    caplog: pytest.LogCaptureFixture,
+    guest_dir: Path, tmp_path: Path, cache: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
-    monkeypatch.setenv(ENV, str(tmp_path / "cache"))
-    with Registry.from_start_scripts([guest_dir / "run-solo-vm"], out_dir=tmp_path) as reg:
-        reg["solo"].connect()
-    (entry,) = BootCache(tmp_path / "cache").entries()
+    boot_solo(guest_dir, tmp_path)
+    (entry,) = BootCache(cache).entries()
     state = entry.path / "snapshots.qcow2"
     with open(state, "r+b") as f:
         f.truncate(state.stat().st_size // 2)
     damaged = state.stat().st_size
     with caplog.at_level("INFO"):
-        with Registry.from_start_scripts([guest_dir / "run-solo-vm"], out_dir=tmp_path) as reg:
-            assert reg["solo"].succeed("echo up") == "up\n"
+        boot_solo(guest_dir, tmp_path)
     assert "booting solo cold: its saved boot failed" in caplog.text
-    (again,) = BootCache(tmp_path / "cache").entries()  # saved anew by the cold boot
+    (again,) = BootCache(cache).entries()  # saved anew by the cold boot
     assert (again.path / "snapshots.qcow2").stat().st_size > damaged
 
 
