@@ -186,6 +186,16 @@ def test_the_tools_nixpkgs_scripts_call(debian: Machine) -> None:
     debian.succeed("python -c 'import http.server'", "curl --version")
 
 
+def test_a_restore_rewinds_the_disk_and_systemd(debian: Machine) -> None:
+    debian.snapshot("disk")
+    debian.succeed("echo later > /var/tmp/after && sync && systemctl stop systemd-journald")
+    debian.restore("disk")
+    debian.fail("test -e /var/tmp/after")
+    assert debian.get_unit_property("systemd-journald.service", "ActiveState") == "active"
+    debian.wait_for_unit("multi-user.target")
+    debian.delete_snapshot("disk")
+
+
 @opt_in
 def test_shutdown_powers_off_cleanly(debian: Machine) -> None:
     debian.shutdown()

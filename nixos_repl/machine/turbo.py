@@ -93,7 +93,8 @@ def extract_vmlinux(bzimage: bytes) -> bytes | None:
     return None
 
 
-_extracted: dict[tuple[str, int, int], Path] = {}  # (path, size, mtime) -> cached ELF
+# (path, size, mtime, cache directory) -> the cached ELF
+_extracted: dict[tuple[str, int, int, Path], Path] = {}
 
 
 def elf_kernel(kernel: Path, cache: Path) -> Path | None:
@@ -102,7 +103,7 @@ def elf_kernel(kernel: Path, cache: Path) -> Path | None:
         if f.read(4) == b"\x7fELF":
             return None  # already an ELF kernel
     info = kernel.stat()
-    key = (str(kernel), info.st_size, info.st_mtime_ns)
+    key = (str(kernel), info.st_size, info.st_mtime_ns, cache)
     if (known := _extracted.get(key)) is not None and known.exists():
         return known
     data = kernel.read_bytes()
