@@ -34,7 +34,7 @@ from typing import Any, overload
 from .config import DriverConfig, pythonize_name
 from .errors import MachineError, PollingConditionError, RequestedAssertionFailed
 from .logs import AbstractLogger, DriverLogger
-from .machine import DEFAULT_TIMEOUT, BaseMachine, Machine, QemuMachine
+from .machine import DEFAULT_TIMEOUT, BaseMachine, Machine, NspawnMachine, QemuMachine
 from .machine.actions import observing
 from .machine.timing import attempt_bound
 from .rebuild import Redeploy
@@ -62,17 +62,6 @@ class AssertionTester(unittest.TestCase):
     """``t`` in test scripts: every ``t.assert*`` raises :class:`RequestedAssertionFailed`."""
 
     failureException = RequestedAssertionFailed
-
-
-class NspawnMachine:
-    """nixpkgs' systemd-nspawn container class, for type annotations only.
-
-    nixos-repl runs QEMU machines; a configuration with containers is refused before anything
-    starts, so ``machines_nspawn`` is always empty.
-    """
-
-    def __init__(self, *args: object, **kwargs: object) -> None:
-        raise MachineError("containers (systemd-nspawn) are not supported by nixos-repl")
 
 
 # -- durations and retry ---------------------------------------------------------------------
