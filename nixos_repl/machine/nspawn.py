@@ -102,10 +102,19 @@ class NspawnChannel:
         return proc.returncode, out
 
 
-async def _kill_group(proc: asyncio.subprocess.Process) -> None:
+async def _kill_group(proc: asyncio.subprocess.Process, grace: float = 5.0) -> None:
+    """Kill the command's process group, and wait until the container has reaped all of it
+    (the next command must not see it)."""
     with contextlib.suppress(ProcessLookupError):
         os.killpg(proc.pid, signal.SIGKILL)
     await proc.wait()
+    deadline = time.monotonic() + grace
+    while time.monotonic() < deadline:
+        try:
+            os.killpg(proc.pid, 0)
+        except ProcessLookupError:
+            return
+        await asyncio.sleep(0.01)
 
 
 class NspawnLifecycle:
