@@ -239,3 +239,24 @@ def test_bad_start_scripts(containers: Containers) -> None:
         mute.succeed("true")
     assert mute.state is MachineState.OFF
     assert leftovers(tmp, []) == []
+
+
+def test_the_guest_build_is_cached_and_writes_nspawn_scripts(
+    container_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    script = container_dir / "run-ct1-nspawn"
+    root = Path(script.read_text().split("lowerdir=")[1].split(",")[0])
+    before = root.stat().st_mtime_ns
+    (again,) = build_debian_container(["ct1"], tmp_path)
+    assert again.read_text() == script.read_text()
+    assert os.access(again, os.X_OK)
+    assert root.stat().st_mtime_ns == before
+    assert (root / "usr/bin/sh").readlink() == Path("bash")
+    # A relative start script works: it runs in the state directory.
+    monkeypatch.chdir(tmp_path)
+    ct = NspawnMachine("run-ct1-nspawn", tmp_dir=tmp_path / "run", out_dir=tmp_path)
+    try:
+        assert ct.succeed("echo relative") == "relative\n"
+    finally:
+        ct.release()
+    assert wait_for_no_leftovers(tmp_path, []) == []

@@ -189,7 +189,7 @@ class NspawnLifecycle:
         await self.start()
 
     async def _start(self) -> None:
-        script = self.start_command
+        script = os.path.abspath(self.start_command)  # it runs in the state directory
         if not os.path.isfile(script):
             raise MachineError(f"{self.name}: the start script {script} does not exist")
         if not os.access(script, os.X_OK):
