@@ -69,14 +69,13 @@ def _add_run_options(parser: argparse.ArgumentParser, *, legacy_positional: bool
         "--container-names",
         metavar="CONTAINER-NAME",
         nargs="*",
-        help="names of participating containers (not supported; env: containerNames)",
+        help="names of participating containers (env: containerNames)",
     )
     parser.add_argument(
         "--container-start-scripts",
         metavar="CONTAINER-START-SCRIPT",
         nargs="*",
-        help="start scripts for participating containers (not supported; "
-        "env: containerStartScripts)",
+        help="start scripts for participating containers (env: containerStartScripts)",
     )
     parser.add_argument(
         "--vlans", metavar="VLAN", nargs="*", help="vlans to span by the driver (env: vlans)"

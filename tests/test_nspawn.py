@@ -6,10 +6,12 @@ systemd-nspawn, journalctl, container process or mount of that directory is left
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import shutil
 import subprocess
+import sys
 import tempfile
 import time
 from collections.abc import Iterator
@@ -260,3 +262,49 @@ def test_the_guest_build_is_cached_and_writes_nspawn_scripts(
     finally:
         ct.release()
     assert wait_for_no_leftovers(tmp_path, []) == []
+
+
+CONTAINER_TEST_SCRIPT = """
+assert [m.name for m in machines] == ["ct1", "ct2"], machines
+assert [m.name for m in machines_nspawn] == ["ct1", "ct2"] and machines_qemu == []
+assert isinstance(ct1, NspawnMachine) and isinstance(ct1, BaseMachine)
+start_all()
+assert ct1.succeed("hostname") == "ct1\\n"
+ct2.wait_for_unit("multi-user.target")
+ct2.succeed("test ! -e /etc/marker")
+"""
+
+
+@pytest.mark.parametrize("invocation", ["config", "legacy"])
+def test_the_driver_runs_containers(container_dir: Path, tmp_path: Path, invocation: str) -> None:
+    test = tmp_path / "test.py"
+    test.write_text(CONTAINER_TEST_SCRIPT)
+    scripts = {n: str(container_dir / f"run-{n}-nspawn") for n in ("ct2", "ct1")}
+    if invocation == "config":
+        config = {
+            "vms": {},
+            "containers": {n: {"name": n, "start_script": s} for n, s in scripts.items()},
+            "vlans": [],
+            "global_timeout": 300,
+            "enable_ssh_backdoor": False,
+            "test_script": str(test),
+        }
+        (tmp_path / "config.json").write_text(json.dumps(config))
+        args = ["--config", str(tmp_path / "config.json")]
+    else:
+        args = [str(test), "--container-names", *scripts, "--container-start-scripts"]
+        args += scripts.values()
+    runtime = tmp_path / "runtime"
+    runtime.mkdir()
+    driver = Path(sys.executable).parent / "nixos-test-driver"
+    result = subprocess.run(
+        [str(driver), *args],
+        capture_output=True,
+        text=True,
+        cwd=tmp_path,
+        env={**os.environ, "XDG_RUNTIME_DIR": str(runtime)},
+        timeout=240,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "must succeed: hostname" in result.stdout + result.stderr
+    assert wait_for_no_leftovers(runtime, []) == []

@@ -92,7 +92,8 @@ class Session:
 
     @property
     def machines(self) -> list[Machine]:
-        return self.driver.machines
+        """The QEMU machines (the front ends do not drive containers yet)."""
+        return self.driver.machines_qemu
 
     def machine(self, name: str) -> Machine:
         """The machine called ``name``; UnknownMachineError names the known ones."""

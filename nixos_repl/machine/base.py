@@ -25,6 +25,7 @@ class BaseMachine:
     """A machine of either kind: its name, log, state directory and the shell-based API."""
 
     name: str
+    start_command: str
     out_dir: Path
     tmp_dir: Path
     state_dir: Path
@@ -37,6 +38,19 @@ class BaseMachine:
 
     @property
     def state(self) -> MachineState:
+        raise NotImplementedError
+
+    @property
+    def booted(self) -> bool:
+        """Whether the machine's process runs (nixpkgs' ``booted``)."""
+        return self.state.running
+
+    @property
+    def pid(self) -> int | None:
+        """The pid of the machine's process (QEMU, systemd-nspawn) while it runs."""
+        raise NotImplementedError
+
+    def is_up(self) -> bool:
         raise NotImplementedError
 
     @property

@@ -456,10 +456,6 @@ class NspawnMachine(BaseMachine):
         return self.lifecycle.state
 
     @property
-    def booted(self) -> bool:
-        return self.lifecycle.state.running
-
-    @property
     def process(self) -> asyncio.subprocess.Process | None:
         return self.lifecycle.process
 
