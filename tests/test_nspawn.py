@@ -23,7 +23,7 @@ from nixos_repl.errors import MachineError, RequestedAssertionFailed
 from nixos_repl.guests import build_debian_container
 from nixos_repl.machine import MachineState, NspawnMachine
 
-from .helpers import interrupt_after
+from .helpers import interrupt_after, processes_mentioning
 
 pytestmark = [
     pytest.mark.vm,
@@ -42,21 +42,6 @@ def container_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return out
 
 
-def _processes_mentioning(text: str) -> list[str]:
-    found = []
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit():
-            continue
-        try:
-            cmdline = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode()
-            stat = (entry / "stat").read_text()
-        except OSError:
-            continue
-        if text in cmdline and stat.rsplit(")", 1)[-1].split()[0] != "Z":
-            found.append(cmdline)
-    return found
-
-
 def _alive(pid: int) -> bool:
     try:
         return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[-1].split()[0] != "Z"
@@ -66,7 +51,7 @@ def _alive(pid: int) -> bool:
 
 def leftovers(tmp: Path, leaders: list[int]) -> list[str]:
     """What a container run in ``tmp`` may have left: processes, its leader, mounts."""
-    found = _processes_mentioning(str(tmp))
+    found = processes_mentioning(str(tmp))
     found += [f"container leader {pid}" for pid in leaders if _alive(pid)]
     mounts = Path("/proc/mounts").read_text()
     found += [line for line in mounts.splitlines() if str(tmp) in line]

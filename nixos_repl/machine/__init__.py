@@ -15,19 +15,17 @@ knows nothing of IPython, Jupyter or the CLI.
 
 from __future__ import annotations
 
-import logging
 import re
 import socket
 import time
 from collections.abc import Callable, Mapping
 from pathlib import Path
 
-from ..config import check_machine_name
 from ..errors import MachineError
 from .actions import Action, ActionObserver
 from .api import AsyncMachine, sync
 from .base import BaseMachine
-from .console import Console, stdin_reader
+from .console import stdin_reader
 from .lifecycle import Lifecycle, MachineState, ShellFraming
 from .monitor import Monitor
 from .nspawn import NspawnMachine
@@ -108,19 +106,11 @@ class Machine(BaseMachine):
         shell_framing: ShellFraming = "auto",
         observers: list[ActionObserver] | None = None,
     ) -> None:
-        self.start_command = str(start_command)
-        self.name = check_machine_name(name or machine_name_from_start_command(self.start_command))
-        self.tmp_dir = Path(tmp_dir)
-        self.out_dir = Path(out_dir)
-        self.state_dir = self.tmp_dir / f"vm-state-{self.name}"
-        self.shared_dir = self.tmp_dir / "shared-xchg"
-        self.keep_machine_state = keep_machine_state
-        # Run before every command and monitor command (nixpkgs: the polling conditions).
-        self.callbacks = callbacks if callbacks is not None else []
+        start_command = str(start_command)
+        name = name or machine_name_from_start_command(start_command)
+        self._init_base(start_command, name, tmp_dir, out_dir, keep_machine_state, callbacks)
         # Told of every public call when it ends (``actions.py``; the session recording).
         self.observers = observers if observers is not None else []
-        self.logger = logging.getLogger(f"nixos_repl.machine.{self.name}")
-        self.console = Console(self.name)
         self.lifecycle = Lifecycle(
             self.name,
             self.start_command,

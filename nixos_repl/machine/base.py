@@ -13,6 +13,7 @@ import shutil
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
+from ..config import check_machine_name
 from .api import AsyncMachine, sync
 from .console import Console
 from .lifecycle import MachineState
@@ -35,6 +36,28 @@ class BaseMachine:
     console: Console
     callbacks: list[Callable[[], None]]
     aio: AsyncMachine
+
+    def _init_base(
+        self,
+        start_command: str,
+        name: str,
+        tmp_dir: Path,
+        out_dir: Path,
+        keep_machine_state: bool,
+        callbacks: list[Callable[[], None]] | None,
+    ) -> None:
+        """The attributes both kinds have (nixpkgs' ``BaseMachine.__init__``)."""
+        self.start_command = start_command
+        self.name = check_machine_name(name)
+        self.tmp_dir = Path(tmp_dir)
+        self.out_dir = Path(out_dir)
+        self.state_dir = self.tmp_dir / f"vm-state-{self.name}"
+        self.shared_dir = self.tmp_dir / "shared-xchg"
+        self.keep_machine_state = keep_machine_state
+        # Run before every command and monitor command (nixpkgs: the polling conditions).
+        self.callbacks = callbacks if callbacks is not None else []
+        self.logger = logging.getLogger(f"nixos_repl.machine.{self.name}")
+        self.console = Console(self.name)
 
     @property
     def state(self) -> MachineState:

@@ -70,7 +70,37 @@ class MachineState(StrEnum):
         return self not in (MachineState.DEFINED, MachineState.OFF, MachineState.CRASHED)
 
 
-class Lifecycle:
+class RunState:
+    """The state of a machine's run and its one transition point (both kinds of machine)."""
+
+    name: str
+    log: logging.Logger
+    state: MachineState
+    started_at: float | None  # time.time() of the last start
+    crash_report: str | None
+    _on_change: Callable[[], None] | None
+
+    def _set_state(self, state: MachineState) -> None:
+        """The one transition point: logs the change and notifies the watchers."""
+        if state is self.state:
+            return
+        self.log.debug("state %s -> %s", self.state, state)
+        self.state = state
+        if self._on_change is not None:
+            self._on_change()
+
+    def uptime(self) -> float | None:
+        """Seconds since the machine's process started, while it runs."""
+        if self.started_at is None or not self.state.running:
+            return None
+        return time.time() - self.started_at
+
+    def _check_crashed(self) -> None:
+        if self.state is MachineState.CRASHED:
+            raise MachineError(self.crash_report or f"machine '{self.name}' crashed")
+
+
+class Lifecycle(RunState):
     """Owns one machine's QEMU run: the process, its sockets and sessions, and the state."""
 
     def __init__(
@@ -116,24 +146,9 @@ class Lifecycle:
 
     # -- state ---------------------------------------------------------------------------------
 
-    def _set_state(self, state: MachineState) -> None:
-        """The one transition point: logs the change and notifies the watchers."""
-        if state is self.state:
-            return
-        self.log.debug("state %s -> %s", self.state, state)
-        self.state = state
-        if self._on_change is not None:
-            self._on_change()
-
     @property
     def pid(self) -> int | None:
         return self.process.pid if self.process is not None and self.state.running else None
-
-    def uptime(self) -> float | None:
-        """Seconds since QEMU started, while it runs."""
-        if self.started_at is None or not self.state.running:
-            return None
-        return time.time() - self.started_at
 
     def check(self, action: str) -> None:
         """Raise if the machine cannot ``action`` in its state (crashed, or shutting down)."""
@@ -143,10 +158,6 @@ class Lifecycle:
                 f"{self.name} is shutting down, so it cannot {action}. Call "
                 f"{self.name}.wait_for_shutdown(), then {self.name}.start() to boot it again."
             )
-
-    def _check_crashed(self) -> None:
-        if self.state is MachineState.CRASHED:
-            raise MachineError(self.crash_report or f"machine '{self.name}' crashed")
 
     def require_running(self, action: str) -> QemuProcess:
         """The running QEMU, or a MachineError saying why there is none and what to do."""

@@ -29,12 +29,11 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, cast
 
-from ..config import check_machine_name
 from ..errors import MachineError
 from .api import AsyncMachine
 from .base import BaseMachine
 from .console import Console
-from .lifecycle import MachineState
+from .lifecycle import MachineState, RunState
 from .timing import Duration, nested, seconds
 
 if TYPE_CHECKING:
@@ -117,7 +116,7 @@ async def _kill_group(proc: asyncio.subprocess.Process, grace: float = 5.0) -> N
         await asyncio.sleep(0.01)
 
 
-class NspawnLifecycle:
+class NspawnLifecycle(RunState):
     """Owns one container's run: the start script's process, the notify socket, the journal."""
 
     def __init__(
@@ -154,26 +153,9 @@ class NspawnLifecycle:
         self._start_lock = asyncio.Lock()
         self._channel: NspawnChannel | None = None
 
-    def _set_state(self, state: MachineState) -> None:
-        if state is self.state:
-            return
-        self.log.debug("state %s -> %s", self.state, state)
-        self.state = state
-        if self._on_change is not None:
-            self._on_change()
-
     @property
     def pid(self) -> int | None:
         return self.process.pid if self.process is not None and self.state.running else None
-
-    def uptime(self) -> float | None:
-        if self.started_at is None or not self.state.running:
-            return None
-        return time.time() - self.started_at
-
-    def _check_crashed(self) -> None:
-        if self.state is MachineState.CRASHED:
-            raise MachineError(self.crash_report or f"container '{self.name}' crashed")
 
     # -- start ---------------------------------------------------------------------------------
 
@@ -419,19 +401,10 @@ class NspawnMachine(BaseMachine):
         callbacks: list[Callable[[], None]] | None = None,
         on_state_change: Callable[[NspawnMachine], None] | None = None,
     ) -> None:
-        self.start_command = str(start_command)
-        self.name = check_machine_name(
-            name or container_name_from_start_command(self.start_command)
-        )
-        self.tmp_dir = Path(tmp_dir)
-        self.out_dir = Path(out_dir)
-        self.state_dir = self.tmp_dir / f"vm-state-{self.name}"
-        self.shared_dir = self.tmp_dir / "shared-xchg"
-        self.keep_machine_state = keep_machine_state
-        self.callbacks = callbacks if callbacks is not None else []
+        start_command = str(start_command)
+        name = name or container_name_from_start_command(start_command)
+        self._init_base(start_command, name, tmp_dir, out_dir, keep_machine_state, callbacks)
         self.observers: list[object] = []
-        self.logger = logging.getLogger(f"nixos_repl.machine.{self.name}")
-        self.console = Console(self.name)
         self.lifecycle = NspawnLifecycle(
             self.name,
             self.start_command,
