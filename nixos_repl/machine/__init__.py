@@ -92,6 +92,8 @@ class Machine(BaseMachine):
     as a coroutine.
     """
 
+    lifecycle: Lifecycle
+
     def __init__(
         self,
         start_command: str,
@@ -141,10 +143,6 @@ class Machine(BaseMachine):
     # -- state (read from the lifecycle; nixpkgs' attributes) ----------------------------------
 
     @property
-    def state(self) -> MachineState:
-        return self.lifecycle.state
-
-    @property
     def booted(self) -> bool:
         """Whether QEMU runs (nixpkgs' ``booted``)."""
         return self.lifecycle.state.running
@@ -177,10 +175,6 @@ class Machine(BaseMachine):
             )
 
     @property
-    def pid(self) -> int | None:
-        return self.lifecycle.pid
-
-    @property
     def process(self) -> QemuProcess | None:
         return self.lifecycle.process
 
@@ -200,23 +194,9 @@ class Machine(BaseMachine):
     def allow_reboot(self) -> bool:
         return self.lifecycle.allow_reboot
 
-    @property
-    def connect_timeout(self) -> Duration:
-        """How long a command waits for the backdoor shell of a booting guest (5 minutes)."""
-        return self.lifecycle.connect_timeout
-
-    @connect_timeout.setter
-    def connect_timeout(self, value: Duration) -> None:
-        seconds(value)  # type check
-        self.lifecycle.connect_timeout = value
-
     def is_up(self) -> bool:
         """Whether QEMU runs and the backdoor shell is connected."""
         return self.booted and self.connected
-
-    def uptime(self) -> float | None:
-        """Seconds since QEMU started, while it runs."""
-        return self.lifecycle.uptime()
 
     def console_interact(self) -> None:
         """Forward this terminal's input to the guest's serial console until EOF or Ctrl-C.

@@ -16,8 +16,8 @@ from pathlib import Path
 from ..config import check_machine_name
 from .api import AsyncMachine, sync
 from .console import Console
-from .lifecycle import MachineState
-from .timing import nested
+from .lifecycle import MachineState, RunState
+from .timing import Duration, nested, seconds
 
 __all__ = ["BaseMachine"]
 
@@ -36,6 +36,7 @@ class BaseMachine:
     console: Console
     callbacks: list[Callable[[], None]]
     aio: AsyncMachine
+    lifecycle: RunState
 
     def _init_base(
         self,
@@ -61,7 +62,8 @@ class BaseMachine:
 
     @property
     def state(self) -> MachineState:
-        raise NotImplementedError
+        """One of ``MachineState`` (defined, starting, up, stopping, off, crashed)."""
+        return self.lifecycle.state
 
     @property
     def booted(self) -> bool:
@@ -71,7 +73,22 @@ class BaseMachine:
     @property
     def pid(self) -> int | None:
         """The pid of the machine's process (QEMU, systemd-nspawn) while it runs."""
-        raise NotImplementedError
+        return self.lifecycle.pid
+
+    @property
+    def connect_timeout(self) -> Duration:
+        """How long a command waits for a starting machine to answer (5 minutes): a VM's
+        backdoor shell, a container's READY=1."""
+        return self.lifecycle.connect_timeout
+
+    @connect_timeout.setter
+    def connect_timeout(self, value: Duration) -> None:
+        seconds(value)  # type check
+        self.lifecycle.connect_timeout = value
+
+    def uptime(self) -> float | None:
+        """Seconds since the machine's process started, while it runs."""
+        return self.lifecycle.uptime()
 
     def is_up(self) -> bool:
         raise NotImplementedError

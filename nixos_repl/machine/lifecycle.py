@@ -78,7 +78,13 @@ class RunState:
     state: MachineState
     started_at: float | None  # time.time() of the last start
     crash_report: str | None
+    connect_timeout: Duration  # how long a command waits for the machine to answer
     _on_change: Callable[[], None] | None
+
+    @property
+    def pid(self) -> int | None:
+        """The machine's process (QEMU, systemd-nspawn), while it runs."""
+        raise NotImplementedError
 
     def _set_state(self, state: MachineState) -> None:
         """The one transition point: logs the change and notifies the watchers."""

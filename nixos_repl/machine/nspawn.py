@@ -390,6 +390,8 @@ class NspawnMachine(BaseMachine):
     """A systemd-nspawn container started from a ``run-<name>-nspawn`` script (nixpkgs'
     ``NspawnMachine``, root only). ``aio`` has every method as a coroutine."""
 
+    lifecycle: NspawnLifecycle
+
     def __init__(
         self,
         start_command: str,
@@ -425,33 +427,12 @@ class NspawnMachine(BaseMachine):
         return f"<NspawnMachine '{self.name}'>"
 
     @property
-    def state(self) -> MachineState:
-        return self.lifecycle.state
-
-    @property
     def process(self) -> asyncio.subprocess.Process | None:
         return self.lifecycle.process
-
-    @property
-    def pid(self) -> int | None:
-        return self.lifecycle.pid
-
-    @property
-    def connect_timeout(self) -> Duration:
-        """How long a command waits for the container's READY=1 (5 minutes)."""
-        return self.lifecycle.connect_timeout
-
-    @connect_timeout.setter
-    def connect_timeout(self, value: Duration) -> None:
-        seconds(value)  # type check
-        self.lifecycle.connect_timeout = value
 
     def is_up(self) -> bool:
         """Whether the container runs (nixpkgs: its process exists)."""
         return self.lifecycle.state.running
-
-    def uptime(self) -> float | None:
-        return self.lifecycle.uptime()
 
     def screenshot(self, filename: str | None = None) -> None:
         raise MachineError(f"Screenshots are not supported by {type(self).__name__}")
