@@ -80,6 +80,8 @@ class RunState:
     crash_report: str | None
     connect_timeout: Duration  # how long a command waits for the machine to answer
     _on_change: Callable[[], None] | None
+    _stopped: asyncio.Event  # set when the current run's process is gone
+    kind = "VM"  # in log lines: "waiting for the VM to power off"
 
     @property
     def pid(self) -> int | None:
@@ -104,6 +106,20 @@ class RunState:
     def _check_crashed(self) -> None:
         if self.state is MachineState.CRASHED:
             raise MachineError(self.crash_report or f"machine '{self.name}' crashed")
+
+    async def explain_death(self) -> None:
+        """After a lost connection: if the machine is dying, raise its crash report instead."""
+        if self.pid is not None:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._stopped.wait(), 1.0)
+        self._check_crashed()
+
+    async def wait_for_shutdown(self, timeout: Duration | None = None) -> None:
+        """Wait until the machine's process has exited (nixpkgs: no-op unless booted)."""
+        if not self.state.running:
+            return
+        with nested(self.log, f"waiting for the {self.kind} to power off"):
+            await asyncio.wait_for(self._stopped.wait(), seconds(timeout))
 
 
 class Lifecycle(RunState):
@@ -345,14 +361,6 @@ class Lifecycle(RunState):
             f"{self.name}: QEMU exited (status {process.returncode}) while waiting.\n"
             f"{process.describe_exit()}"
         )
-
-    async def explain_death(self) -> None:
-        """After a lost connection: if QEMU is dying, raise its crash report instead."""
-        process = self.process
-        if process is not None and self.state.running:
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._stopped.wait(), 1.0)
-        self._check_crashed()
 
     async def qmp_execute(self, command: str, args: dict[str, Any] | None = None) -> dict[str, Any]:
         """Run a QMP command (starting QEMU if needed), failing with the crash report if QEMU
@@ -609,13 +617,6 @@ class Lifecycle(RunState):
         if self.process is not None:
             self.process.close_sockets()
         self.console.close()
-
-    async def wait_for_shutdown(self, timeout: Duration | None = None) -> None:
-        """Wait until QEMU has exited (nixpkgs: no-op unless booted)."""
-        if not self.state.running:
-            return
-        with nested(self.log, "waiting for the VM to power off"):
-            await asyncio.wait_for(self._stopped.wait(), seconds(timeout))
 
     async def shutdown(self) -> None:
         """Send ``poweroff`` to the backdoor shell and wait for QEMU to exit."""

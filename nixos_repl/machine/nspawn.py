@@ -119,6 +119,8 @@ async def _kill_group(proc: asyncio.subprocess.Process, grace: float = 5.0) -> N
 class NspawnLifecycle(RunState):
     """Owns one container's run: the start script's process, the notify socket, the journal."""
 
+    kind = "container"
+
     def __init__(
         self,
         name: str,
@@ -341,19 +343,7 @@ class NspawnLifecycle(RunState):
         self._set_state(MachineState.UP)
         return self._channel
 
-    async def explain_death(self) -> None:
-        if self.process is not None and self.state.running:
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._stopped.wait(), 1.0)
-        self._check_crashed()
-
     # -- stop ----------------------------------------------------------------------------------
-
-    async def wait_for_shutdown(self, timeout: Duration | None = None) -> None:
-        if not self.state.running:
-            return
-        with nested(self.log, "waiting for the container to power off"):
-            await asyncio.wait_for(self._stopped.wait(), seconds(timeout))
 
     async def shutdown(self) -> None:
         """nixpkgs: ``systemctl poweroff`` in the container, then wait for it to exit."""
