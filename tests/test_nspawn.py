@@ -239,6 +239,9 @@ def test_the_guest_build_is_cached_and_writes_nspawn_scripts(
     assert os.access(again, os.X_OK)
     assert root.stat().st_mtime_ns == before
     assert (root / "usr/bin/sh").readlink() == Path("bash")
+    # The modes debugfs rdump drops: the sticky /tmp, setuid su.
+    assert (root / "tmp").stat().st_mode & 0o7777 == 0o1777
+    assert (root / "usr/bin/su").stat().st_mode & 0o4000
     # A relative start script works: it runs in the state directory.
     monkeypatch.chdir(tmp_path)
     ct = NspawnMachine("run-ct1-nspawn", tmp_dir=tmp_path / "run", out_dir=tmp_path)

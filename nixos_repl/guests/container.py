@@ -21,6 +21,7 @@ import hashlib
 import logging
 import os
 import shutil
+import subprocess
 import tempfile
 from collections.abc import Sequence
 from pathlib import Path
@@ -34,7 +35,7 @@ __all__ = ["build_debian_container", "container_root"]
 
 log = logging.getLogger(__name__)
 
-CONTAINER_BUILDER_VERSION = "1"
+CONTAINER_BUILDER_VERSION = "2"
 # Units of the debian VM guest a container has no use for (no /dev/hvc0, no VLAN NICs).
 MASKED_UNITS = ("backdoor.service", "vlan-addresses.service", "console-getty.service")
 
@@ -78,6 +79,39 @@ def _key(image: Path) -> str:
     return h.hexdigest()[:16]
 
 
+def _restore_special_modes(debugfs: str, image: Path, root: Path) -> None:
+    """Give back the setuid, setgid and sticky bits ``rdump`` drops (its chown after the chmod
+    clears them): one ``debugfs`` run lists every directory of the image with its modes."""
+    dirs = ["/"] + [
+        "/" + str(Path(d).relative_to(root) / name)
+        for d, names, _ in os.walk(root)
+        for name in names
+        if not (Path(d) / name).is_symlink()
+    ]
+    with tempfile.NamedTemporaryFile("w", suffix=".debugfs") as commands:
+        commands.write("".join(f'ls -p "{d}"\n' for d in dirs))
+        commands.flush()
+        listing = subprocess.run(
+            [debugfs, "-f", commands.name, str(image)],
+            stdin=subprocess.DEVNULL,
+            capture_output=True,
+            text=True,
+            errors="replace",
+            check=False,
+        ).stdout
+    directory = "/"
+    for line in listing.splitlines():
+        if line.startswith("debugfs: ls -p "):
+            directory = line.removeprefix("debugfs: ls -p ").strip('"')
+            continue
+        fields = line.split("/")
+        if len(fields) < 6 or not fields[2].isdigit():
+            continue
+        mode = int(fields[2], 8)
+        if mode & 0o7000 and fields[5] not in (".", ".."):
+            os.chmod(root / directory.lstrip("/") / fields[5], mode & 0o7777)
+
+
 def _adapt(root: Path) -> None:
     """Turn the debian VM guest's tree into a container's."""
     (root / "etc/fstab").write_text("")  # nspawn mounts what a container needs
@@ -108,6 +142,7 @@ def container_root(cache: Path | None = None) -> Path:
     try:
         (tmp / "root").mkdir()
         _check_call([debugfs, "-R", f"rdump / {tmp / 'root'}", str(image)], "debugfs rdump")
+        _restore_special_modes(debugfs, image, tmp / "root")
         _adapt(tmp / "root")
         os.chmod(tmp, 0o755)
         try:
