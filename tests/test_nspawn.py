@@ -228,6 +228,22 @@ def test_bad_start_scripts(containers: Containers) -> None:
     assert leftovers(tmp, []) == []
 
 
+def test_without_systemd_nspawn_the_script_names_the_package(containers: Containers) -> None:
+    tmp = containers.tmp
+    (tmp / "not-a-program").write_text("")
+    ct1 = containers.scripts / "run-ct1-nspawn"
+    # The real script, in a mount namespace where /usr/bin/systemd-nspawn is not executable.
+    hidden = _script(
+        tmp,
+        "hidden",
+        f"exec /usr/bin/unshare --mount /bin/sh -c "
+        f"'/bin/mount --bind {tmp}/not-a-program /usr/bin/systemd-nspawn && exec {ct1}'",
+    )
+    machine = containers("hidden", hidden)
+    with pytest.raises(MachineError, match="apt-get install systemd-container"):
+        machine.succeed("true")
+
+
 def test_the_guest_build_is_cached_and_writes_nspawn_scripts(
     container_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
