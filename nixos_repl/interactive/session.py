@@ -106,7 +106,7 @@ class Session:
         return sorted({s.label for m in machines for s in m.lifecycle.snapshots.known})
 
     def machine_names(self) -> list[str]:
-        return [m.name for m in self.driver.machines]
+        return [m.name for m in self.machines]
 
     def open_shell(self, machine: Machine) -> Any:
         """``%shell``: attach this terminal, or start the guest shell and say how to attach."""
@@ -128,7 +128,7 @@ class Session:
 
     def running(self) -> list[str]:
         """Names of the machines whose QEMU runs."""
-        return [m.name for m in self.driver.machines if m.booted]
+        return [m.name for m in self.machines if m.booted]
 
     def close(self) -> list[str]:
         """Stop every machine (and VLAN); returns the names of those that were running.
