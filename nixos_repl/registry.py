@@ -32,6 +32,7 @@ from .machine import (
     machine_name_from_start_command,
 )
 from .machine.lifecycle import ShellFraming
+from .machine.nspawn import container_name_from_start_command
 from .machine.process import check_start_script
 from .vlan import VLan
 
@@ -223,6 +224,8 @@ class Registry:
 
     def add_container(self, start_command: str, name: str | None = None) -> NspawnMachine:
         """Define a systemd-nspawn container (not started) from its ``run-<name>-nspawn``."""
+        name = name or container_name_from_start_command(start_command)
+        self._check_new_name(name)  # before the state directory of that name is cleaned
         container = NspawnMachine(
             start_command,
             name=name,
@@ -231,7 +234,6 @@ class Registry:
             keep_machine_state=self.keep_machine_state,
             callbacks=list(self.callbacks),
         )
-        self._check_new_name(container.name)
         self._containers[container.name] = container
         return container
 

@@ -22,6 +22,7 @@ import pytest
 from nixos_repl.errors import MachineError, RequestedAssertionFailed
 from nixos_repl.guests import build_debian_container
 from nixos_repl.machine import MachineState, NspawnMachine
+from nixos_repl.registry import Registry
 
 from .helpers import interrupt_after, processes_mentioning
 
@@ -312,3 +313,17 @@ def test_the_driver_runs_containers(container_dir: Path, tmp_path: Path, invocat
     assert result.returncode == 0, result.stderr[-3000:]
     assert "must succeed: hostname" in result.stdout + result.stderr
     assert wait_for_no_leftovers(runtime, []) == []
+
+
+def test_a_container_may_not_take_a_machines_name(container_dir: Path, tmp_path: Path) -> None:
+    vm_script = tmp_path / "run-ct1-vm"
+    vm_script.write_text("#!/bin/sh\nexit 1\n")
+    vm_script.chmod(0o755)
+    registry = Registry(start_scripts=[("ct1", vm_script)], tmp_dir=tmp_path, out_dir=tmp_path)
+    vm_state = tmp_path / "vm-state-ct1"  # as a VM that ran leaves it
+    vm_state.mkdir()
+    (vm_state / "disk").write_text("the VM's")
+    with pytest.raises(MachineError, match="a machine named 'ct1' already exists"):
+        registry.add_container(str(container_dir / "run-ct1-nspawn"))
+    assert (vm_state / "disk").read_text() == "the VM's"
+    assert registry.machines_nspawn == []
