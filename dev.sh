@@ -14,6 +14,7 @@ APT_PACKAGES=(
     lz4 util-linux                    # initramfs compression; setpriv
     debootstrap e2fsprogs             # the debian guest's root filesystem (mkfs.ext4 -d)
     vde2                              # VLANs (vde_switch)
+    systemd-container                 # containers (systemd-nspawn)
     tesseract-ocr tesseract-ocr-eng   # OCR
     tmux                              # tests drive the terminal REPL through it
     shellcheck                        # tests lint the guest-side bash of the shell channel

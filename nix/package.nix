@@ -7,7 +7,7 @@
 # package as `nixos-test-driver`:
 #   enableOCR            tesseract on PATH (wait_for_text, get_screen_text)
 #   extraPythonPackages  p: [ ... ] Python packages the test script imports
-#   enableNspawn         accepted; nixos-repl refuses systemd-nspawn containers before starting
+#   enableNspawn         accepted; containers run when the driver is root with systemd-nspawn
 #   qemu_pkg             the QEMU on PATH
 {
   lib,

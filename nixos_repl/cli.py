@@ -69,14 +69,13 @@ def _add_run_options(parser: argparse.ArgumentParser, *, legacy_positional: bool
         "--container-names",
         metavar="CONTAINER-NAME",
         nargs="*",
-        help="names of participating containers (not supported; env: containerNames)",
+        help="names of participating containers (env: containerNames)",
     )
     parser.add_argument(
         "--container-start-scripts",
         metavar="CONTAINER-START-SCRIPT",
         nargs="*",
-        help="start scripts for participating containers (not supported; "
-        "env: containerStartScripts)",
+        help="start scripts for participating containers (env: containerStartScripts)",
     )
     parser.add_argument(
         "--vlans", metavar="VLAN", nargs="*", help="vlans to span by the driver (env: vlans)"
@@ -324,9 +323,13 @@ def _parser() -> argparse.ArgumentParser:
     guest = commands.add_parser("guest", help="embedded guests for demos and tests")
     guest_commands = guest.add_subparsers(dest="guest_command", metavar="ACTION", required=True)
     build = guest_commands.add_parser(
-        "build", help="build a guest and write one run-<name>-vm script per --name"
+        "build",
+        help="build a guest and write one run-<name>-vm (containers: run-<name>-nspawn) script "
+        "per --name",
     )
-    build.add_argument("kind", choices=["tiny", "debian"], help="which guest to build")
+    build.add_argument(
+        "kind", choices=["tiny", "debian", "debian-container"], help="which guest to build"
+    )
     build.add_argument(
         "--name", action="append", required=True, dest="names", metavar="NAME",
         help="a machine name (repeat for several machines)",
@@ -474,9 +477,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     logging.getLogger("qemu.qmp").setLevel(logging.WARNING)
     try:
         if args.command == "guest":
-            from .guests import build_debian, build_tiny
+            from .guests import build_debian, build_debian_container, build_tiny
 
-            builder = build_debian if args.kind == "debian" else build_tiny
+            builder = {
+                "tiny": build_tiny,
+                "debian": build_debian,
+                "debian-container": build_debian_container,
+            }[args.kind]
             for script in builder(args.names, args.out):
                 print(script)
             return 0

@@ -21,6 +21,7 @@ import datetime as dt
 import json
 import os
 import re
+import shutil
 from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -326,24 +327,29 @@ def resolve_config(
 
 
 def check_config(config: DriverConfig, *, need_test_script: bool = True) -> None:
-    """Refuse what cannot run: containers, bad machine names, missing or non-executable start
-    scripts, no script."""
+    """Refuse what cannot run: containers without root or systemd-nspawn, bad machine names,
+    missing or non-executable start scripts, no script."""
     if config.containers:
         names = ", ".join(sorted(config.containers))
-        raise ConfigError(
-            f"containers (systemd-nspawn) are not supported by nixos-repl, only QEMU VMs: {names}"
-        )
-    check_machine_names(config.vms)
-    for name, machine in config.vms.items():
-        script = machine.start_script
-        if not script.exists():
-            raise ConfigError(f"start script of machine '{name}' does not exist: {script}")
-        if not script.is_file():
-            raise ConfigError(f"start script of machine '{name}' is not a file: {script}")
-        if not os.access(script, os.X_OK):
+        if os.geteuid() != 0:
+            raise ConfigError(f"containers (systemd-nspawn) need root; run as root: {names}")
+        if shutil.which("systemd-nspawn") is None:
             raise ConfigError(
-                f"start script of machine '{name}' is not executable: {script} (chmod +x it)"
+                "containers need systemd-nspawn (Debian: apt-get install systemd-container): "
+                f"{names}"
             )
+    check_machine_names([*config.vms, *config.containers])
+    for kind, machines in (("machine", config.vms), ("container", config.containers)):
+        for name, machine in machines.items():
+            script = machine.start_script
+            if not script.exists():
+                raise ConfigError(f"start script of {kind} '{name}' does not exist: {script}")
+            if not script.is_file():
+                raise ConfigError(f"start script of {kind} '{name}' is not a file: {script}")
+            if not os.access(script, os.X_OK):
+                raise ConfigError(
+                    f"start script of {kind} '{name}' is not executable: {script} (chmod +x it)"
+                )
     if need_test_script:
         if config.test_script is None:
             raise ConfigError(

@@ -34,7 +34,7 @@ from typing import Any, overload
 from .config import DriverConfig, pythonize_name
 from .errors import MachineError, PollingConditionError, RequestedAssertionFailed
 from .logs import AbstractLogger, DriverLogger
-from .machine import DEFAULT_TIMEOUT, BaseMachine, Machine, QemuMachine
+from .machine import DEFAULT_TIMEOUT, BaseMachine, Machine, NspawnMachine, QemuMachine
 from .machine.actions import observing
 from .machine.timing import attempt_bound
 from .rebuild import Redeploy
@@ -62,17 +62,6 @@ class AssertionTester(unittest.TestCase):
     """``t`` in test scripts: every ``t.assert*`` raises :class:`RequestedAssertionFailed`."""
 
     failureException = RequestedAssertionFailed
-
-
-class NspawnMachine:
-    """nixpkgs' systemd-nspawn container class, for type annotations only.
-
-    nixos-repl runs QEMU machines; a configuration with containers is refused before anything
-    starts, so ``machines_nspawn`` is always empty.
-    """
-
-    def __init__(self, *args: object, **kwargs: object) -> None:
-        raise MachineError("containers (systemd-nspawn) are not supported by nixos-repl")
 
 
 # -- durations and retry ---------------------------------------------------------------------
@@ -332,13 +321,14 @@ class Debug(DebugAbstract):
 class _MachineAlias:
     """``machine`` for a lone machine with another name: works, and warns on every use."""
 
-    def __init__(self, machine: Machine) -> None:
+    def __init__(self, machine: BaseMachine) -> None:
         object.__setattr__(self, "_machine", machine)
 
     def __getattr__(self, name: str) -> Any:
-        machine: Machine = object.__getattribute__(self, "_machine")
+        machine: BaseMachine = object.__getattribute__(self, "_machine")
+        kind = "NspawnMachine" if isinstance(machine, NspawnMachine) else "QemuMachine"
         warnings.warn(
-            f"invoking 'QemuMachine.{name}' is deprecated: It's deprecated to use the `machine` "
+            f"invoking '{kind}.{name}' is deprecated: It's deprecated to use the `machine` "
             f"variable when the only machine is called {machine.name}. This behavior will no "
             "longer work in NixOS 27.05.",
             stacklevel=2,
@@ -396,8 +386,11 @@ class Driver:
             keep_machine_state=keep_machine_state,
             tmp_dir=tmp_dir,
             callbacks=[self.polling_conditions],
+            containers=[
+                (n, str(m.start_script.absolute())) for n, m in self.config.containers.items()
+            ],
         )
-        self._machines: list[Machine] = self.registry.machines
+        self._machines: list[BaseMachine] = self._all_machines()
         self._symbols: dict[str, Any] | None = None
         # What rebind() put in the namespace last (so that it can take back what is gone).
         self._bound: dict[str, object] = {}
@@ -413,19 +406,24 @@ class Driver:
 
     # -- machines and VLANs --------------------------------------------------------------------
 
+    def _all_machines(self) -> list[BaseMachine]:
+        both: list[BaseMachine] = [*self.registry.machines, *self.registry.machines_nspawn]
+        return sorted(both, key=lambda m: m.name)
+
     @property
-    def machines(self) -> list[Machine]:
-        """Every machine, sorted by name (the same list object as the ``machines`` global)."""
-        self._machines[:] = self.registry.machines
+    def machines(self) -> list[BaseMachine]:
+        """Every machine of both kinds, sorted by name (the same list object as the ``machines``
+        global)."""
+        self._machines[:] = self._all_machines()
         return self._machines
 
     @property
     def machines_qemu(self) -> list[Machine]:
-        return self.machines
+        return self.registry.machines
 
     @property
     def machines_nspawn(self) -> list[NspawnMachine]:
-        return []
+        return self.registry.machines_nspawn
 
     @property
     def vlans(self) -> list[VLan]:
@@ -666,7 +664,7 @@ class Driver:
             "start_all": self.start_all,
             "test_script": self.test_script,
             "machines": self.machines,
-            "machines_qemu": self.machines,
+            "machines_qemu": self.machines_qemu,
             "machines_nspawn": self.machines_nspawn,
             "vlans": self.vlans,
             "driver": self,

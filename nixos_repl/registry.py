@@ -23,8 +23,16 @@ from typing import Any
 from .config import DriverConfig, check_machine_names
 from .errors import MachineError, UnknownMachineError
 from .loop import run_sync
-from .machine import ActionObserver, Machine, MachineState, machine_name_from_start_command
+from .machine import (
+    ActionObserver,
+    BaseMachine,
+    Machine,
+    MachineState,
+    NspawnMachine,
+    machine_name_from_start_command,
+)
 from .machine.lifecycle import ShellFraming
+from .machine.nspawn import container_name_from_start_command
 from .machine.process import check_start_script
 from .vlan import VLan
 
@@ -144,14 +152,16 @@ class Registry:
         keep_machine_state: bool = False,
         tmp_dir: str | os.PathLike[str] | None = None,
         callbacks: Sequence[Callable[[], None]] = (),
+        containers: Sequence[tuple[str, str | os.PathLike[str]]] = (),
     ) -> None:
-        check_machine_names([name for name, _ in start_scripts])
+        check_machine_names([name for name, _ in [*start_scripts, *containers]])
         self.tmp_dir = Path(tmp_dir) if tmp_dir is not None else get_tmp_dir()
         self.out_dir = check_out_dir(Path(out_dir) if out_dir is not None else Path.cwd())
         self.keep_machine_state = keep_machine_state
         self.vlan_numbers = sorted(set(vlans))
         self.vlans: list[VLan] = []
         self._machines: dict[str, Machine] = {}
+        self._containers: dict[str, NspawnMachine] = {}
         self._watchers: list[Callable[[Machine], None]] = []
         # Shared by every machine: told of each machine action (the session recording).
         self.observers: list[ActionObserver] = []
@@ -161,6 +171,8 @@ class Registry:
         self.deployed: dict[str, str] = {}
         for name, script in start_scripts:
             self.add(str(script), name=name)
+        for name, script in containers:
+            self.add_container(str(script), name=name)
 
     @classmethod
     def from_start_scripts(
@@ -187,9 +199,7 @@ class Registry:
         """Define a machine (not started). Names are unique. ``keep_machine_state`` defaults to
         the registry's."""
         name = name or machine_name_from_start_command(start_command)
-        if name in self._machines:
-            raise MachineError(f"a machine named {name!r} already exists")
-        check_machine_names([*self._machines, name])
+        self._check_new_name(name)
         machine = Machine(
             start_command,
             name=name,
@@ -206,6 +216,31 @@ class Registry:
         )
         self._machines[name] = machine
         return machine
+
+    def _check_new_name(self, name: str) -> None:
+        if name in self._machines or name in self._containers:
+            raise MachineError(f"a machine named {name!r} already exists")
+        check_machine_names([*self._machines, *self._containers, name])
+
+    def add_container(self, start_command: str, name: str | None = None) -> NspawnMachine:
+        """Define a systemd-nspawn container (not started) from its ``run-<name>-nspawn``."""
+        name = name or container_name_from_start_command(start_command)
+        self._check_new_name(name)  # before the state directory of that name is cleaned
+        container = NspawnMachine(
+            start_command,
+            name=name,
+            tmp_dir=self.tmp_dir,
+            out_dir=self.out_dir,
+            keep_machine_state=self.keep_machine_state,
+            callbacks=list(self.callbacks),
+        )
+        self._containers[container.name] = container
+        return container
+
+    @property
+    def machines_nspawn(self) -> list[NspawnMachine]:
+        """The containers, sorted by name."""
+        return [self._containers[n] for n in sorted(self._containers)]
 
     def remove(self, name: str) -> Machine:
         """Forget a machine (stop it first: a running one is refused)."""
@@ -341,7 +376,7 @@ class Registry:
 
     def start_all(self) -> None:
         """Start every machine (in parallel; does not wait for boot)."""
-        self._on_all("start", lambda m: m.aio.start())
+        self._on_all("start", lambda m: m.aio.start(), containers=True)
 
     def snapshot_all(self, label: str = "booted") -> None:
         """Save every running machine as ``label``, at the same time (a network rewinds whole)."""
@@ -354,12 +389,14 @@ class Registry:
     def _on_all(
         self,
         verb: str,
-        action: Callable[[Machine], Awaitable[object]],
+        action: Callable[[BaseMachine], Awaitable[object]],
         running: bool = False,
+        containers: bool = False,
     ) -> None:
-        """Run ``action`` on every machine (the running ones) at once; one error for all that
-        failed."""
-        machines = [m for m in self.machines if m.state.running or not running]
+        """Run ``action`` on every machine (the running ones; with ``containers`` the containers
+        too) at once; one error for all that failed."""
+        every: list[BaseMachine] = [*self.machines, *(self.machines_nspawn if containers else [])]
+        machines = [m for m in every if m.state.running or not running]
         if running and not machines:
             raise MachineError(f"no machine is running, so there is nothing to {verb}")
 
@@ -383,7 +420,8 @@ class Registry:
 
         async def release_all() -> None:
             await asyncio.gather(
-                *(m.aio.release() for m in self._machines.values()), return_exceptions=True
+                *(m.aio.release() for m in [*self._machines.values(), *self._containers.values()]),
+                return_exceptions=True,
             )
             await asyncio.gather(*(v.aio.stop() for v in self.vlans), return_exceptions=True)
 

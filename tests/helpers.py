@@ -43,6 +43,7 @@ __all__ = [
     "leftovers",
     "machines_config",
     "no_live_tesseract",
+    "processes_mentioning",
     "qemu_alive",
     "qemus_under",
     "replay",
@@ -173,8 +174,8 @@ class BatchRun:
         return [line for line in self.stderr.splitlines() if line.startswith("!!! ")]
 
 
-def leftovers(tmp: Path) -> list[str]:
-    """QEMU and vde_switch processes of this run (found by its private directory), from /proc."""
+def processes_mentioning(text: str) -> list[str]:
+    """Command lines of the live (not zombie) processes whose command line contains ``text``."""
     found = []
     for entry in Path("/proc").iterdir():
         if not entry.name.isdigit():
@@ -184,11 +185,18 @@ def leftovers(tmp: Path) -> list[str]:
             stat = (entry / "stat").read_text()
         except OSError:
             continue
-        if stat.rsplit(")", 1)[-1].split()[0] == "Z":
-            continue
-        if str(tmp) in cmdline and ("qemu-system" in cmdline or "vde_switch" in cmdline):
+        if text in cmdline and stat.rsplit(")", 1)[-1].split()[0] != "Z":
             found.append(cmdline)
     return found
+
+
+def leftovers(tmp: Path) -> list[str]:
+    """QEMU and vde_switch processes of this run (found by its private directory), from /proc."""
+    return [
+        cmdline
+        for cmdline in processes_mentioning(str(tmp))
+        if "qemu-system" in cmdline or "vde_switch" in cmdline
+    ]
 
 
 def run_batch(

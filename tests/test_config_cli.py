@@ -153,7 +153,24 @@ def test_checks(tmp_path: Path) -> None:
     containers = config_from_legacy(
         container_names=["c1"], container_start_scripts=[str(script)], environ={}
     )
-    with pytest.raises(ConfigError, match=r"containers .* are not supported"):
+    with pytest.raises(ConfigError, match="start script of container 'c1' is not executable"):
+        check_config(containers, need_test_script=False)
+
+
+def test_containers_need_root_and_systemd_nspawn(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    containers = config_from_legacy(
+        container_names=["c1"],
+        container_start_scripts=[str(tmp_path / "run-c1-nspawn")],
+        environ={},
+    )
+    monkeypatch.setattr("os.geteuid", lambda: 1000)
+    with pytest.raises(ConfigError, match=r"^containers \(systemd-nspawn\) need root; .*: c1$"):
+        check_config(containers, need_test_script=False)
+    monkeypatch.setattr("os.geteuid", lambda: 0)
+    monkeypatch.setattr("shutil.which", lambda _name: None)
+    with pytest.raises(ConfigError, match="apt-get install systemd-container"):
         check_config(containers, need_test_script=False)
     with pytest.raises(ConfigError, match="no test script"):
         check_config(config_from_legacy(environ={}))
@@ -210,7 +227,10 @@ def write(path: Path, text: str) -> Path:
         ("missing-script", "does not exist"),
         ("not-executable", "is not executable"),
         ("unequal", "must be the same"),
-        ("containers", "containers (systemd-nspawn) are not supported"),
+        (
+            "containers",
+            "start script of container 'c' does not exist" if os.geteuid() == 0 else "need root",
+        ),
         ("no-test-script", "no test script"),
         ("bad-vlan", "VLAN numbers are integers"),
         ("bad-timeout", "expected a number of seconds"),
@@ -233,7 +253,7 @@ def test_bad_input_is_one_line_and_exit_2(tmp_path: Path, case: str, message: st
             "--container-names",
             "c",
             "--container-start-scripts",
-            good,
+            str(tmp_path / "run-c-nspawn"),
         ],
         "no-test-script": ["--start-scripts", good],
         "bad-vlan": [str(test), "--start-scripts", good, "--vlans", "one"],

@@ -394,7 +394,7 @@ def test_a_failing_polling_condition_stops_screen_and_monitor_actions(
     config = DriverConfig(vms={"crashy": MachineConfig("crashy", guest_dir / "run-crashy-vm")})
     healthy = {"ok": True}
     with Driver(config, out_dir=tmp_path) as driver:
-        machine = driver.machines[0]
+        machine = driver.machines_qemu[0]
         machine.connect()
         condition = driver.polling_condition(
             lambda: healthy["ok"], seconds_interval=0, description="the guest is healthy"

@@ -92,7 +92,8 @@ class Session:
 
     @property
     def machines(self) -> list[Machine]:
-        return self.driver.machines
+        """The QEMU machines (the front ends do not drive containers yet)."""
+        return self.driver.machines_qemu
 
     def machine(self, name: str) -> Machine:
         """The machine called ``name``; UnknownMachineError names the known ones."""
@@ -105,7 +106,7 @@ class Session:
         return sorted({s.label for m in machines for s in m.lifecycle.snapshots.known})
 
     def machine_names(self) -> list[str]:
-        return [m.name for m in self.driver.machines]
+        return [m.name for m in self.machines]
 
     def open_shell(self, machine: Machine) -> Any:
         """``%shell``: attach this terminal, or start the guest shell and say how to attach."""
@@ -127,7 +128,7 @@ class Session:
 
     def running(self) -> list[str]:
         """Names of the machines whose QEMU runs."""
-        return [m.name for m in self.driver.machines if m.booted]
+        return [m.name for m in self.machines if m.booted]
 
     def close(self) -> list[str]:
         """Stop every machine (and VLAN); returns the names of those that were running.

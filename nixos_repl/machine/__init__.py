@@ -15,27 +15,25 @@ knows nothing of IPython, Jupyter or the CLI.
 
 from __future__ import annotations
 
-import contextlib
-import logging
 import re
-import shutil
 import socket
 import time
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 
-from ..config import check_machine_name
 from ..errors import MachineError
 from .actions import Action, ActionObserver
 from .api import AsyncMachine, sync
-from .console import Console, stdin_reader
+from .base import BaseMachine
+from .console import stdin_reader
 from .lifecycle import Lifecycle, MachineState, ShellFraming
 from .monitor import Monitor
+from .nspawn import NspawnMachine
 from .process import QemuProcess
 from .qmp import QMPSession
 from .screen import Screen
 from .shell import ShellChannel
-from .timing import DEFAULT_TIMEOUT, Duration, nested, seconds
+from .timing import DEFAULT_TIMEOUT, Duration, seconds
 
 __all__ = [
     "DEFAULT_TIMEOUT",
@@ -46,6 +44,7 @@ __all__ = [
     "Duration",
     "Machine",
     "MachineState",
+    "NspawnMachine",
     "QemuMachine",
     "machine_name_from_start_command",
     "seconds",
@@ -85,13 +84,15 @@ def _listening(path: Path) -> bool:
     return True
 
 
-class Machine:
+class Machine(BaseMachine):
     """A QEMU machine started from a ``run-<name>-vm`` script (nixpkgs' ``QemuMachine``).
 
     Any command starts the machine if needed and waits for its backdoor shell. ``state`` is one
     of ``MachineState`` (defined, starting, up, stopping, off, crashed). ``aio`` has every method
     as a coroutine.
     """
+
+    lifecycle: Lifecycle
 
     def __init__(
         self,
@@ -107,19 +108,11 @@ class Machine:
         shell_framing: ShellFraming = "auto",
         observers: list[ActionObserver] | None = None,
     ) -> None:
-        self.start_command = str(start_command)
-        self.name = check_machine_name(name or machine_name_from_start_command(self.start_command))
-        self.tmp_dir = Path(tmp_dir)
-        self.out_dir = Path(out_dir)
-        self.state_dir = self.tmp_dir / f"vm-state-{self.name}"
-        self.shared_dir = self.tmp_dir / "shared-xchg"
-        self.keep_machine_state = keep_machine_state
-        # Run before every command and monitor command (nixpkgs: the polling conditions).
-        self.callbacks = callbacks if callbacks is not None else []
+        start_command = str(start_command)
+        name = name or machine_name_from_start_command(start_command)
+        self._init_base(start_command, name, tmp_dir, out_dir, keep_machine_state, callbacks)
         # Told of every public call when it ends (``actions.py``; the session recording).
         self.observers = observers if observers is not None else []
-        self.logger = logging.getLogger(f"nixos_repl.machine.{self.name}")
-        self.console = Console(self.name)
         self.lifecycle = Lifecycle(
             self.name,
             self.start_command,
@@ -148,10 +141,6 @@ class Machine:
         return f"<QemuMachine '{self.name}'>"
 
     # -- state (read from the lifecycle; nixpkgs' attributes) ----------------------------------
-
-    @property
-    def state(self) -> MachineState:
-        return self.lifecycle.state
 
     @property
     def booted(self) -> bool:
@@ -186,10 +175,6 @@ class Machine:
             )
 
     @property
-    def pid(self) -> int | None:
-        return self.lifecycle.pid
-
-    @property
     def process(self) -> QemuProcess | None:
         return self.lifecycle.process
 
@@ -209,56 +194,9 @@ class Machine:
     def allow_reboot(self) -> bool:
         return self.lifecycle.allow_reboot
 
-    @property
-    def connect_timeout(self) -> Duration:
-        """How long a command waits for the backdoor shell of a booting guest (5 minutes)."""
-        return self.lifecycle.connect_timeout
-
-    @connect_timeout.setter
-    def connect_timeout(self, value: Duration) -> None:
-        seconds(value)  # type check
-        self.lifecycle.connect_timeout = value
-
-    @property
-    def full_console_log(self) -> list[str]:
-        """The serial console lines since the last start (nixpkgs' attribute)."""
-        return self.console.text().splitlines()
-
     def is_up(self) -> bool:
         """Whether QEMU runs and the backdoor shell is connected."""
         return self.booted and self.connected
-
-    def uptime(self) -> float | None:
-        """Seconds since QEMU started, while it runs."""
-        return self.lifecycle.uptime()
-
-    # -- logging and housekeeping --------------------------------------------------------------
-
-    def log(self, msg: str) -> None:
-        """Log ``msg`` under this machine's name (nixpkgs' ``machine.log``)."""
-        self.logger.info("%s", msg)
-
-    def log_serial(self, msg: str) -> None:
-        """Log ``msg`` as a serial console line of this machine."""
-        self.console.log.info("%s # %s", self.name, msg)
-
-    @contextlib.contextmanager
-    def nested(self, msg: str) -> Iterator[None]:
-        """Log ``msg``, run the body, then log how long it took (nixpkgs' ``nested``)."""
-        with nested(self.logger, msg):
-            yield
-
-    def run_callbacks(self) -> None:
-        """Run the polling conditions (every command does this first)."""
-        for callback in self.callbacks:
-            callback()
-
-    def cleanup_statedir(self) -> None:
-        """Delete the state directory (disk images, sockets, logs) left by an earlier run."""
-        if self.state_dir.exists():
-            shutil.rmtree(self.state_dir)
-            self.logger.info("deleting machine state directory %s", self.state_dir)
-            self.logger.info("if you want to keep the machine state, pass --keep-machine-state")
 
     def console_interact(self) -> None:
         """Forward this terminal's input to the guest's serial console until EOF or Ctrl-C.
@@ -281,50 +219,15 @@ class Machine:
 
     # -- the nixpkgs API, blocking (each the twin of ``aio.<name>``) ---------------------------
 
-    start = sync(AsyncMachine.start)
-    connect = sync(AsyncMachine.connect)
-    shutdown = sync(AsyncMachine.shutdown)
-    wait_for_shutdown = sync(AsyncMachine.wait_for_shutdown)
     crash = sync(AsyncMachine.crash)
-    release = sync(AsyncMachine.release)
     reboot = sync(AsyncMachine.reboot)
     switch_root = sync(AsyncMachine.switch_root)
 
-    execute = sync(AsyncMachine.execute)
-    succeed = sync(AsyncMachine.succeed)
-    fail = sync(AsyncMachine.fail)
-    wait_until_succeeds = sync(AsyncMachine.wait_until_succeeds)
-    wait_until_fails = sync(AsyncMachine.wait_until_fails)
-    sleep = sync(AsyncMachine.sleep)
-
-    systemctl = sync(AsyncMachine.systemctl)
-    start_job = sync(AsyncMachine.start_job)
-    stop_job = sync(AsyncMachine.stop_job)
-    get_unit_info = sync(AsyncMachine.get_unit_info)
-    get_unit_property = sync(AsyncMachine.get_unit_property)
-    require_unit_state = sync(AsyncMachine.require_unit_state)
-    wait_for_unit = sync(AsyncMachine.wait_for_unit)
-    wait_for_unit_active_state = sync(AsyncMachine.wait_for_unit_active_state)
-
-    wait_for_file = sync(AsyncMachine.wait_for_file)
-    wait_for_open_port = sync(AsyncMachine.wait_for_open_port)
-    wait_for_closed_port = sync(AsyncMachine.wait_for_closed_port)
-    wait_for_open_unix_socket = sync(AsyncMachine.wait_for_open_unix_socket)
-    copy_from_host = sync(AsyncMachine.copy_from_host)
-    copy_from_host_via_shell = sync(AsyncMachine.copy_from_host_via_shell)
-    copy_from_machine = sync(AsyncMachine.copy_from_machine)
-    copy_from_vm = sync(AsyncMachine.copy_from_vm)
-
     send_console = sync(AsyncMachine.send_console)
-    get_console_log = sync(AsyncMachine.get_console_log)
-    wait_for_console_text = sync(AsyncMachine.wait_for_console_text)
 
     get_tty_text = sync(AsyncMachine.get_tty_text)
     wait_until_tty_matches = sync(AsyncMachine.wait_until_tty_matches)
     dump_tty_contents = sync(AsyncMachine.dump_tty_contents)
-    wait_for_x = sync(AsyncMachine.wait_for_x)
-    get_window_names = sync(AsyncMachine.get_window_names)
-    wait_for_window = sync(AsyncMachine.wait_for_window)
 
     screenshot = sync(AsyncMachine.screenshot)
     send_key = sync(AsyncMachine.send_key)
@@ -346,6 +249,5 @@ class Machine:
     delete_snapshot = sync(AsyncMachine.delete_snapshot)
 
 
-# nixpkgs names for the same class.
+# nixpkgs' name for the same class.
 QemuMachine = Machine
-BaseMachine = Machine

@@ -70,7 +70,59 @@ class MachineState(StrEnum):
         return self not in (MachineState.DEFINED, MachineState.OFF, MachineState.CRASHED)
 
 
-class Lifecycle:
+class RunState:
+    """The state of a machine's run and its one transition point (both kinds of machine)."""
+
+    name: str
+    log: logging.Logger
+    state: MachineState
+    started_at: float | None  # time.time() of the last start
+    crash_report: str | None
+    connect_timeout: Duration  # how long a command waits for the machine to answer
+    _on_change: Callable[[], None] | None
+    _stopped: asyncio.Event  # set when the current run's process is gone
+    kind = "VM"  # in log lines: "waiting for the VM to power off"
+
+    @property
+    def pid(self) -> int | None:
+        """The machine's process (QEMU, systemd-nspawn), while it runs."""
+        raise NotImplementedError
+
+    def _set_state(self, state: MachineState) -> None:
+        """The one transition point: logs the change and notifies the watchers."""
+        if state is self.state:
+            return
+        self.log.debug("state %s -> %s", self.state, state)
+        self.state = state
+        if self._on_change is not None:
+            self._on_change()
+
+    def uptime(self) -> float | None:
+        """Seconds since the machine's process started, while it runs."""
+        if self.started_at is None or not self.state.running:
+            return None
+        return time.time() - self.started_at
+
+    def _check_crashed(self) -> None:
+        if self.state is MachineState.CRASHED:
+            raise MachineError(self.crash_report or f"machine '{self.name}' crashed")
+
+    async def explain_death(self) -> None:
+        """After a lost connection: if the machine is dying, raise its crash report instead."""
+        if self.pid is not None:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._stopped.wait(), 1.0)
+        self._check_crashed()
+
+    async def wait_for_shutdown(self, timeout: Duration | None = None) -> None:
+        """Wait until the machine's process has exited (nixpkgs: no-op unless booted)."""
+        if not self.state.running:
+            return
+        with nested(self.log, f"waiting for the {self.kind} to power off"):
+            await asyncio.wait_for(self._stopped.wait(), seconds(timeout))
+
+
+class Lifecycle(RunState):
     """Owns one machine's QEMU run: the process, its sockets and sessions, and the state."""
 
     def __init__(
@@ -116,24 +168,9 @@ class Lifecycle:
 
     # -- state ---------------------------------------------------------------------------------
 
-    def _set_state(self, state: MachineState) -> None:
-        """The one transition point: logs the change and notifies the watchers."""
-        if state is self.state:
-            return
-        self.log.debug("state %s -> %s", self.state, state)
-        self.state = state
-        if self._on_change is not None:
-            self._on_change()
-
     @property
     def pid(self) -> int | None:
         return self.process.pid if self.process is not None and self.state.running else None
-
-    def uptime(self) -> float | None:
-        """Seconds since QEMU started, while it runs."""
-        if self.started_at is None or not self.state.running:
-            return None
-        return time.time() - self.started_at
 
     def check(self, action: str) -> None:
         """Raise if the machine cannot ``action`` in its state (crashed, or shutting down)."""
@@ -143,10 +180,6 @@ class Lifecycle:
                 f"{self.name} is shutting down, so it cannot {action}. Call "
                 f"{self.name}.wait_for_shutdown(), then {self.name}.start() to boot it again."
             )
-
-    def _check_crashed(self) -> None:
-        if self.state is MachineState.CRASHED:
-            raise MachineError(self.crash_report or f"machine '{self.name}' crashed")
 
     def require_running(self, action: str) -> QemuProcess:
         """The running QEMU, or a MachineError saying why there is none and what to do."""
@@ -328,14 +361,6 @@ class Lifecycle:
             f"{self.name}: QEMU exited (status {process.returncode}) while waiting.\n"
             f"{process.describe_exit()}"
         )
-
-    async def explain_death(self) -> None:
-        """After a lost connection: if QEMU is dying, raise its crash report instead."""
-        process = self.process
-        if process is not None and self.state.running:
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._stopped.wait(), 1.0)
-        self._check_crashed()
 
     async def qmp_execute(self, command: str, args: dict[str, Any] | None = None) -> dict[str, Any]:
         """Run a QMP command (starting QEMU if needed), failing with the crash report if QEMU
@@ -592,13 +617,6 @@ class Lifecycle:
         if self.process is not None:
             self.process.close_sockets()
         self.console.close()
-
-    async def wait_for_shutdown(self, timeout: Duration | None = None) -> None:
-        """Wait until QEMU has exited (nixpkgs: no-op unless booted)."""
-        if not self.state.running:
-            return
-        with nested(self.log, "waiting for the VM to power off"):
-            await asyncio.wait_for(self._stopped.wait(), seconds(timeout))
 
     async def shutdown(self) -> None:
         """Send ``poweroff`` to the backdoor shell and wait for QEMU to exit."""

@@ -1,0 +1,329 @@
+"""systemd-nspawn containers (``NspawnMachine``) on the debian-container guest, for real.
+
+Each test starts its own containers in a private directory and checks afterwards that no
+systemd-nspawn, journalctl, container process or mount of that directory is left.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from nixos_repl.errors import MachineError, RequestedAssertionFailed
+from nixos_repl.guests import build_debian_container
+from nixos_repl.machine import MachineState, NspawnMachine
+from nixos_repl.registry import Registry
+
+from .helpers import interrupt_after, processes_mentioning
+
+pytestmark = [
+    pytest.mark.vm,
+    pytest.mark.skipif(os.geteuid() != 0, reason="containers need root"),
+    pytest.mark.skipif(
+        shutil.which("systemd-nspawn") is None,
+        reason="systemd-nspawn is missing (Debian: apt-get install systemd-container)",
+    ),
+]
+
+
+@pytest.fixture(scope="module")
+def container_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    out = tmp_path_factory.mktemp("containers")
+    build_debian_container(["ct1", "ct2"], out)
+    return out
+
+
+def _alive(pid: int) -> bool:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[-1].split()[0] != "Z"
+    except FileNotFoundError:
+        return False
+
+
+def leftovers(tmp: Path, leaders: list[int]) -> list[str]:
+    """What a container run in ``tmp`` may have left: processes, its leader, mounts."""
+    found = processes_mentioning(str(tmp))
+    found += [f"container leader {pid}" for pid in leaders if _alive(pid)]
+    mounts = Path("/proc/mounts").read_text()
+    found += [line for line in mounts.splitlines() if str(tmp) in line]
+    return found
+
+
+def wait_for_no_leftovers(tmp: Path, leaders: list[int], timeout: float = 10) -> list[str]:
+    deadline = time.monotonic() + timeout
+    while (left := leftovers(tmp, leaders)) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    return left
+
+
+class Containers:
+    """Containers of one test, released and checked for leftovers at its end."""
+
+    def __init__(self, tmp: Path, scripts: Path) -> None:
+        self.tmp = tmp
+        self.scripts = scripts
+        self.machines: list[NspawnMachine] = []
+
+    def __call__(self, name: str = "ct1", script: Path | None = None) -> NspawnMachine:
+        start = script or self.scripts / f"run-{name}-nspawn"
+        machine = NspawnMachine(str(start), tmp_dir=self.tmp, out_dir=self.tmp)
+        self.machines.append(machine)
+        return machine
+
+    def leaders(self) -> list[int]:
+        return [m.lifecycle.leader for m in self.machines if m.lifecycle.leader is not None]
+
+
+@pytest.fixture
+def containers(container_dir: Path) -> Iterator[Containers]:
+    tmp = Path(tempfile.mkdtemp(prefix="nixos-repl-nspawn-"))
+    made = Containers(tmp, container_dir)
+    try:
+        yield made
+    finally:
+        for machine in made.machines:
+            machine.release()
+        assert wait_for_no_leftovers(tmp, made.leaders()) == []
+        shutil.rmtree(tmp)
+
+
+def test_commands_in_a_container(containers: Containers) -> None:
+    ct1 = containers("ct1")
+    assert repr(ct1) == "<NspawnMachine 'ct1'>"
+    assert ct1.succeed("hostname") == "ct1\n"
+    assert ct1.execute("echo out; echo err >&2; exit 3") == (3, "out\n")
+    assert ct1.fail("false") == ""
+    with pytest.raises(RequestedAssertionFailed, match="failed \\(exit code 1\\)"):
+        ct1.succeed("false")
+    # nixpkgs' prelude: pipefail, nounset, root's environment from /etc/profile and no other.
+    assert ct1.execute("false | true")[0] == 1
+    assert ct1.execute("echo $UNSET_VARIABLE")[0] != 0
+    assert ct1.succeed("echo $USER $HOME; env | grep -c NIXOS_REPL || true") == "root /root\n0\n"
+    # The namespaces are the container's: its own pid 1 (systemd) and network.
+    assert ct1.succeed("cat /proc/1/comm") == "systemd\n"
+    assert ct1.succeed("ls /sys/class/net") == "lo\n"
+    ct1.wait_for_unit("multi-user.target")
+    ct1.wait_for_unit("systemd-journald.service")
+    ct1.succeed("systemd-run --unit=probe sleep 600")
+    ct1.wait_for_unit("probe.service")
+    assert ct1.systemctl("is-active probe.service") == (0, "active\n")
+    ct1.succeed("(sleep 1; touch /tmp/later) >/dev/null 2>&1 &")
+    ct1.wait_until_succeeds("test -e /tmp/later", timeout=30)
+    # The shared directory is /tmp/shared.
+    ct1.copy_from_host(__file__, "/root/copied.py")
+    assert ct1.succeed("head -1 /root/copied.py").startswith('"""')
+
+
+def test_two_containers_write_their_own_files(containers: Containers, container_dir: Path) -> None:
+    ct1, ct2 = containers("ct1"), containers("ct2")
+    ct1.succeed("echo one > /etc/marker")
+    ct2.fail("test -e /etc/marker")
+    assert ct2.succeed("hostname") == "ct2\n"
+    ct2.succeed("echo two > /etc/marker")
+    assert ct1.succeed("cat /etc/marker") == "one\n"
+    root = Path((container_dir / "run-ct1-nspawn").read_text().split("lowerdir=")[1].split(",")[0])
+    assert not (root / "etc/marker").exists()
+
+
+def test_timeout_raises_timeout_expired_and_kills_the_command(containers: Containers) -> None:
+    ct1 = containers()
+    started = time.monotonic()
+    with pytest.raises(subprocess.TimeoutExpired):
+        ct1.succeed("sleep 97", timeout=1)
+    assert time.monotonic() - started < 10
+    assert ct1.succeed("pgrep -x sleep || echo none") == "none\n"
+
+
+def test_ctrl_c_kills_the_command_tree_and_the_next_command_works(
+    containers: Containers,
+) -> None:
+    ct1 = containers()
+    ct1.succeed("true")
+    timer = interrupt_after(1.0)
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            ct1.succeed("sleep 98 & sleep 99; wait")
+    finally:
+        timer.cancel()
+    assert ct1.succeed("pgrep -x sleep || echo none") == "none\n"
+    assert ct1.succeed("echo next") == "next\n"
+
+
+def test_journal_lines_are_console_lines(
+    containers: Containers, caplog: pytest.LogCaptureFixture
+) -> None:
+    ct1 = containers()
+    with caplog.at_level(logging.DEBUG, logger="nixos_repl.machine.ct1.serial"):
+        ct1.succeed("logger -t probe hello-from-the-journal")
+        assert ct1.wait_for_console_text("probe.*hello-from", timeout=30).endswith("hello-from")
+    messages = [r.getMessage() for r in caplog.records]
+    assert any("ct1 # " in m and "hello-from" in m for m in messages)
+    assert "hello-from-the-journal" in (ct1.state_dir / "console.log").read_text()
+
+
+def test_shutdown_powers_off(containers: Containers) -> None:
+    ct1 = containers()
+    ct1.succeed("true")
+    leader = ct1.lifecycle.leader
+    assert leader is not None
+    ct1.shutdown()
+    assert ct1.state is MachineState.OFF
+    assert not ct1.is_up()
+    assert wait_for_no_leftovers(containers.tmp, [leader]) == []
+    # A command starts it again, as on a VM.
+    assert ct1.succeed("echo again") == "again\n"
+
+
+def test_a_dead_leader_is_a_clear_machine_error(containers: Containers) -> None:
+    ct1 = containers()
+    ct1.succeed("true")
+    leader = ct1.lifecycle.leader
+    assert leader is not None
+    os.kill(leader, 9)
+    deadline = time.monotonic() + 20
+    while ct1.state is not MachineState.CRASHED and time.monotonic() < deadline:
+        time.sleep(0.1)
+    with pytest.raises(MachineError, match="container 'ct1' crashed: systemd-nspawn"):
+        ct1.succeed("true")
+    assert wait_for_no_leftovers(containers.tmp, [leader]) == []
+
+
+def test_qemu_only_methods_are_missing_and_screenshots_refused(containers: Containers) -> None:
+    ct1 = containers()
+    with pytest.raises(MachineError, match="Screenshots are not supported by NspawnMachine"):
+        ct1.screenshot("x")
+    for name in ("send_monitor_command", "crash", "block", "forward_port", "send_console"):
+        assert not hasattr(ct1, name)
+
+
+def _script(directory: Path, name: str, body: str, mode: int = 0o755) -> Path:
+    path = directory / f"run-{name}-nspawn"
+    path.write_text(f"#!/bin/sh\n{body}\n")
+    path.chmod(mode)
+    return path
+
+
+def test_bad_start_scripts(containers: Containers) -> None:
+    tmp = containers.tmp
+    lazy = containers("lazy", _script(tmp, "lazy", "x", mode=0o644))
+    with pytest.raises(MachineError, match="is not executable"):
+        lazy.start()
+    quitter = containers("quitter", _script(tmp, "quitter", "echo cannot start >&2; exit 3"))
+    with pytest.raises(MachineError, match=r"(?s)exited with status 3.*cannot start"):
+        quitter.succeed("true")
+    mute = containers("mute", _script(tmp, "mute", f"exec sleep 1000 # {tmp}"))
+    mute.connect_timeout = 1
+    with pytest.raises(MachineError, match="sent no READY=1 on its notify socket within 1 s"):
+        mute.succeed("true")
+    assert mute.state is MachineState.OFF
+    assert leftovers(tmp, []) == []
+
+
+def test_without_systemd_nspawn_the_script_names_the_package(containers: Containers) -> None:
+    tmp = containers.tmp
+    (tmp / "not-a-program").write_text("")
+    ct1 = containers.scripts / "run-ct1-nspawn"
+    # The real script, in a mount namespace where /usr/bin/systemd-nspawn is not executable.
+    hidden = _script(
+        tmp,
+        "hidden",
+        f"exec /usr/bin/unshare --mount /bin/sh -c "
+        f"'/bin/mount --bind {tmp}/not-a-program /usr/bin/systemd-nspawn && exec {ct1}'",
+    )
+    machine = containers("hidden", hidden)
+    with pytest.raises(MachineError, match="apt-get install systemd-container"):
+        machine.succeed("true")
+
+
+def test_the_guest_build_is_cached_and_writes_nspawn_scripts(
+    container_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    script = container_dir / "run-ct1-nspawn"
+    root = Path(script.read_text().split("lowerdir=")[1].split(",")[0])
+    before = root.stat().st_mtime_ns
+    (again,) = build_debian_container(["ct1"], tmp_path)
+    assert again.read_text() == script.read_text()
+    assert os.access(again, os.X_OK)
+    assert root.stat().st_mtime_ns == before
+    assert (root / "usr/bin/sh").readlink() == Path("bash")
+    # The modes debugfs rdump drops: the sticky /tmp, setuid su.
+    assert (root / "tmp").stat().st_mode & 0o7777 == 0o1777
+    assert (root / "usr/bin/su").stat().st_mode & 0o4000
+    # A relative start script works: it runs in the state directory.
+    monkeypatch.chdir(tmp_path)
+    ct = NspawnMachine("run-ct1-nspawn", tmp_dir=tmp_path / "run", out_dir=tmp_path)
+    try:
+        assert ct.succeed("echo relative") == "relative\n"
+    finally:
+        ct.release()
+    assert wait_for_no_leftovers(tmp_path, []) == []
+
+
+CONTAINER_TEST_SCRIPT = """
+assert [m.name for m in machines] == ["ct1", "ct2"], machines
+assert [m.name for m in machines_nspawn] == ["ct1", "ct2"] and machines_qemu == []
+assert isinstance(ct1, NspawnMachine) and isinstance(ct1, BaseMachine)
+start_all()
+assert ct1.succeed("hostname") == "ct1\\n"
+ct2.wait_for_unit("multi-user.target")
+ct2.succeed("test ! -e /etc/marker")
+"""
+
+
+@pytest.mark.parametrize("invocation", ["config", "legacy"])
+def test_the_driver_runs_containers(container_dir: Path, tmp_path: Path, invocation: str) -> None:
+    test = tmp_path / "test.py"
+    test.write_text(CONTAINER_TEST_SCRIPT)
+    scripts = {n: str(container_dir / f"run-{n}-nspawn") for n in ("ct2", "ct1")}
+    if invocation == "config":
+        config = {
+            "vms": {},
+            "containers": {n: {"name": n, "start_script": s} for n, s in scripts.items()},
+            "vlans": [],
+            "global_timeout": 300,
+            "enable_ssh_backdoor": False,
+            "test_script": str(test),
+        }
+        (tmp_path / "config.json").write_text(json.dumps(config))
+        args = ["--config", str(tmp_path / "config.json")]
+    else:
+        args = [str(test), "--container-names", *scripts, "--container-start-scripts"]
+        args += scripts.values()
+    runtime = tmp_path / "runtime"
+    runtime.mkdir()
+    driver = Path(sys.executable).parent / "nixos-test-driver"
+    result = subprocess.run(
+        [str(driver), *args],
+        capture_output=True,
+        text=True,
+        cwd=tmp_path,
+        env={**os.environ, "XDG_RUNTIME_DIR": str(runtime)},
+        timeout=240,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "must succeed: hostname" in result.stdout + result.stderr
+    assert wait_for_no_leftovers(runtime, []) == []
+
+
+def test_a_container_may_not_take_a_machines_name(container_dir: Path, tmp_path: Path) -> None:
+    vm_script = tmp_path / "run-ct1-vm"
+    vm_script.write_text("#!/bin/sh\nexit 1\n")
+    vm_script.chmod(0o755)
+    registry = Registry(start_scripts=[("ct1", vm_script)], tmp_dir=tmp_path, out_dir=tmp_path)
+    vm_state = tmp_path / "vm-state-ct1"  # as a VM that ran leaves it
+    vm_state.mkdir()
+    (vm_state / "disk").write_text("the VM's")
+    with pytest.raises(MachineError, match="a machine named 'ct1' already exists"):
+        registry.add_container(str(container_dir / "run-ct1-nspawn"))
+    assert (vm_state / "disk").read_text() == "the VM's"
+    assert registry.machines_nspawn == []
