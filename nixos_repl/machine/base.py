@@ -91,6 +91,7 @@ class BaseMachine:
         return self.lifecycle.uptime()
 
     def is_up(self) -> bool:
+        """Whether the machine runs and takes commands (each kind says what that means)."""
         raise NotImplementedError
 
     @property
