@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import argparse
 import logging
-import statistics
 import subprocess
 import sys
 import tempfile
@@ -21,17 +20,14 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
+from timing import timed
+
 from nixos_repl import Machine, Registry
 from nixos_repl.guests import build_debian, build_tiny
 
 
 def median_ms(fn: Callable[[], object], n: int) -> float:
-    samples = []
-    for _ in range(n):
-        start = time.perf_counter()
-        fn()
-        samples.append(time.perf_counter() - start)
-    return statistics.median(samples) * 1000
+    return timed(fn, n)[0]
 
 
 def used_mib(vm: Machine) -> float:

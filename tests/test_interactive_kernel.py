@@ -69,6 +69,17 @@ def test_notebook_runs(notebook: Path, jupyter_path: Path, guest_dir: Path, tmp_
     assert wait_for_no_qemu(runtime) == []  # the kernel's shutdown stopped its machines
 
 
+def interrupted(k: Kernel, code: str, after: float) -> None:
+    """Run ``code``, interrupt the kernel ``after`` seconds later: the cell's own reply comes
+    at once, an error, without waiting for another request."""
+    msg_id = k.kc.execute(code)
+    time.sleep(after)
+    k.km.interrupt_kernel()
+    reply = k.kc.get_shell_msg(timeout=10)
+    assert reply["parent_header"]["msg_id"] == msg_id
+    assert reply["content"]["status"] == "error"
+
+
 @pytest.fixture(scope="module")
 def kernel(
     jupyter_path: Path, guest_dir: Path, tmp_path_factory: pytest.TempPathFactory
@@ -250,12 +261,7 @@ def test_interrupt_cancels_an_awaited_twin(kernel: tuple[Kernel, Path]) -> None:
     comes without waiting for another request), kills the guest command, and the next cell
     runs (stock ipykernel 7.4 answers only when the next request arrives, and aborts that)."""
     k, _ = kernel
-    msg_id = k.kc.execute("await vm1.aio.succeed('sleep 100')")
-    time.sleep(1.5)
-    k.km.interrupt_kernel()
-    reply = k.kc.get_shell_msg(timeout=10)
-    assert reply["parent_header"]["msg_id"] == msg_id
-    assert reply["content"]["status"] == "error"
+    interrupted(k, "await vm1.aio.succeed('sleep 100')", after=1.5)
     reply, outputs = k.run("%succeed vm1 pgrep -x sleep || echo no-sleep")
     assert reply["status"] == "ok"
     assert "no-sleep" in text_of(outputs)
@@ -396,12 +402,7 @@ def test_interrupt_ends_an_awaited_cell_at_once(jupyter_path: Path, tmp_path: Pa
     runtime.mkdir()
     k = Kernel(kernel_env(runtime, None))
     try:
-        msg_id = k.kc.execute("import asyncio\nawait asyncio.sleep(100)")
-        time.sleep(1.0)
-        k.km.interrupt_kernel()
-        reply = k.kc.get_shell_msg(timeout=10)
-        assert reply["parent_header"]["msg_id"] == msg_id
-        assert reply["content"]["status"] == "error"
+        interrupted(k, "import asyncio\nawait asyncio.sleep(100)", after=1.0)
         assert k.run("1 + 1")[0]["status"] == "ok"
     finally:
         k.shutdown()
