@@ -341,6 +341,15 @@ def _parser() -> argparse.ArgumentParser:
         metavar="DIR",
         help="where to write the run-<name>-vm scripts",
     )
+    build.add_argument(
+        "--vlan", action="append", type=int, default=[], dest="guest_vlans", metavar="N",
+        help="debian-container: join VLAN N as eth1, eth2, … at 192.168.N.<node> (repeatable)",
+    )  # fmt: skip
+    build.add_argument(
+        "--node", action="append", default=[], dest="guest_nodes", metavar="NAME",
+        help="debian-container: another machine of the test (a VM), counted in the node "
+        "numbers and named in /etc/hosts (repeatable)",
+    )  # fmt: skip
 
     demo = commands.add_parser("demo", help="boot two tiny guests and drive them")
     demo.add_argument(
@@ -479,12 +488,17 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.command == "guest":
             from .guests import build_debian, build_debian_container, build_tiny
 
-            builder = {
-                "tiny": build_tiny,
-                "debian": build_debian,
-                "debian-container": build_debian_container,
-            }[args.kind]
-            for script in builder(args.names, args.out):
+            if args.kind == "debian-container":
+                scripts = build_debian_container(
+                    args.names, args.out, vlans=args.guest_vlans, nodes=args.guest_nodes
+                )
+            elif args.guest_vlans or args.guest_nodes:
+                parser.error("--vlan and --node are for debian-container (VMs join every VLAN)")
+            else:
+                scripts = {"tiny": build_tiny, "debian": build_debian}[args.kind](
+                    args.names, args.out
+                )
+            for script in scripts:
                 print(script)
             return 0
         if args.command == "demo":

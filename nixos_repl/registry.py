@@ -235,6 +235,8 @@ class Registry:
             callbacks=list(self.callbacks),
         )
         self._containers[container.name] = container
+        for vlan in self.vlans:  # the first container: the VLANs plug their taps in (nixpkgs)
+            run_sync(vlan.aio.start_tap())
         return container
 
     @property
@@ -367,7 +369,7 @@ class Registry:
         for nr in self.vlan_numbers:
             if any(v.nr == nr for v in self.vlans):
                 continue
-            vlan = VLan(nr, self.tmp_dir)
+            vlan = VLan(nr, self.tmp_dir, tap=bool(self._containers))
             vlan.start()
             self.vlans.append(vlan)
         env = self.vlan_env()

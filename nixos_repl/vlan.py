@@ -1,4 +1,10 @@
-"""One ``vde_switch`` per VLAN, as nixpkgs runs it, exported as ``QEMU_VDE_SOCKET_<N>``."""
+"""One ``vde_switch`` per VLAN, as nixpkgs runs it, exported as ``QEMU_VDE_SOCKET_<N>``.
+
+When containers are in the run, each switch also gets nixpkgs' ``vde_plug2tap -s <sock>
+vde-tap<N>``: a tap interface in the driver's network namespace carrying the VLAN's frames. A
+container's start script (``run-<name>-nspawn``) puts that tap on the bridge ``br<N>`` it shares
+with the other containers of the VLAN, so containers and VMs are on one Ethernet segment.
+"""
 
 from __future__ import annotations
 
@@ -7,6 +13,7 @@ import contextlib
 import logging
 import shutil
 import socket
+import time
 from pathlib import Path
 
 from .errors import MachineError
@@ -17,6 +24,17 @@ __all__ = ["VLan"]
 
 log = logging.getLogger(__name__)
 START_TIMEOUT = 5.0
+TAP_TIMEOUT = 5.0  # seconds for vde_plug2tap's interface to appear
+
+
+def link_exists(name: str) -> bool:
+    """Whether this network namespace has a link ``name`` (asked of the kernel: /sys/class/net
+    may be another namespace's)."""
+    try:
+        socket.if_nametoindex(name)
+    except OSError:
+        return False
+    return True
 
 
 class VLan:
@@ -24,13 +42,17 @@ class VLan:
 
     As nixpkgs' ``VLan``: ``nr``, ``socket_dir``, ``pid``, ``process``, and a blocking
     ``stop()`` a test script may call (``vlan1.stop()``); the coroutines are ``vlan1.aio.start()``
-    and ``vlan1.aio.stop()``, as for machines.
+    and ``vlan1.aio.stop()``, as for machines. With ``tap`` (containers are in the run) it also
+    runs ``vde_plug2tap`` (``plug_process``) for the tap ``tap_name`` (``vde-tap<N>``).
     """
 
-    def __init__(self, nr: int, tmp_dir: Path) -> None:
+    def __init__(self, nr: int, tmp_dir: Path, tap: bool = False) -> None:
         self.nr = nr
         self.socket_dir = tmp_dir / f"vde{nr}.ctl"
+        self.tap_name = f"vde-tap{nr}"
+        self.tap = tap
         self.proc: asyncio.subprocess.Process | None = None
+        self.plug_process: asyncio.subprocess.Process | None = None
         self._drainer: asyncio.Task[None] | None = None
         self.aio = AsyncVLan(self)
 
@@ -108,7 +130,68 @@ class VLan:
             raise MachineError(f"vde_switch for vlan {self.nr} made no socket in {self.socket_dir}")
         # Keep reading its console so it never blocks on a full pipe.
         self._drainer = asyncio.get_running_loop().create_task(self._drain())
+        if self.tap:
+            try:
+                await self._start_tap()
+            except BaseException:
+                await self._stop()
+                raise
         log.info("running vlan (pid %d; ctl %s)", self.proc.pid, self.socket_dir)
+
+    async def _start_tap(self) -> None:
+        """nixpkgs' ``vde_plug2tap -s <sock> vde-tap<N>``; waits until the tap exists, so that a
+        container started next finds it (a tap that cannot be made is a warning, as in nixpkgs:
+        the containers of this VLAN are then cut off from its VMs)."""
+        if self.plug_process is not None and self.plug_process.returncode is None:
+            return
+        self.tap = True
+        log.info("creating tap interface %s", self.tap_name)
+        if link_exists(self.tap_name):
+            raise MachineError(
+                f"the tap interface {self.tap_name} exists already (another test driver with "
+                f"VLAN {self.nr} and containers runs in this network namespace); stop it, or "
+                "run this one in a network namespace of its own (unshare --net)"
+            )
+        try:
+            plug = await asyncio.create_subprocess_exec(
+                "vde_plug2tap", "-s", str(self.socket_dir), self.tap_name,
+                stdin=asyncio.subprocess.DEVNULL,
+                stdout=asyncio.subprocess.DEVNULL,
+                stderr=asyncio.subprocess.PIPE,
+                preexec_fn=die_with_parent,
+            )  # fmt: skip
+        except FileNotFoundError:
+            raise MachineError(
+                "vde_plug2tap not found: containers on VLANs need it (Debian: apt-get install vde2)"
+            ) from None
+        self.plug_process = plug
+        deadline = time.monotonic() + TAP_TIMEOUT
+        while not link_exists(self.tap_name):
+            if plug.returncode is not None or time.monotonic() > deadline:
+                await self._stop_tap()
+                assert plug.stderr is not None
+                why = (await plug.stderr.read()).decode(errors="replace").strip()
+                log.warning(
+                    "vde_plug2tap made no tap %s (%s): containers on VLAN %d cannot reach its VMs; "
+                    "it needs /dev/net/tun and CAP_NET_ADMIN",
+                    self.tap_name,
+                    why or f"status {plug.returncode}",
+                    self.nr,
+                )
+                return
+            await asyncio.sleep(0.01)
+
+    async def _stop_tap(self) -> None:
+        plug = self.plug_process
+        if plug is None or plug.returncode is not None:
+            return
+        with contextlib.suppress(ProcessLookupError):
+            plug.terminate()
+        try:
+            await asyncio.wait_for(plug.wait(), 5)
+        except TimeoutError:
+            plug.kill()
+            await plug.wait()
 
     async def _drain(self) -> None:
         assert self.proc is not None and self.proc.stdout is not None
@@ -119,6 +202,7 @@ class VLan:
         if self.proc is None or self.proc.returncode is not None:
             return
         log.info("kill vlan (pid %d)", self.proc.pid)
+        await self._stop_tap()
         with contextlib.suppress(ProcessLookupError):
             self.proc.terminate()
         try:
@@ -139,5 +223,9 @@ class AsyncVLan:
         await self._vlan._start()
 
     async def stop(self) -> None:
-        """Stop the switch."""
+        """Stop the switch (and its tap plug)."""
         await self._vlan._stop()
+
+    async def start_tap(self) -> None:
+        """Plug the tap ``vde-tap<N>`` in (containers joined the run after the switch started)."""
+        await self._vlan._start_tap()

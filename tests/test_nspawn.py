@@ -21,6 +21,7 @@ import pytest
 
 from nixos_repl.errors import MachineError, RequestedAssertionFailed
 from nixos_repl.guests import build_debian_container
+from nixos_repl.guests.container import guest_files
 from nixos_repl.machine import MachineState, NspawnMachine
 from nixos_repl.registry import Registry
 
@@ -327,3 +328,97 @@ def test_a_container_may_not_take_a_machines_name(container_dir: Path, tmp_path:
         registry.add_container(str(container_dir / "run-ct1-nspawn"))
     assert (vm_state / "disk").read_text() == "the VM's"
     assert registry.machines_nspawn == []
+
+
+# -- containers on VLANs, beside VMs ---------------------------------------------------------
+
+
+def test_node_numbers_and_hosts_count_every_machine_of_the_test() -> None:
+    files = guest_files("ct1", [1, 3], ["vm2", "ct1", "a"])
+    # Sorted: a=1, ct1=2, vm2=3; the i-th VLAN is eth<i>.
+    assert "Name=eth1\n\n[Network]\nAddress=192.168.1.2/24\nAddress=2001:db8:1::2/64\n" in files
+    assert "Name=eth2\n\n[Network]\nAddress=192.168.3.2/24\n" in files
+    hosts = files.split("etc/hosts\" <<'EOF'\n")[1].split("EOF")[0]
+    assert hosts.splitlines() == [
+        "127.0.0.1 localhost",
+        "::1 localhost",
+        "192.168.1.1 a",
+        "2001:db8:1::1 a",
+        "192.168.1.2 ct1",
+        "2001:db8:1::2 ct1",
+        "192.168.1.3 vm2",
+        "2001:db8:1::3 vm2",
+    ]
+    assert "etc/hosts" in guest_files("ct1", [], ["ct1"])
+    assert "192.168" not in guest_files("ct1", [], ["ct1"])
+
+
+VLAN_TEST_SCRIPT = """
+start_all()
+# /etc/hosts names the VM (the tiny guest has no IPv6 address: -4).
+assert ct1.succeed("getent ahostsv4 vm2 | head -1").split()[0] == "192.168.1.2"
+ct1.wait_until_succeeds("ping -4 -c1 -W2 vm2", timeout=120)
+vm2.succeed("ping -c1 -W2 192.168.1.1")
+ct1.succeed("systemd-run --unit=serve sh -c 'while :; do echo served-by-ct1 | nc -N -l 1234; done'")
+ct1.wait_for_open_port(1234)
+assert vm2.succeed("nc -w 10 192.168.1.1 1234") == "served-by-ct1\\n"
+# The bridge, its address and the two ports, in the driver's network namespace.
+import subprocess
+ports = subprocess.run(["ip", "-o", "link", "show", "master", "br1"], capture_output=True,
+                       text=True, check=True).stdout
+assert "vde-tap1" in ports and "ct1-eth1" in ports, ports
+assert "192.168.1.254/24" in subprocess.run(["ip", "-o", "addr", "show", "br1"],
+                                            capture_output=True, text=True).stdout
+"""
+
+
+@pytest.fixture(scope="module")
+def vlan_container_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    out = tmp_path_factory.mktemp("vlan-containers")
+    # vm2 of the tiny guests is node 2 (built with vm1 and vm2): in a test of ct1 and vm2, ct1
+    # is node 1 and vm2 node 2, as nixpkgs numbers them.
+    build_debian_container(["ct1"], out, vlans=[1], nodes=["vm2"])
+    return out
+
+
+def test_a_container_and_a_vm_on_one_vlan_talk(
+    vlan_container_dir: Path, guest_dir: Path, tmp_path: Path
+) -> None:
+    test = tmp_path / "test.py"
+    test.write_text(VLAN_TEST_SCRIPT)
+    config = {
+        "vms": {"vm2": {"name": "vm2", "start_script": str(guest_dir / "run-vm2-vm")}},
+        "containers": {
+            "ct1": {"name": "ct1", "start_script": str(vlan_container_dir / "run-ct1-nspawn")}
+        },
+        "vlans": [1],
+        "global_timeout": 600,
+        "enable_ssh_backdoor": False,
+        "test_script": str(test),
+    }
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    runtime = tmp_path / "runtime"
+    runtime.mkdir()
+    driver = Path(sys.executable).parent / "nixos-test-driver"
+    # A network namespace of its own, as a Nix build has; what the run leaves in it is listed
+    # after the driver exits.
+    result = subprocess.run(
+        [
+            "unshare",
+            "--net",
+            "sh",
+            "-c",
+            f"{driver} --config config.json; s=$?; echo links:; ip -o link; exit $s",
+        ],
+        capture_output=True,
+        text=True,
+        cwd=tmp_path,
+        env={**os.environ, "XDG_RUNTIME_DIR": str(runtime)},
+        timeout=400,
+    )
+    output = result.stdout + result.stderr
+    assert result.returncode == 0, output[-4000:]
+    assert "creating tap interface vde-tap1" in output
+    links = result.stdout.rpartition("links:\n")[2].splitlines()
+    assert [line.split(":")[1].strip() for line in links] == ["lo"], links
+    assert wait_for_no_leftovers(runtime, []) == []

@@ -42,32 +42,112 @@ MASKED_UNITS = ("backdoor.service", "vlan-addresses.service", "console-getty.ser
 RUN_SCRIPT = r"""#!/bin/sh
 # run-@NAME@-nspawn: the debian-container guest @NAME@ (nixos-repl), NixOS's container contract.
 set -eu
-if [ "$(id -u)" -ne 0 ]; then
-    echo "run-@NAME@-nspawn: containers need root" >&2
-    exit 1
-fi
 export PATH=/usr/sbin:/usr/bin:/sbin:/bin
-if ! command -v systemd-nspawn >/dev/null 2>&1; then
-    echo "run-@NAME@-nspawn: systemd-nspawn not found" \
-        "(Debian: apt-get install systemd-container)" >&2
-    exit 127
+name=@NAME@
+# <interface>:<vlan> of each VLAN interface, as nixpkgs' --interfaces-json.
+interfaces="@INTERFACES@"
+warn() { echo "nixos-nspawn($name): $*" >&2; }
+if [ "${1:-}" != --in-private-mounts ]; then
+    if [ "$(id -u)" -ne 0 ]; then
+        echo "run-$name-nspawn: containers need root" >&2
+        exit 1
+    fi
+    if ! command -v systemd-nspawn >/dev/null 2>&1; then
+        echo "run-$name-nspawn: systemd-nspawn not found" \
+            "(Debian: apt-get install systemd-container)" >&2
+        exit 127
+    fi
+    : "${RUN_NSPAWN_ROOT_DIR:?run-@NAME@-nspawn: RUN_NSPAWN_ROOT_DIR is not set}"
+    : "${RUN_NSPAWN_SHARED_DIR:?run-@NAME@-nspawn: RUN_NSPAWN_SHARED_DIR is not set}"
+    mkdir -p "$RUN_NSPAWN_ROOT_DIR/var/log/journal" "$RUN_NSPAWN_SHARED_DIR" \
+        "$RUN_NSPAWN_ROOT_DIR/.overlay/upper" "$RUN_NSPAWN_ROOT_DIR/.overlay/work" \
+        "$RUN_NSPAWN_ROOT_DIR/.overlay/root"
+    # The overlay and the network namespace's name live in a mount namespace of their own:
+    # they go away with the container, however it ends.
+    exec unshare --mount --propagation private "$0" --in-private-mounts
 fi
-: "${RUN_NSPAWN_ROOT_DIR:?run-@NAME@-nspawn: RUN_NSPAWN_ROOT_DIR is not set}"
-: "${RUN_NSPAWN_SHARED_DIR:?run-@NAME@-nspawn: RUN_NSPAWN_SHARED_DIR is not set}"
-mkdir -p "$RUN_NSPAWN_ROOT_DIR/var/log/journal" "$RUN_NSPAWN_SHARED_DIR" \
-    "$RUN_NSPAWN_ROOT_DIR/.overlay/upper" "$RUN_NSPAWN_ROOT_DIR/.overlay/work" \
-    "$RUN_NSPAWN_ROOT_DIR/.overlay/root"
-# The overlay lives in a mount namespace of its own: it goes away with the container.
-exec unshare --mount --propagation private /bin/sh -c '
-set -eu
+
 o=$RUN_NSPAWN_ROOT_DIR/.overlay
 mount -t overlay overlay -o "lowerdir=@ROOT@,upperdir=$o/upper,workdir=$o/work" "$o/root"
-exec systemd-nspawn --quiet --register=no --keep-unit --notify-ready=yes --console=passive \
-    --private-network --machine=@NAME@ --directory="$o/root" \
+# The guest's side (NixOS's networking.interfaces and networking.extraHosts).
+mkdir -p "$o/root/etc/systemd/network"
+@GUEST_FILES@
+# The host's side, as nixpkgs' run-nspawn: a network namespace nixos-nspawn-<name>; per
+# interface a bridge br<vlan> (192.168.<vlan>.254, shared by the VLAN's containers, made and
+# removed under a lock) with the driver's tap vde-tap<vlan> on it, and a veth pair
+# <name>-<interface> (on the bridge) / <interface> (in the namespace).
+netns=nixos-nspawn-$name
+locks=/run/nixos-nspawn
+# Links are looked up over netlink: /sys/class/net may show another network namespace's.
+exists() { ip link show dev "$1" >/dev/null 2>&1; }
+bridge_up() {
+    (
+        flock 9
+        if ! exists "br$1"; then
+            ip link add "br$1" type bridge
+            ip link set "br$1" up
+            ip addr add "192.168.$1.254/24" dev "br$1"
+            ip addr add "2001:db8:$1::fe/64" dev "br$1"
+        fi
+        if exists "vde-tap$1"; then
+            ip link set "vde-tap$1" master "br$1"
+            ip link set "vde-tap$1" up
+        else
+            warn "TAP vde-tap$1 not found; container will be isolated from VDE"
+        fi
+    ) 9>"$locks/vlan-$1.lock"
+}
+bridge_down() {
+    (
+        flock 9
+        # The tap belongs to the VLAN, not to a container: it does not keep the bridge.
+        if exists "br$1" && [ -z "$(ip -o link show master "br$1" \
+            | cut -d: -f2 | cut -d@ -f1 | tr -d ' ' | grep -vx "vde-tap$1")" ]; then
+            ip link delete "br$1"
+        fi
+    ) 9>"$locks/vlan-$1.lock"
+}
+made=
+cleanup() {
+    status=$?
+    trap - EXIT INT TERM
+    for spec in $made; do
+        ip link delete "$name-${spec%%:*}" 2>/dev/null || true
+        bridge_down "${spec#*:}" || true
+    done
+    ip netns delete "$netns" 2>/dev/null || true
+    exit "$status"
+}
+trap cleanup EXIT
+trap 'exit 143' TERM
+trap 'exit 130' INT
+mkdir -p "$locks"
+ip netns add "$netns"
+for spec in $interfaces; do
+    ifname=${spec%%:*}
+    vlan=${spec#*:}
+    bridge_up "$vlan"
+    made="$spec $made"
+    ip link add "$name-$ifname" type veth peer name "$ifname" netns "$netns"
+    ip link set "$name-$ifname" master "br$vlan"
+    ip link set "$name-$ifname" up
+done
+
+systemd-nspawn --quiet --register=no --keep-unit --notify-ready=yes --console=passive \
+    --private-network --network-namespace-path="/run/netns/$netns" \
+    --machine="$name" --directory="$o/root" \
     --bind="$RUN_NSPAWN_ROOT_DIR/var/log/journal:/var/log/journal" \
     --bind="$RUN_NSPAWN_SHARED_DIR:/tmp/shared" \
-    --boot -- systemd.show_status=false
-'
+    --boot -- systemd.show_status=false &
+pid=$!
+# SIGTERM (the driver's release()) goes on to systemd-nspawn, which powers the container off.
+trap 'kill -TERM "$pid" 2>/dev/null || true' TERM INT
+while :; do
+    status=0
+    wait "$pid" || status=$?
+    kill -0 "$pid" 2>/dev/null || break
+done
+exit "$status"
 """
 
 
@@ -157,18 +237,74 @@ def container_root(cache: Path | None = None) -> Path:
     return root
 
 
+def _heredoc(path: str, text: str) -> str:
+    return f"cat > \"$o/root/{path}\" <<'EOF'\n{text}EOF"
+
+
+def guest_files(name: str, vlans: Sequence[int], machines: Sequence[str]) -> str:
+    """The shell lines that write the container's network files into its root at start.
+
+    As NixOS's test network (``nixos/lib/testing/network.nix``): ``vlans`` become the interfaces
+    ``eth1``, ``eth2``, … with ``192.168.<vlan>.<node>/24`` and ``2001:db8:<vlan>::<node>/64``,
+    where ``<node>`` is the 1-based position of the name among all ``machines`` sorted; and
+    ``/etc/hosts`` names every machine at its address on the first VLAN (its primary address).
+    """
+    nodes = {m: i for i, m in enumerate(sorted(machines), start=1)}
+    node = nodes[name]
+    files = []
+    for i, vlan in enumerate(vlans, start=1):
+        network = (
+            f"[Match]\nName=eth{i}\n\n[Network]\n"
+            f"Address=192.168.{vlan}.{node}/24\nAddress=2001:db8:{vlan}::{node}/64\n"
+        )
+        files.append(_heredoc(f"etc/systemd/network/20-eth{i}.network", network))
+    hosts = "127.0.0.1 localhost\n::1 localhost\n"
+    if vlans:
+        for machine, number in nodes.items():
+            hosts += f"192.168.{vlans[0]}.{number} {machine}\n"
+            hosts += f"2001:db8:{vlans[0]}::{number} {machine}\n"
+    files.append(_heredoc("etc/hosts", hosts))
+    return "\n".join(files)
+
+
 def build_debian_container(
-    names: Sequence[str], out_dir: Path, cache: Path | None = None
+    names: Sequence[str],
+    out_dir: Path,
+    cache: Path | None = None,
+    *,
+    vlans: Sequence[int] = (),
+    nodes: Sequence[str] = (),
 ) -> list[Path]:
-    """Write an executable ``out_dir/run-<name>-nspawn`` per name; returns the script paths."""
+    """Write an executable ``out_dir/run-<name>-nspawn`` per name; returns the script paths.
+
+    Each container joins every VLAN of ``vlans`` (NixOS's ``virtualisation.vlans``: interface
+    ``eth<i>`` for the i-th) at ``192.168.<vlan>.<node>``. Node numbers count every machine of
+    the test, sorted by name: the containers' ``names`` and the other machines' ``nodes`` (the
+    VMs, whose guests number themselves the same way).
+    """
     check_names(names)
+    machines = sorted({*names, *nodes})
+    check_names(machines)
+    if len(machines) > 254:
+        raise GuestBuildError(f"{len(machines)} machines: a VLAN has addresses for 254")
+    for vlan in vlans:
+        if not 0 <= vlan <= 255:
+            raise GuestBuildError(f"invalid VLAN {vlan}: VLANs are 0 to 255 (192.168.<vlan>.*)")
+    if len(set(vlans)) != len(vlans):
+        raise GuestBuildError(f"VLANs must be unique: {list(vlans)}")
     root = container_root(cache)
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
+    interfaces = " ".join(f"eth{i}:{vlan}" for i, vlan in enumerate(vlans, start=1))
     scripts = []
     for name in names:
         script = out_dir / f"run-{name}-nspawn"
-        text = render_template(RUN_SCRIPT, {"NAME": name, "ROOT": str(root)})
-        write_atomic(script, text.encode(), 0o755)
+        values = {
+            "NAME": name,
+            "ROOT": str(root),
+            "INTERFACES": interfaces,
+            "GUEST_FILES": guest_files(name, vlans, machines),
+        }
+        write_atomic(script, render_template(RUN_SCRIPT, values).encode(), 0o755)
         scripts.append(script)
     return scripts
