@@ -162,7 +162,7 @@ class Registry:
         self.vlans: list[VLan] = []
         self._machines: dict[str, Machine] = {}
         self._containers: dict[str, NspawnMachine] = {}
-        self._watchers: list[Callable[[Machine], None]] = []
+        self._watchers: list[Callable[[BaseMachine], None]] = []
         # Shared by every machine: told of each machine action (the session recording).
         self.observers: list[ActionObserver] = []
         self.shell_framing = shell_framing_from_env()
@@ -233,6 +233,7 @@ class Registry:
             out_dir=self.out_dir,
             keep_machine_state=self.keep_machine_state,
             callbacks=list(self.callbacks),
+            on_state_change=self._state_changed,
         )
         self._containers[container.name] = container
         for vlan in self.vlans:  # the first container: the VLANs plug their taps in (nixpkgs)
@@ -253,11 +254,12 @@ class Registry:
         self.deployed.pop(name, None)
         return machine
 
-    def watch(self, callback: Callable[[Machine], None]) -> None:
-        """Call ``callback(machine)`` after every state change (on the I/O thread: be quick)."""
+    def watch(self, callback: Callable[[BaseMachine], None]) -> None:
+        """Call ``callback(machine)`` after every state change of a VM or a container (on the
+        I/O thread: be quick)."""
         self._watchers.append(callback)
 
-    def _state_changed(self, machine: Machine) -> None:
+    def _state_changed(self, machine: BaseMachine) -> None:
         log.debug("%s: %s", machine.name, machine.state)
         for callback in self._watchers:
             try:

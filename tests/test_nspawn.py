@@ -328,6 +328,11 @@ def test_a_container_may_not_take_a_machines_name(container_dir: Path, tmp_path:
         registry.add_container(str(container_dir / "run-ct1-nspawn"))
     assert (vm_state / "disk").read_text() == "the VM's"
     assert registry.machines_nspawn == []
+    # Nor a VM a container's.
+    registry.add_container(str(container_dir / "run-ct2-nspawn"))
+    with pytest.raises(MachineError, match="a machine named 'ct2' already exists"):
+        registry.add(str(vm_script), name="ct2")
+    assert [m.name for m in registry.machines] == ["ct1"]
 
 
 # -- containers on VLANs, beside VMs ---------------------------------------------------------
@@ -422,3 +427,84 @@ def test_a_container_and_a_vm_on_one_vlan_talk(
     links = result.stdout.rpartition("links:\n")[2].splitlines()
     assert [line.split(":")[1].strip() for line in links] == ["lo"], links
     assert wait_for_no_leftovers(runtime, []) == []
+
+
+# -- bad input -------------------------------------------------------------------------------
+
+
+def test_a_container_root_in_use_is_refused_and_a_stale_one_cleaned(
+    containers: Containers, caplog: pytest.LogCaptureFixture
+) -> None:
+    ct1 = containers("ct1")
+    ct1.succeed("echo written > /root/marker")
+    script = str(containers.scripts / "run-ct1-nspawn")
+    tmp = containers.tmp
+    with pytest.raises(MachineError) as refused:
+        NspawnMachine(script, tmp_dir=tmp, out_dir=tmp)
+    assert str(refused.value).startswith(
+        f"ct1: the container root {ct1.state_dir} is in use by a container that is still running ("
+    )
+    assert "\n" not in str(refused.value)
+    assert ct1.succeed("cat /root/marker") == "written\n"  # untouched
+    # A run killed outright (SIGKILL to its start script's process group): the container's
+    # own processes outlive systemd-nspawn, and still run in its root.
+    assert ct1.process is not None
+    leader = ct1.lifecycle.leader
+    assert leader is not None
+    os.killpg(ct1.process.pid, 9)
+    deadline = time.monotonic() + 20
+    while ct1.state is not MachineState.CRASHED and time.monotonic() < deadline:
+        time.sleep(0.1)
+    with pytest.raises(
+        MachineError, match=r"in use by a container that is still running \(.+, pid"
+    ):
+        NspawnMachine(script, tmp_dir=tmp, out_dir=tmp)
+    os.kill(leader, 9)  # now nothing runs in it
+    assert wait_for_no_leftovers(tmp, [leader]) == []
+    assert (ct1.state_dir / ".overlay/upper/root/marker").exists()
+    with caplog.at_level(logging.INFO, logger="nixos_repl.machine.ct1"):
+        again = containers("ct1")
+    assert f"deleting machine state directory {again.state_dir}" in caplog.text
+    assert again.succeed("test -e /root/marker || echo fresh") == "fresh\n"
+
+
+def test_keep_machine_state_keeps_the_container_root(containers: Containers) -> None:
+    script = str(containers.scripts / "run-ct1-nspawn")
+    tmp = containers.tmp
+
+    def container(keep: bool) -> NspawnMachine:
+        machine = NspawnMachine(script, tmp_dir=tmp, out_dir=tmp, keep_machine_state=keep)
+        containers.machines.append(machine)
+        return machine
+
+    first = container(keep=False)
+    first.succeed("echo kept > /root/marker")
+    first.shutdown()
+    kept = container(keep=True)
+    assert kept.succeed("cat /root/marker") == "kept\n"
+    kept.release()
+    fresh = container(keep=False)
+    assert fresh.succeed("cat /root/marker || echo gone") == "gone\n"
+
+
+def test_registry_watchers_see_a_containers_states(container_dir: Path, tmp_path: Path) -> None:
+    script = container_dir / "run-ct1-nspawn"
+    seen: list[tuple[str, MachineState]] = []
+    with Registry(containers=[("ct1", script)], tmp_dir=tmp_path, out_dir=tmp_path) as registry:
+        registry.watch(lambda machine: seen.append((machine.name, machine.state)))
+        (ct1,) = registry.machines_nspawn
+        ct1.succeed("true")
+        ct1.shutdown()
+        ct1.start()
+        ct1.release()
+    assert [state for _, state in seen] == [
+        MachineState.STARTING,
+        MachineState.UP,
+        MachineState.STOPPING,
+        MachineState.OFF,
+        MachineState.STARTING,
+        MachineState.STOPPING,
+        MachineState.OFF,
+    ]
+    assert {name for name, _ in seen} == {"ct1"}
+    assert wait_for_no_leftovers(tmp_path, []) == []

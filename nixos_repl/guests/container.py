@@ -121,7 +121,9 @@ cleanup() {
 trap cleanup EXIT
 trap 'exit 143' TERM
 trap 'exit 130' INT
-mkdir -p "$locks"
+mkdir -p "$locks" /run/netns
+# The namespace's name too is private (another run's container may have the same name).
+mount -t tmpfs -o mode=0755 netns /run/netns
 ip netns add "$netns"
 for spec in $interfaces; do
     ifname=${spec%%:*}

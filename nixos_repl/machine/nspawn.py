@@ -39,7 +39,13 @@ from .timing import Duration, nested, seconds
 if TYPE_CHECKING:
     from .api import MachineParts
 
-__all__ = ["NspawnChannel", "NspawnLifecycle", "NspawnMachine", "container_name_from_start_command"]
+__all__ = [
+    "NspawnChannel",
+    "NspawnLifecycle",
+    "NspawnMachine",
+    "container_name_from_start_command",
+    "processes_in",
+]
 
 # nixpkgs' prelude of every command run in a container.
 PRELUDE = (
@@ -59,6 +65,32 @@ def container_name_from_start_command(start_command: str) -> str:
             "run-<name>-nspawn, or pass name="
         )
     return match.group(1)
+
+
+def processes_in(state_dir: Path) -> list[tuple[int, str]]:
+    """(pid, name) of the live processes that use ``state_dir``: its start script and
+    systemd-nspawn work in it, and the container's own processes (which outlive a
+    systemd-nspawn killed outright) have it in their mount namespace (the root or a bind mount
+    of it). Holds for nixpkgs' start scripts as for ours."""
+    root = os.path.realpath(state_dir)
+    own_mounts = os.readlink("/proc/self/ns/mnt")
+    namespaces: dict[str, bool] = {}  # mount namespace -> whether it mounts from state_dir
+    found = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit() or int(entry.name) == os.getpid():
+            continue
+        try:
+            cwd = os.readlink(entry / "cwd")
+            mounts = os.readlink(entry / "ns/mnt")
+            if mounts != own_mounts and mounts not in namespaces:
+                table = (entry / "mountinfo").read_text()
+                namespaces[mounts] = f"{root}/" in table or f"{root} " in table
+            name = (entry / "comm").read_text().strip()
+        except OSError:
+            continue
+        if cwd == root or cwd.startswith(root + "/") or namespaces.get(mounts, False):
+            found.append((int(entry.name), name))
+    return found
 
 
 class NspawnChannel:
@@ -410,6 +442,13 @@ class NspawnMachine(BaseMachine):
         # QEMU-only ones are not exposed on this class.
         self.aio = AsyncMachine(cast("MachineParts", self))
         self.shared_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+        if self.state_dir.exists() and (users := processes_in(self.state_dir)):
+            pid, program = users[0]
+            raise MachineError(
+                f"{self.name}: the container root {self.state_dir} is in use by a container "
+                f"that is still running ({program}, pid {pid}); stop it, or give this run its "
+                "own directory with XDG_RUNTIME_DIR=<a private dir>"
+            )
         if not keep_machine_state and self.state_dir.exists():
             self.cleanup_statedir()
 
