@@ -36,6 +36,7 @@ from .errors import MachineError, PollingConditionError, RequestedAssertionFaile
 from .logs import AbstractLogger, DriverLogger
 from .machine import DEFAULT_TIMEOUT, BaseMachine, Machine, NspawnMachine, QemuMachine
 from .machine.actions import observing
+from .machine.nspawn import in_nix_sandbox, prepare_nix_sandbox
 from .machine.timing import attempt_bound
 from .rebuild import Redeploy
 from .rebuild import rebuild as redeploy_after_build
@@ -379,6 +380,8 @@ class Driver:
         self.tests = script.read_text() if script is not None and script.is_file() else ""
         self._code: CodeType | None = None
         self.race_timer = self._new_timer()
+        if self.config.containers and in_nix_sandbox():
+            prepare_nix_sandbox()  # what systemd-nspawn needs and a Nix build may lack
         self.registry = Registry(
             start_scripts=[(n, str(m.start_script.absolute())) for n, m in self.config.vms.items()],
             vlans=self.config.vlans,

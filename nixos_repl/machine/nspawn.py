@@ -25,7 +25,8 @@ import signal
 import socket
 import subprocess
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, cast
 
@@ -40,10 +41,14 @@ if TYPE_CHECKING:
     from .api import MachineParts
 
 __all__ = [
+    "HostView",
     "NspawnChannel",
     "NspawnLifecycle",
     "NspawnMachine",
     "container_name_from_start_command",
+    "in_nix_sandbox",
+    "nix_sandbox_preparation",
+    "prepare_nix_sandbox",
     "processes_in",
 ]
 
@@ -65,6 +70,80 @@ def container_name_from_start_command(start_command: str) -> str:
             "run-<name>-nspawn, or pass name="
         )
     return match.group(1)
+
+
+# -- the Nix sandbox ---------------------------------------------------------------------------
+
+
+def in_nix_sandbox(environ: Mapping[str, str] = os.environ) -> bool:
+    """Whether the driver runs in a Nix build (``NIX_BUILD_TOP``), not in a ``nix-shell``
+    (``IN_NIX_SHELL``), which sets it too."""
+    return "NIX_BUILD_TOP" in environ and "IN_NIX_SHELL" not in environ
+
+
+@dataclass(frozen=True)
+class HostView:
+    """What systemd-nspawn needs of the host that a Nix build sandbox may lack."""
+
+    run_writable: bool  # /run
+    var_run_is_run: bool  # /var/run is /run
+    cgroup_fs: str | None  # what is mounted on /sys/fs/cgroup
+    os_release: bool  # /etc/os-release is a file
+    machine_id: bool  # /etc/machine-id is a file, not empty
+
+    @classmethod
+    def read(cls) -> HostView:
+        cgroup_fs = None
+        for line in Path("/proc/mounts").read_text().splitlines():
+            parts = line.split()
+            if len(parts) >= 3 and parts[1] == "/sys/fs/cgroup":
+                cgroup_fs = parts[2]
+        machine_id = Path("/etc/machine-id")
+        return cls(
+            run_writable=os.access("/run", os.W_OK),
+            var_run_is_run=os.path.exists("/var/run") and os.path.samefile("/var/run", "/run"),
+            cgroup_fs=cgroup_fs,
+            os_release=os.path.isfile("/etc/os-release"),
+            machine_id=machine_id.is_file() and machine_id.stat().st_size > 0,
+        )
+
+
+def nix_sandbox_preparation(view: HostView) -> list[list[str]]:
+    """The commands nixpkgs' driver runs before containers, for what ``view`` lacks: a tmpfs on
+    an unwritable /run (with /run/netns), /var/run a link to /run, cgroup2 on /sys/fs/cgroup
+    (systemd-nspawn refuses a host without it), an /etc/os-release (nspawn's check of the
+    host) and a machine id."""
+    steps = []
+    if not view.run_writable:
+        steps += [["mkdir", "-p", "/run"], ["mount", "-t", "tmpfs", "none", "/run"]]
+        steps += [["mkdir", "-p", "/run/netns"]]
+    if not view.var_run_is_run:
+        steps += [["mkdir", "-p", "/var"], ["ln", "-s", "/run", "/var/run"]]
+    if view.cgroup_fs != "cgroup2":
+        steps += [["mkdir", "-p", "/sys/fs/cgroup"]]
+        steps += [["mount", "-t", "cgroup2", "none", "/sys/fs/cgroup"]]
+    if not view.os_release:
+        steps += [["touch", "/etc/os-release"]]
+    if not view.machine_id:
+        steps += [["systemd-machine-id-setup"]]
+    return steps
+
+
+def prepare_nix_sandbox(
+    view: HostView | None = None,
+    run: Callable[[list[str]], object] = lambda argv: subprocess.run(argv, check=True),
+    euid: int | None = None,
+) -> list[list[str]]:
+    """Make a Nix build sandbox fit for systemd-nspawn, as nixpkgs' driver does before its
+    containers (root only); returns the commands run."""
+    euid = os.geteuid() if euid is None else euid
+    if euid != 0:
+        raise MachineError(f"systemd-nspawn requires root to work. You are {euid}")
+    steps = nix_sandbox_preparation(view if view is not None else HostView.read())
+    for argv in steps:
+        logging.getLogger(__name__).info("preparing the sandbox for containers: %s", " ".join(argv))
+        run(argv)
+    return steps
 
 
 def processes_in(state_dir: Path) -> list[tuple[int, str]]:
