@@ -508,3 +508,32 @@ def test_registry_watchers_see_a_containers_states(container_dir: Path, tmp_path
     ]
     assert {name for name, _ in seen} == {"ct1"}
     assert wait_for_no_leftovers(tmp_path, []) == []
+
+
+XDOTOOL_RECORDER = """#!/bin/sh
+# Stands in for xdotool: records each call (the container has no X11 here).
+echo "DISPLAY=$DISPLAY $*" >> /tmp/xdotool.calls
+"""
+
+
+def test_keys_go_to_xdotool_in_the_container(containers: Containers) -> None:
+    ct1 = containers()
+    script = containers.tmp / "xdotool"
+    script.write_text(XDOTOOL_RECORDER)
+    ct1.copy_from_host(str(script), "/usr/local/bin/xdotool")
+    ct1.succeed("chmod +x /usr/local/bin/xdotool")
+    ct1.send_key("ctrl-alt-f1")
+    ct1.send_chars("a$\n", delay=None)
+    ct1.send_key("meta_l-l", log=False)
+    assert ct1.succeed("cat /tmp/xdotool.calls").splitlines() == [
+        "DISPLAY=:0.0 key --clearmodifiers ctrl+alt+F1",
+        "DISPLAY=:0.0 type --clearmodifiers --delay 0 -- a",
+        "DISPLAY=:0.0 type --clearmodifiers --delay 0 -- $",
+        "DISPLAY=:0.0 key --clearmodifiers Return",
+        "DISPLAY=:0.0 key --clearmodifiers super+l",
+    ]
+    # nixpkgs' SSH backdoor command for a container (a string: the systemd-ssh proxy socket).
+    assert ct1.ssh_backdoor_command() == (
+        'ssh -o User=root -o ProxyCommand="socat - '
+        'UNIX-CLIENT:/run/systemd/nspawn/unix-export/ct1/ssh" bash'
+    )

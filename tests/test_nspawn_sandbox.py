@@ -1,5 +1,6 @@
-"""The Nix-sandbox preparation nixpkgs' driver does before containers: the decisions, with fakes
-(nothing here touches this host's /run, /var/run, cgroups or /etc)."""
+"""Containers' pure logic: the Nix-sandbox preparation nixpkgs' driver does before containers (the
+decisions, with fakes: nothing here touches this host's /run, /var/run, cgroups or /etc) and the
+X11 key names."""
 
 from __future__ import annotations
 
@@ -16,6 +17,7 @@ from nixos_repl.machine.nspawn import (
     in_nix_sandbox,
     nix_sandbox_preparation,
     prepare_nix_sandbox,
+    x11_key_name,
 )
 
 READY = HostView(
@@ -103,3 +105,30 @@ def test_the_driver_prepares_only_in_a_sandbox_and_only_for_containers(
             monkeypatch.setenv(key, value)
         Driver(config, out_dir=tmp_path, tmp_dir=tmp_path).registry.close()
         assert calls == expected, environ
+
+
+# -- the container's X11 keyboard (pure: nixpkgs' key translation) ---------------------------
+
+
+@pytest.mark.parametrize(
+    ("key", "x11"),
+    [
+        ("ctrl-alt-delete", "ctrl+alt+Delete"),
+        ("ctrl-alt-f1", "ctrl+alt+F1"),
+        ("alt-f2", "alt+F2"),
+        ("meta_l-l", "super+l"),
+        ("shift-tab", "shift+Tab"),
+        ("ctrl-c", "ctrl+c"),
+        ("ret", "Return"),
+        ("\n", "Return"),
+        ("spc", "space"),
+        ("kp_enter", "KP_Enter"),
+        ("f12", "F12"),
+        ("shift", "Shift_L"),  # alone, a modifier is a key
+        ("meta_r", "Super_R"),
+        ("esc", "Escape"),
+        ("0x0C", "0x0C"),  # what X11 has no name for goes through as it is
+    ],
+)
+def test_x11_key_names_as_nixpkgs(key: str, x11: str) -> None:
+    assert x11_key_name(key) == x11

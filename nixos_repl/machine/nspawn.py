@@ -17,9 +17,11 @@ from __future__ import annotations
 import asyncio
 import collections
 import contextlib
+import datetime as dt
 import logging
 import os
 import re
+import shlex
 import shutil
 import signal
 import socket
@@ -31,16 +33,18 @@ from pathlib import Path
 from typing import TYPE_CHECKING, cast
 
 from ..errors import MachineError
+from ..loop import run_sync
 from .api import AsyncMachine
 from .base import BaseMachine
 from .console import Console
 from .lifecycle import MachineState, RunState
-from .timing import Duration, nested, seconds
+from .timing import DEFAULT_TIMEOUT, Duration, nested, poll_until, seconds
 
 if TYPE_CHECKING:
     from .api import MachineParts
 
 __all__ = [
+    "AsyncNspawnMachine",
     "HostView",
     "NspawnChannel",
     "NspawnLifecycle",
@@ -50,6 +54,7 @@ __all__ = [
     "nix_sandbox_preparation",
     "prepare_nix_sandbox",
     "processes_in",
+    "x11_key_name",
 ]
 
 # nixpkgs' prelude of every command run in a container.
@@ -60,6 +65,49 @@ NSENTER_NAMESPACES = ("--mount", "--uts", "--ipc", "--net", "--pid", "--cgroup")
 READY_TIMEOUT = 300.0  # seconds for READY=1 after the start (a VM's backdoor gets as long)
 RELEASE_GRACE = 30.0  # nixpkgs: SIGTERM, then SIGKILL after 30 s
 OUTPUT_LINES = 20  # lines of the start script's output kept for error messages
+
+
+# nixpkgs' translation of the driver's key names (QEMU's) to X11's, for ``xdotool key``.
+X11_KEY_ALIASES = {
+    "\n": "Return",
+    "alt": "Alt_L",
+    "alt_r": "Alt_R",
+    "backspace": "BackSpace",
+    "delete": "Delete",
+    "down": "Down",
+    "esc": "Escape",
+    "kp_enter": "KP_Enter",
+    "left": "Left",
+    "meta_l": "Super_L",
+    "meta_r": "Super_R",
+    "ret": "Return",
+    "right": "Right",
+    "shift": "Shift_L",
+    "spc": "space",
+    "tab": "Tab",
+    "up": "Up",
+}
+X11_MODIFIER_ALIASES = {
+    "alt": "alt",
+    "ctrl": "ctrl",
+    "meta_l": "super",
+    "meta_r": "super",
+    "shift": "shift",
+}
+
+
+def x11_key_name(key: str) -> str:
+    """A key or chord of the driver's vocabulary (``ctrl-alt-f1``) as an X11 chord
+    (``ctrl+alt+F1``), as nixpkgs translates it."""
+    parts = key.split("-")
+    modifiers = []
+    while len(parts) > 1 and parts[0] in X11_MODIFIER_ALIASES:
+        modifiers.append(X11_MODIFIER_ALIASES[parts.pop(0)])
+    base = "-".join(parts)
+    base = X11_KEY_ALIASES.get(base, base)
+    if re.fullmatch(r"f\d+", base):
+        base = base.upper()
+    return "+".join([*modifiers, base])
 
 
 def container_name_from_start_command(start_command: str) -> str:
@@ -487,11 +535,57 @@ class NspawnLifecycle(RunState):
             await self._stopped.wait()
 
 
+class AsyncNspawnMachine(AsyncMachine):
+    """A container's coroutines: the shared ones, and the X11 keyboard through ``xdotool`` in
+    the container (nixpkgs' ``NspawnMachine``)."""
+
+    async def send_key(
+        self,
+        key: str,
+        delay: Duration | None = dt.timedelta(milliseconds=10),
+        log: bool | None = True,
+    ) -> None:
+        """Press ``key`` on the container's X11 display (``DISPLAY=:0.0``): one printable
+        character is typed (``xdotool type``), anything else is a key chord of the driver's
+        names (``ctrl-alt-f1``, ``ret``, ``meta_l-l``) sent with ``xdotool key``. Then waits
+        ``delay``."""
+        if len(key) == 1 and key.isprintable():
+            argv = ["xdotool", "type", "--clearmodifiers", "--delay", "0", "--", key]
+        else:
+            argv = ["xdotool", "key", "--clearmodifiers", x11_key_name(key)]
+        with nested(self._m.logger, f"sending key {key!r}") if log else contextlib.nullcontext():
+            await self.succeed(shlex.join(argv))
+            wait = seconds(delay)
+            if wait:
+                await asyncio.sleep(wait)
+
+    async def send_chars(
+        self, chars: str, delay: Duration | None = dt.timedelta(milliseconds=10)
+    ) -> None:
+        """Type ``chars`` one key at a time (``\\n`` is Return)."""
+        with nested(self._m.logger, f"sending keys {chars!r}"):
+            for char in chars:
+                await self.send_key(char, delay, log=False)
+
+    async def wait_for_x(self, timeout: Duration = DEFAULT_TIMEOUT) -> None:
+        """Wait until the container's X11 server answers (``xwininfo -root``)."""
+
+        async def x_ready(_last_try: bool) -> bool:
+            status, _ = await self.execute("xwininfo -root >/dev/null 2>&1")
+            return status == 0
+
+        limit = seconds(timeout)
+        assert limit is not None
+        with nested(self._m.logger, "waiting for the X11 server"):
+            await poll_until(x_ready, limit)
+
+
 class NspawnMachine(BaseMachine):
     """A systemd-nspawn container started from a ``run-<name>-nspawn`` script (nixpkgs'
     ``NspawnMachine``, root only). ``aio`` has every method as a coroutine."""
 
     lifecycle: NspawnLifecycle
+    aio: AsyncNspawnMachine
 
     def __init__(
         self,
@@ -519,7 +613,7 @@ class NspawnMachine(BaseMachine):
         )
         # The coroutines use of a container what both kinds have (commands, log, stop); the
         # QEMU-only ones are not exposed on this class.
-        self.aio = AsyncMachine(cast("MachineParts", self))
+        self.aio = AsyncNspawnMachine(cast("MachineParts", self))
         self.shared_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
         if self.state_dir.exists() and (users := processes_in(self.state_dir)):
             pid, program = users[0]
@@ -544,6 +638,26 @@ class NspawnMachine(BaseMachine):
 
     def screenshot(self, filename: str | None = None) -> None:
         raise MachineError(f"Screenshots are not supported by {type(self).__name__}")
+
+    def send_key(
+        self,
+        key: str,
+        delay: Duration | None = dt.timedelta(milliseconds=10),
+        log: bool | None = True,
+    ) -> None:
+        """Press ``key`` on the container's X11 display through ``xdotool``, then wait
+        ``delay`` (see ``aio.send_key``)."""
+        run_sync(self.aio.send_key(key, delay, log))
+
+    def send_chars(
+        self, chars: str, delay: Duration | None = dt.timedelta(milliseconds=10)
+    ) -> None:
+        """Type ``chars`` on the container's X11 display, one key at a time."""
+        run_sync(self.aio.send_chars(chars, delay))
+
+    def wait_for_x(self, timeout: Duration = DEFAULT_TIMEOUT) -> None:
+        """Wait until the container's X11 server answers (``xwininfo -root``)."""
+        run_sync(self.aio.wait_for_x(timeout))
 
     def ssh_backdoor_command(self) -> str:
         proxy = f"socat - UNIX-CLIENT:/run/systemd/nspawn/unix-export/{self.name}/ssh"
