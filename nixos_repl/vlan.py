@@ -37,6 +37,18 @@ def link_exists(name: str) -> bool:
     return True
 
 
+async def _spawn(
+    argv: list[str], why: str, *, stdin: int, stdout: int, stderr: int
+) -> asyncio.subprocess.Process:
+    """Start a vde2 program that dies with the I/O thread; a missing one says what to install."""
+    try:
+        return await asyncio.create_subprocess_exec(
+            *argv, stdin=stdin, stdout=stdout, stderr=stderr, preexec_fn=die_with_parent
+        )
+    except FileNotFoundError:
+        raise MachineError(f"{argv[0]} not found: {why} (Debian: apt-get install vde2)") from None
+
+
 class VLan:
     """A hub (``--hub``, so 802.1Q frames pass) whose control socket directory QEMU joins.
 
@@ -98,18 +110,13 @@ class VLan:
     async def _start(self) -> None:
         log.info("start vlan %d", self.nr)
         self._clear_stale_socket()
-        try:
-            self.proc = await asyncio.create_subprocess_exec(
-                "vde_switch", "--sock", str(self.socket_dir), "--dirmode", "0700", "--hub",
-                stdin=asyncio.subprocess.PIPE,
-                stdout=asyncio.subprocess.PIPE,
-                stderr=asyncio.subprocess.STDOUT,
-                preexec_fn=die_with_parent,
-            )  # fmt: skip
-        except FileNotFoundError:
-            raise MachineError(
-                "vde_switch not found: VLANs need it (Debian: apt-get install vde2)"
-            ) from None
+        self.proc = await _spawn(
+            ["vde_switch", "--sock", str(self.socket_dir), "--dirmode", "0700", "--hub"],
+            "VLANs need it",
+            stdin=asyncio.subprocess.PIPE,
+            stdout=asyncio.subprocess.PIPE,
+            stderr=asyncio.subprocess.STDOUT,
+        )
         assert self.proc.stdin is not None and self.proc.stdout is not None
         self.proc.stdin.write(b"showinfo\n")
         seen: list[str] = []
@@ -152,18 +159,13 @@ class VLan:
                 f"VLAN {self.nr} and containers runs in this network namespace); stop it, or "
                 "run this one in a network namespace of its own (unshare --net)"
             )
-        try:
-            plug = await asyncio.create_subprocess_exec(
-                "vde_plug2tap", "-s", str(self.socket_dir), self.tap_name,
-                stdin=asyncio.subprocess.DEVNULL,
-                stdout=asyncio.subprocess.DEVNULL,
-                stderr=asyncio.subprocess.PIPE,
-                preexec_fn=die_with_parent,
-            )  # fmt: skip
-        except FileNotFoundError:
-            raise MachineError(
-                "vde_plug2tap not found: containers on VLANs need it (Debian: apt-get install vde2)"
-            ) from None
+        plug = await _spawn(
+            ["vde_plug2tap", "-s", str(self.socket_dir), self.tap_name],
+            "containers on VLANs need it",
+            stdin=asyncio.subprocess.DEVNULL,
+            stdout=asyncio.subprocess.DEVNULL,
+            stderr=asyncio.subprocess.PIPE,
+        )
         self.plug_process = plug
         deadline = time.monotonic() + TAP_TIMEOUT
         while not link_exists(self.tap_name):

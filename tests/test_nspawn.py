@@ -537,3 +537,45 @@ def test_keys_go_to_xdotool_in_the_container(containers: Containers) -> None:
         'ssh -o User=root -o ProxyCommand="socat - '
         'UNIX-CLIENT:/run/systemd/nspawn/unix-export/ct1/ssh" bash'
     )
+
+
+VLAN_TAP_SCRIPT = """
+import logging, subprocess, sys, tempfile
+from pathlib import Path
+from nixos_repl.errors import MachineError
+from nixos_repl.vlan import VLan, link_exists
+logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stdout)
+tmp = Path(tempfile.mkdtemp())
+vlan = VLan(7, tmp, tap=True)
+vlan.start()
+print("tap up:", link_exists("vde-tap7"), vlan.plug_process is not None)
+vlan.stop()
+print("tap after stop:", link_exists("vde-tap7"), vlan.plug_process.returncode is not None)
+subprocess.run(["ip", "tuntap", "add", "vde-tap8", "mode", "tap"], check=True)
+other = VLan(8, tmp, tap=True)
+try:
+    other.start()
+except MachineError as e:
+    print("refused:", e)
+print("switch after refusal:", other.proc.returncode is not None)
+"""
+
+
+def test_the_vlan_plugs_its_tap_in_and_out(tmp_path: Path) -> None:
+    result = subprocess.run(
+        ["unshare", "--net", sys.executable, "-c", VLAN_TAP_SCRIPT],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert result.returncode == 0, result.stderr
+    lines = result.stdout.splitlines()
+    assert "creating tap interface vde-tap7" in lines
+    assert "tap up: True True" in lines
+    assert "tap after stop: False True" in lines
+    assert (
+        "refused: the tap interface vde-tap8 exists already (another test driver with VLAN 8 and "
+        "containers runs in this network namespace); stop it, or run this one in a network "
+        "namespace of its own (unshare --net)"
+    ) in lines
+    assert "switch after refusal: True" in lines
