@@ -23,6 +23,7 @@ from nixos_repl.errors import MachineError, RequestedAssertionFailed
 from nixos_repl.guests import build_debian_container
 from nixos_repl.guests.container import guest_files
 from nixos_repl.machine import MachineState, NspawnMachine
+from nixos_repl.machine.nspawn import processes_in
 from nixos_repl.registry import Registry
 
 from .helpers import interrupt_after, processes_mentioning
@@ -446,26 +447,46 @@ def test_a_container_root_in_use_is_refused_and_a_stale_one_cleaned(
     )
     assert "\n" not in str(refused.value)
     assert ct1.succeed("cat /root/marker") == "written\n"  # untouched
-    # A run killed outright (SIGKILL to its start script's process group): the container's
-    # own processes outlive systemd-nspawn, and still run in its root.
+    # A run killed outright (SIGKILL to its start script's process group): the container's own
+    # processes outlive systemd-nspawn; the driver ends them.
     assert ct1.process is not None
     leader = ct1.lifecycle.leader
     assert leader is not None
     os.killpg(ct1.process.pid, 9)
-    deadline = time.monotonic() + 20
-    while ct1.state is not MachineState.CRASHED and time.monotonic() < deadline:
-        time.sleep(0.1)
-    with pytest.raises(
-        MachineError, match=r"in use by a container that is still running \(.+, pid"
-    ):
-        NspawnMachine(script, tmp_dir=tmp, out_dir=tmp)
-    os.kill(leader, 9)  # now nothing runs in it
     assert wait_for_no_leftovers(tmp, [leader]) == []
+    assert ct1.state is MachineState.CRASHED
     assert (ct1.state_dir / ".overlay/upper/root/marker").exists()
     with caplog.at_level(logging.INFO, logger="nixos_repl.machine.ct1"):
         again = containers("ct1")
     assert f"deleting machine state directory {again.state_dir}" in caplog.text
     assert again.succeed("test -e /root/marker || echo fresh") == "fresh\n"
+
+
+def test_a_container_another_driver_runs_holds_its_root(
+    containers: Containers, container_dir: Path
+) -> None:
+    """Started from elsewhere (working directory /), found by its mounts."""
+    tmp = containers.tmp
+    state = tmp / "vm-state-ct1"
+    other = subprocess.Popen(
+        [str(container_dir / "run-ct1-nspawn")],
+        cwd="/",
+        env={"RUN_NSPAWN_ROOT_DIR": str(state), "RUN_NSPAWN_SHARED_DIR": str(tmp / "shared")},
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        deadline = time.monotonic() + 30
+        while not any(name == "systemd" for _, name in processes_in(state)):
+            assert time.monotonic() < deadline and other.poll() is None
+            time.sleep(0.1)
+        with pytest.raises(MachineError, match="is in use by a container that is still running"):
+            containers("ct1")
+    finally:
+        other.terminate()
+        other.wait(timeout=60)
+    assert wait_for_no_leftovers(tmp, []) == []
+    assert containers("ct1").succeed("hostname") == "ct1\n"
 
 
 def test_keep_machine_state_keeps_the_container_root(containers: Containers) -> None:

@@ -220,6 +220,16 @@ def processes_in(state_dir: Path) -> list[tuple[int, str]]:
     return found
 
 
+def _in_other_pid_namespace(pid: int) -> bool:
+    """Whether ``pid`` is a live process of another PID namespace than ours (a container's)."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+        theirs = os.readlink(f"/proc/{pid}/ns/pid")
+    except OSError:
+        return False
+    return stat.rsplit(")", 1)[-1].split()[0] != "Z" and theirs != os.readlink("/proc/self/ns/pid")
+
+
 class NspawnChannel:
     """Commands in a running container, through ``nsenter`` into its leader's namespaces."""
 
@@ -465,7 +475,23 @@ class NspawnLifecycle(RunState):
         self._stopped.set()
         self._notified.set()
 
+    async def _kill_orphaned_leader(self, grace: float = 5.0) -> None:
+        """A systemd-nspawn killed outright leaves its container running (its init is not its
+        child's to take down): end it, so that nothing of the container outlives it."""
+        leader = self.leader
+        if leader is None or not _in_other_pid_namespace(leader):
+            return
+        self.log.warning(
+            "%s: killing the container left by systemd-nspawn (pid %d)", self.name, leader
+        )
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(leader, signal.SIGKILL)  # PID 1 of its namespace: everything in it dies
+        deadline = time.monotonic() + grace
+        while _in_other_pid_namespace(leader) and time.monotonic() < deadline:
+            await asyncio.sleep(0.02)
+
     async def _teardown(self) -> None:
+        await self._kill_orphaned_leader()
         self._close_sock()
         for task in self._tasks[1:2]:  # the journal follower (output and watcher end alone)
             task.cancel()
