@@ -11,7 +11,8 @@ import pytest
 
 from nixos_repl.config import DriverConfig, MachineConfig
 from nixos_repl.driver import Driver
-from nixos_repl.errors import MachineError
+from nixos_repl.errors import GuestBuildError, MachineError
+from nixos_repl.guests import build_debian_container
 from nixos_repl.machine.nspawn import (
     HostView,
     in_nix_sandbox,
@@ -132,3 +133,31 @@ def test_the_driver_prepares_only_in_a_sandbox_and_only_for_containers(
 )
 def test_x11_key_names_as_nixpkgs(key: str, x11: str) -> None:
     assert x11_key_name(key) == x11
+
+
+# -- the debian-container guest's VLAN options (checked before anything is built) -----------
+
+
+@pytest.mark.parametrize(
+    ("names", "vlans", "nodes", "error"),
+    [
+        (["ct1"], [256], [], "invalid VLAN 256: VLANs are 0 to 255"),
+        (["ct1"], [1, 1], [], r"VLANs must be unique: \[1, 1\]"),
+        (["ct1"], [1], ["bad name"], "invalid machine name 'bad name'"),
+        (["ct1", "ct2"], [1], ["ct2", "vm1"], r"both a container's \(--name\) and another "),
+        (
+            ["a-long-name"],
+            [1],
+            [],
+            "container name 'a-long-name' is too long for VLANs: its host interface "
+            "a-long-name-eth1 would have 16 characters, Linux allows 15; shorten the name",
+        ),
+    ],
+)
+def test_bad_vlan_options_are_refused_in_one_line(
+    tmp_path: Path, names: list[str], vlans: list[int], nodes: list[str], error: str
+) -> None:
+    with pytest.raises(GuestBuildError, match=error) as refused:
+        build_debian_container(names, tmp_path, vlans=vlans, nodes=nodes)
+    assert "\n" not in str(refused.value)
+    assert list(tmp_path.iterdir()) == []

@@ -13,6 +13,14 @@ The scripts follow NixOS's container contract (nixpkgs' ``NspawnMachine``): they
 ``/tmp/shared``) and ``NOTIFY_SOCKET`` and nothing else; systemd-nspawn sends
 ``X_NSPAWN_LEADER_PID=`` and, once the container's systemd is up, ``READY=1``. The journal is
 persistent in ``$RUN_NSPAWN_ROOT_DIR/var/log/journal``, where the driver follows it.
+
+VLANs are wired as nixpkgs' container script (``run-nspawn``) wires them: the container runs in a
+network namespace ``nixos-nspawn-<name>`` holding ``eth<i>`` for its i-th VLAN, the peer of a
+veth ``<name>-eth<i>`` on the host's bridge ``br<vlan>`` (``192.168.<vlan>.254``, made by the
+first container of the VLAN and removed by the last, under ``/run/nixos-nspawn/vlan-<vlan>.lock``)
+on which the driver's tap ``vde-tap<vlan>`` (``vde_plug2tap`` into the VLAN's switch) is put too.
+Inside, systemd-networkd gives ``eth<i>`` the test network's addresses and ``/etc/hosts`` names
+the other machines, both written into the container's overlay at each start.
 """
 
 from __future__ import annotations
@@ -36,6 +44,7 @@ __all__ = ["build_debian_container", "container_root"]
 log = logging.getLogger(__name__)
 
 CONTAINER_BUILDER_VERSION = "2"
+IFNAMSIZ = 15  # the longest network interface name Linux takes
 # Units of the debian VM guest a container has no use for (no /dev/hvc0, no VLAN NICs).
 MASKED_UNITS = ("backdoor.service", "vlan-addresses.service", "console-getty.service")
 
@@ -285,6 +294,11 @@ def build_debian_container(
     VMs, whose guests number themselves the same way).
     """
     check_names(names)
+    if both := sorted(set(names) & set(nodes)):
+        raise GuestBuildError(
+            f"the following names are both a container's (--name) and another machine's "
+            f"(--node): {', '.join(both)}; a machine has one name"
+        )
     machines = sorted({*names, *nodes})
     check_names(machines)
     if len(machines) > 254:
@@ -294,6 +308,13 @@ def build_debian_container(
             raise GuestBuildError(f"invalid VLAN {vlan}: VLANs are 0 to 255 (192.168.<vlan>.*)")
     if len(set(vlans)) != len(vlans):
         raise GuestBuildError(f"VLANs must be unique: {list(vlans)}")
+    for name in names if vlans else ():
+        veth = f"{name}-eth{len(vlans)}"
+        if len(veth) > IFNAMSIZ:
+            raise GuestBuildError(
+                f"container name {name!r} is too long for VLANs: its host interface {veth} "
+                f"would have {len(veth)} characters, Linux allows {IFNAMSIZ}; shorten the name"
+            )
     root = container_root(cache)
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
