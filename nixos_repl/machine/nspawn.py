@@ -135,22 +135,18 @@ class HostView:
 
     run_writable: bool  # /run
     var_run_is_run: bool  # /var/run is /run
-    cgroup_fs: str | None  # what is mounted on /sys/fs/cgroup
+    cgroup2: bool  # a cgroup2 is mounted on /sys/fs/cgroup
     os_release: bool  # /etc/os-release is a file
     machine_id: bool  # /etc/machine-id is a file, not empty
 
     @classmethod
     def read(cls) -> HostView:
-        cgroup_fs = None
-        for line in Path("/proc/mounts").read_text().splitlines():
-            parts = line.split()
-            if len(parts) >= 3 and parts[1] == "/sys/fs/cgroup":
-                cgroup_fs = parts[2]
+        mounts = [line.split() for line in Path("/proc/mounts").read_text().splitlines()]
         machine_id = Path("/etc/machine-id")
         return cls(
             run_writable=os.access("/run", os.W_OK),
             var_run_is_run=os.path.exists("/var/run") and os.path.samefile("/var/run", "/run"),
-            cgroup_fs=cgroup_fs,
+            cgroup2=any(m[1:3] == ["/sys/fs/cgroup", "cgroup2"] for m in mounts),
             os_release=os.path.isfile("/etc/os-release"),
             machine_id=machine_id.is_file() and machine_id.stat().st_size > 0,
         )
@@ -167,7 +163,7 @@ def nix_sandbox_preparation(view: HostView) -> list[list[str]]:
         steps += [["mkdir", "-p", "/run/netns"]]
     if not view.var_run_is_run:
         steps += [["mkdir", "-p", "/var"], ["ln", "-s", "/run", "/var/run"]]
-    if view.cgroup_fs != "cgroup2":
+    if not view.cgroup2:
         steps += [["mkdir", "-p", "/sys/fs/cgroup"]]
         steps += [["mount", "-t", "cgroup2", "none", "/sys/fs/cgroup"]]
     if not view.os_release:
