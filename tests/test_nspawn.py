@@ -602,3 +602,39 @@ def test_the_vlan_plugs_its_tap_in_and_out(tmp_path: Path) -> None:
         "namespace of its own (unshare --net)"
     ) in lines
     assert "switch after refusal: True" in lines
+
+
+REGISTRY_TAP_SCRIPT = """
+import sys, tempfile
+from pathlib import Path
+from nixos_repl.registry import Registry
+from nixos_repl.vlan import link_exists
+tmp = Path(tempfile.mkdtemp())
+with Registry(vlans=[6], tmp_dir=tmp, out_dir=tmp) as registry:
+    print("without containers:", link_exists("vde-tap6"))
+    registry.add_container(sys.argv[1])
+    print("with a container:", link_exists("vde-tap6"))
+print("after:", link_exists("vde-tap6"))
+"""
+
+
+def test_a_container_added_later_plugs_the_vlans_taps_in(container_dir: Path) -> None:
+    result = subprocess.run(
+        [
+            "unshare",
+            "--net",
+            sys.executable,
+            "-c",
+            REGISTRY_TAP_SCRIPT,
+            str(container_dir / "run-ct1-nspawn"),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.splitlines() == [
+        "without containers: False",
+        "with a container: True",
+        "after: False",
+    ]
