@@ -233,6 +233,7 @@ class Registry:
             out_dir=self.out_dir,
             keep_machine_state=self.keep_machine_state,
             callbacks=list(self.callbacks),
+            observers=self.observers,
         )
         self._containers[container.name] = container
         return container

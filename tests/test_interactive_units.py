@@ -52,13 +52,15 @@ def test_values_render_as_text() -> None:
 def test_machine_table() -> None:
     table = MachineTable(
         [
-            MachineRow("vm1", "up", 65.2, 1234, "Welcome <to> the console"),
-            MachineRow("vm2", "defined", None, None, ""),
+            MachineRow("vm1", "vm", "up", 65.2, 1234, "Welcome <to> the console"),
+            MachineRow("ct1", "container", "defined", None, None, ""),
         ]
     )
     lines = table.text().splitlines()
-    assert lines[0].split() == ["machine", "state", "uptime", "pid", "last", "console", "line"]
-    assert lines[1].split()[:5] == ["vm1", "up", "1", "min", "05"]
+    head = ["machine", "kind", "state", "uptime", "pid", "last", "console", "line"]
+    assert lines[0].split() == head
+    assert lines[1].split()[:6] == ["vm1", "vm", "up", "1", "min", "05"]
+    assert lines[2].split() == ["ct1", "container", "defined", "-", "-"]
     assert "<td" in table._repr_html_() and "&lt;to&gt;" in table._repr_html_()
     assert "%machines add" in MachineTable([]).text()
     named = MachineTable(table.rows, Path("/x/nixos-repl-out"))

@@ -37,6 +37,7 @@ from .lifecycle import MachineState, RunState
 from .timing import Duration, nested, seconds
 
 if TYPE_CHECKING:
+    from .actions import ActionObserver
     from .api import MachineParts
 
 __all__ = ["NspawnChannel", "NspawnLifecycle", "NspawnMachine", "container_name_from_start_command"]
@@ -392,11 +393,13 @@ class NspawnMachine(BaseMachine):
         keep_machine_state: bool = False,
         callbacks: list[Callable[[], None]] | None = None,
         on_state_change: Callable[[NspawnMachine], None] | None = None,
+        observers: list[ActionObserver] | None = None,
     ) -> None:
         start_command = str(start_command)
         name = name or container_name_from_start_command(start_command)
         self._init_base(start_command, name, tmp_dir, out_dir, keep_machine_state, callbacks)
-        self.observers: list[object] = []
+        # Told of every API call (the session recording), as a VM's are.
+        self.observers = observers if observers is not None else []
         self.lifecycle = NspawnLifecycle(
             self.name,
             self.start_command,
