@@ -345,6 +345,12 @@ def resolve_config(
 def check_config(config: DriverConfig, *, need_test_script: bool = True) -> None:
     """Refuse what cannot run: containers without root or systemd-nspawn, bad machine names,
     missing or non-executable start scripts, no script."""
+    both = sorted(set(config.vms) & set(config.containers))
+    if both:
+        raise ConfigError(
+            f"'{both[0]}' names both a machine and a container: names are unique across kinds, "
+            "rename one of them"
+        )
     if config.containers:
         names = ", ".join(sorted(config.containers))
         if os.geteuid() != 0:
@@ -354,12 +360,6 @@ def check_config(config: DriverConfig, *, need_test_script: bool = True) -> None
                 "containers need systemd-nspawn (Debian: apt-get install systemd-container): "
                 f"{names}"
             )
-    both = sorted(set(config.vms) & set(config.containers))
-    if both:
-        raise ConfigError(
-            f"'{both[0]}' names both a machine and a container: names are unique across kinds, "
-            "rename one of them"
-        )
     check_machine_names([*config.vms, *config.containers])
     for kind, machines in (("machine", config.vms), ("container", config.containers)):
         for name, machine in machines.items():

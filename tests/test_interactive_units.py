@@ -242,6 +242,10 @@ def test_notebook_configuration(tmp_path: Path) -> None:
     assert str(tmp_path / "share" / "jupyter") in env["JUPYTER_PATH"]
     assert "NIXOS_REPL_CONFIG" not in notebook_env(DriverConfig(), tmp_path / "empty")
     assert config_json(config)["global_timeout"] == 60 * 86400
+    # Containers go to the kernels too (a notebook with only a container gets a config).
+    ct = DriverConfig(containers={"ct1": MachineConfig("ct1", tmp_path / "run-ct1-nspawn")})
+    loaded = load_driver_configuration(notebook_env(ct, tmp_path / "ct")["NIXOS_REPL_CONFIG"])
+    assert loaded.containers == ct.containers and loaded.vms == {}
 
 
 def test_split_cells() -> None:

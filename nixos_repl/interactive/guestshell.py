@@ -114,8 +114,15 @@ def resize_script(rows: int, cols: int, dev: str) -> str:
 
 
 def terminal_size() -> tuple[int, int]:
-    size = shutil.get_terminal_size((80, 24))
-    return size.lines, size.columns
+    """The size of this process's terminal (rows, columns), from the terminal itself (``LINES``
+    and ``COLUMNS`` may be stale), else as ``shutil`` finds it."""
+    for stream in (sys.__stdout__, sys.__stdin__):
+        with contextlib.suppress(AttributeError, ValueError, OSError):
+            if stream is not None:
+                size = os.get_terminal_size(stream.fileno())
+                return size.lines, size.columns
+    fallback = shutil.get_terminal_size((80, 24))
+    return fallback.lines, fallback.columns
 
 
 def start(machine: Machine) -> str:

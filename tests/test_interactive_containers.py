@@ -1,0 +1,216 @@
+"""systemd-nspawn containers in the front ends, for real: the magics through a Jupyter kernel,
+``%machines`` with kinds, the one-line refusal of magics a container cannot serve, ``%shell``
+through a real terminal (tmux), and a session with a VM and a container exported and replayed
+by ``--batch`` (the testScript, an .ipy file and a notebook). Nothing of a run is left in the
+process table or /proc/mounts afterwards.
+"""
+
+from __future__ import annotations
+
+import re
+import subprocess
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from .helpers import (
+    BIN,
+    NEEDS_CONTAINERS,
+    Kernel,
+    Tmux,
+    container_guests,
+    kernel_env,
+    machines_config,
+    run_batch,
+    text_of,
+    wait_for_no_container_leftovers,
+    write_notebook,
+)
+
+pytestmark = NEEDS_CONTAINERS
+
+
+@pytest.fixture(scope="module")
+def ct_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return container_guests(tmp_path_factory, "ct1")
+
+
+@pytest.fixture(scope="module")
+def ct_kernel(
+    jupyter_path: Path, guest_dir: Path, ct_dir: Path, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[tuple[Kernel, Path]]:
+    """A kernel whose configuration has the VM vm1 (never started here) and the container ct1."""
+    directory = tmp_path_factory.mktemp("ct-kernel")
+    runtime = directory / "rt"
+    runtime.mkdir()
+    config = machines_config(guest_dir, directory, ("vm1",), [ct_dir / "run-ct1-nspawn"])
+    kernel = Kernel(kernel_env(runtime, config))
+    try:
+        yield kernel, runtime
+    finally:
+        kernel.shutdown()
+        assert wait_for_no_container_leftovers(runtime) == []
+
+
+def ok(kernel: Kernel, code: str) -> str:
+    reply, outputs = kernel.run(code)
+    assert reply["status"] == "ok", text_of(outputs)
+    return text_of(outputs)
+
+
+def test_magics_on_a_container_in_the_kernel(ct_kernel: tuple[Kernel, Path]) -> None:
+    k, _ = ct_kernel
+    table = ok(k, "%machines")
+    assert re.search(r"machine\s+kind\s+state", table), table
+    assert re.search(r"\nct1\s+container\s+(defined|off)", table), table
+    assert re.search(r"\nvm1\s+vm\s+defined", table), table
+    # Completion offers the container with the VM.
+    k.kc.complete("%succeed c")
+    assert k.kc.get_shell_msg(timeout=10)["content"]["matches"] == ["ct1"]
+
+    ok(k, "%start ct1")
+    assert ok(k, "%succeed ct1 hostname; echo $USER") == "ct1\nroot"
+    assert ok(k, "%execute ct1 echo out; exit 3") == "out\n[exit status 3]"
+    ok(k, "%fail ct1 false")
+    assert ok(k, "%%sh ct1\necho one\necho two") == "one\ntwo"
+    ok(k, "%wait_for_unit ct1 multi-user.target")
+    # The journal is the container's console.
+    ok(k, "%succeed ct1 logger -t probe marker-in-the-journal")
+    assert ok(k, "%wait_for_console ct1 probe.*marker").endswith("marker")
+    assert "marker-in-the-journal" in ok(k, "%console ct1 -n 50")
+    assert ok(k, "ct1.succeed('echo from-python')") == "'from-python\\n'"
+    assert re.search(r"\nct1\s+container\s+up\s+\S+ s\s+\d+", ok(k, "%machines"))
+
+    # A failing command is explained as on a VM, and the kernel goes on.
+    reply, outputs = k.run("%succeed ct1 echo said-this; exit 4")
+    assert reply["status"] == "error" and reply["ename"] == "RequestedAssertionFailed"
+    assert "failed (exit code 4)" in text_of(outputs) and "said-this" in text_of(outputs)
+
+    # No terminal to attach in a notebook: how to enter the container from one.
+    hint = ok(k, "%shell ct1")
+    assert "ct1: a container; open a root login shell" in hint
+    assert re.search(r"nsenter --target \d+ --mount", hint), hint
+
+    ok(k, "%shutdown ct1")
+    assert re.search(r"\nct1\s+container\s+off", ok(k, "%machines"))
+
+
+QEMU_ONLY = [
+    ("%screenshot ct1", "no screen or keyboard"),
+    ("%keys ct1 ret", "no screen or keyboard"),
+    ("%type ct1 hello", "no screen or keyboard"),
+    ("%watch ct1", "no screen or keyboard"),
+    ("%crash ct1", "no crash()"),
+    ("%snapshot ct1", "no snapshots"),
+    ("%restore ct1 booted", "no snapshots"),
+    ("%snapshots ct1", "no snapshots"),
+]
+
+
+@pytest.mark.parametrize(("line", "missing"), QEMU_ONLY, ids=[q[0] for q in QEMU_ONLY])
+def test_what_a_container_lacks_is_one_line(
+    ct_kernel: tuple[Kernel, Path], line: str, missing: str
+) -> None:
+    k, _ = ct_kernel
+    reply, outputs = k.run(line)
+    assert reply["status"] == "error" and reply["ename"] == "UsageError"
+    text = text_of(outputs).strip()
+    magic = line.split()[0]
+    assert text.startswith(f"UsageError: {magic}: ct1 is a container, which has {missing}"), text
+    assert len(text.splitlines()) == 1, text
+    assert ok(k, "2 + 2") == "4"
+
+
+def test_shell_in_a_container_through_a_terminal(
+    tmp_path: Path, ct_dir: Path, repl_env: dict[str, str]
+) -> None:
+    command = f"{BIN / 'nixos-repl'} --start-scripts {ct_dir / 'run-ct1-nspawn'}"
+    tmux = Tmux(tmp_path / "tmux.sock", command, tmp_path, {**repl_env, "NIXOS_REPL_RECORD": "0"})
+    try:
+        tmux.wait_for(r"In \[1\]:", timeout=30)
+        tmux.type("%shell ct1")
+        tmux.wait_for(r"root shell in the container; Ctrl-D or Ctrl-\] returns\]\s*\n.*ct1.*# ")
+        # A login shell of root in the container, with job control.
+        tmux.type("echo in-$((2+3)) $(hostname) $USER $HOME; sleep 300 &")
+        tmux.wait_for(r"in-5 ct1 root /root\s*\n")
+        tmux.type("sleep 100")
+        tmux.send("C-c")
+        tmux.type("echo after-ctrl-c; stty size")
+        tmux.wait_for(r"\nafter-ctrl-c\s*\n50 120", timeout=10)
+        # Ctrl-D ends the shell: back at the prompt, the background sleep gone with it.
+        tmux.send("C-d")
+        tmux.wait_for(r"ct1: the shell exited; nothing of it is left running\]\s*\nIn \[2\]:")
+        tmux.type("%succeed ct1 pgrep -x sleep || echo no-sleep")
+        tmux.wait_for(r"Out\[2\]: no-sleep")
+        # Ctrl-] ends it too.
+        tmux.type("%shell ct1")
+        tmux.wait_for(r"Ctrl-\] returns\]\s*\n(.*\n)*.*# ")
+        tmux.type("sleep 400 &")
+        tmux.wait_for(r"\[1\] \d+")
+        tmux.send("C-]")
+        tmux.wait_for(r"ct1: ended the shell; nothing of it is left running\]\s*\nIn \[4\]:")
+        tmux.type("%succeed ct1 pgrep -x sleep || echo no-sleep")
+        tmux.wait_for(r"Out\[4\]: no-sleep")
+        tmux.send("C-d")
+        tmux.wait_for(r"stopped ct1: no machine left running\s*\nEXIT=0", timeout=30)
+    finally:
+        tmux.close()
+    assert wait_for_no_container_leftovers(Path(repl_env["XDG_RUNTIME_DIR"])) == []
+
+
+# Cells of a session on a VM and a container (blank lines part the cells of a piped REPL).
+SESSION = [
+    "%start vm1 ct1",
+    "%succeed vm1 echo vm-says-hi",
+    "%succeed ct1 echo ct-says-hi > /etc/marker; cat /etc/marker",
+    "%%sh ct1\ntest -e /etc/marker\ngrep -q hi /etc/marker",
+    'ct1.wait_for_unit("multi-user.target")',
+    "%execute ct1 exit 3",
+    "%fail ct1 test -e /nonexistent",
+    "%shutdown ct1",
+]
+
+
+def test_a_session_with_a_vm_and_a_container_exports_and_replays(
+    tmp_path: Path, guest_dir: Path, ct_dir: Path
+) -> None:
+    scripts = [str(guest_dir / "run-vm1-vm"), str(ct_dir / "run-ct1-nspawn")]
+    runtime = tmp_path / "rt"
+    runtime.mkdir()
+    cells = [*SESSION[:3], "%screenshot ct1", *SESSION[3:], "%export exported.py"]
+    session = subprocess.run(
+        [str(BIN / "nixos-repl"), "--start-scripts", *scripts],
+        input="\n\n".join(cells) + "\n",
+        capture_output=True,
+        text=True,
+        cwd=tmp_path,
+        env=kernel_env(runtime, None),
+        timeout=300,
+    )
+    assert session.returncode == 1, session.stdout[-3000:]  # the refused %screenshot
+    assert "Out[2]: vm-says-hi" in session.stdout and "ct-says-hi" in session.stdout
+    assert "wrote exported.py" in session.stdout, session.stdout[-3000:]
+    assert wait_for_no_container_leftovers(runtime) == []
+
+    exported = (tmp_path / "exported.py").read_text()
+    assert 'vm1.succeed("echo vm-says-hi")' in exported
+    assert 'ct1.succeed("echo ct-says-hi > /etc/marker; cat /etc/marker")' in exported
+    assert 'ct1.execute("exit 3")' in exported and "ct1.shutdown()" in exported
+    assert "# %screenshot ct1" in exported  # failed: kept as a comment
+    replay_line = re.search(r"# replay: nixos-repl --batch THIS_FILE (.*)", exported)
+    assert replay_line is not None, exported
+    by_name = sorted(scripts, key=lambda s: Path(s).name)  # the machines' order: ct1, vm1
+    assert replay_line.group(1).split() == ["--start-scripts", *by_name]
+
+    # The export, the same cells as an .ipy file and as a notebook, replayed by --batch.
+    (tmp_path / "cells.ipy").write_text("\n# %%\n".join(SESSION) + "\n")
+    write_notebook(tmp_path / "cells.ipynb", *SESSION)
+    for source in ("exported.py", "cells.ipy", "cells.ipynb"):
+        out = tmp_path / f"replay-{source.replace('.', '-')}"
+        out.mkdir()
+        command = [str(BIN / "nixos-repl"), "--batch", str(tmp_path / source)]
+        run = run_batch([*command, *replay_line.group(1).split()], out, runtime)
+        assert run.returncode == 0, f"{source}:\n{run.stderr[-3000:]}"
+        assert "must succeed: echo ct-says-hi" in run.stdout + run.stderr, run.stderr[-3000:]
+        assert wait_for_no_container_leftovers(runtime) == []
