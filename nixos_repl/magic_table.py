@@ -362,6 +362,13 @@ def _rewind_args(verb: str) -> list[Arg]:
     ]
 
 
+def _rewind_spec(method: str, verb: str) -> MagicSpec:
+    """``%snapshot`` and ``%restore``: ``NAME [LABEL]`` or ``--all [LABEL]`` (VMs only)."""
+    return MagicSpec(
+        method, _rewind(method), _rewind_args(verb), machines="one", labels=True, needs="snapshot"
+    )
+
+
 def _rebuild(args: Namespace, _: Translation) -> list[str]:
     raise NoCall("redeploy by rebuilding the test instead")
 
@@ -411,22 +418,8 @@ MAGICS: dict[str, MagicSpec] = {
             needs="crash",
         ),
         # snapshots
-        MagicSpec(
-            "snapshot",
-            _rewind("snapshot"),
-            _rewind_args("save"),
-            machines="one",
-            labels=True,
-            needs="snapshot",
-        ),
-        MagicSpec(
-            "restore",
-            _rewind("restore"),
-            _rewind_args("restore"),
-            machines="one",
-            labels=True,
-            needs="snapshot",
-        ),
+        _rewind_spec("snapshot", "save"),
+        _rewind_spec("restore", "restore"),
         MagicSpec(
             "snapshots",
             _shows("it shows the snapshots"),

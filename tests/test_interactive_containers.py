@@ -7,6 +7,7 @@ process table or /proc/mounts afterwards.
 
 from __future__ import annotations
 
+import json
 import re
 import subprocess
 from collections.abc import Iterator
@@ -193,6 +194,11 @@ def test_a_session_with_a_vm_and_a_container_exports_and_replays(
     assert "wrote exported.py" in session.stdout, session.stdout[-3000:]
     assert wait_for_no_container_leftovers(runtime) == []
 
+    # The session log has the container's actions, as a VM's (the registry's observers).
+    (log,) = tmp_path.glob("session-*.jsonl")
+    actions = [json.loads(line) for line in log.read_text().splitlines()]
+    recorded = [(a.get("machine"), a.get("action"), a.get("status")) for a in actions]
+    assert ("ct1", "execute", 3) in recorded and ("vm1", "succeed", 0) in recorded
     exported = (tmp_path / "exported.py").read_text()
     assert 'vm1.succeed("echo vm-says-hi")' in exported
     assert 'ct1.succeed("echo ct-says-hi > /etc/marker; cat /etc/marker")' in exported
