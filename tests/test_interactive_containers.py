@@ -34,7 +34,7 @@ pytestmark = NEEDS_CONTAINERS
 
 @pytest.fixture(scope="module")
 def ct_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return container_guests(tmp_path_factory, "ct1")
+    return container_guests(tmp_path_factory, "ct1", "ct2")
 
 
 @pytest.fixture(scope="module")
@@ -95,6 +95,20 @@ def test_magics_on_a_container_in_the_kernel(ct_kernel: tuple[Kernel, Path]) -> 
 
     ok(k, "%shutdown ct1")
     assert re.search(r"\nct1\s+container\s+off", ok(k, "%machines"))
+
+
+def test_machines_add_defines_a_container(ct_kernel: tuple[Kernel, Path], ct_dir: Path) -> None:
+    k, _ = ct_kernel
+    table = ok(k, f"%machines add ct2 {ct_dir / 'run-ct2-nspawn'}")
+    assert re.search(r"\nct2\s+container\s+defined", table), table
+    assert ok(k, "ct2.succeed('hostname')") == "'ct2\\n'"
+    assert ok(k, "type(ct2).__name__, [m.name for m in machines]") == (
+        "('NspawnMachine', ['ct1', 'ct2', 'vm1'])"
+    )
+    reply, outputs = k.run(f"%machines add ct1 {ct_dir / 'run-ct1-nspawn'}")
+    assert reply["status"] == "error"
+    assert "a machine named 'ct1' already exists" in text_of(outputs)
+    ok(k, "%shutdown ct2")
 
 
 QEMU_ONLY = [
