@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import re
 import subprocess
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -23,6 +24,7 @@ from .helpers import (
     container_guests,
     kernel_env,
     machines_config,
+    processes_mentioning,
     run_batch,
     text_of,
     wait_for_no_container_leftovers,
@@ -55,9 +57,10 @@ def ct_kernel(
 
 
 def ok(kernel: Kernel, code: str) -> str:
+    """Run ``code``, which must succeed; its output and result (not the live status lines)."""
     reply, outputs = kernel.run(code)
     assert reply["status"] == "ok", text_of(outputs)
-    return text_of(outputs)
+    return text_of([o for o in outputs if o["type"] in ("stream", "execute_result")])
 
 
 def test_magics_on_a_container_in_the_kernel(ct_kernel: tuple[Kernel, Path]) -> None:
@@ -149,7 +152,10 @@ def test_shell_in_a_container_through_a_terminal(
         # A login shell of root in the container, with job control.
         tmux.type("echo in-$((2+3)) $(hostname) $USER $HOME; sleep 300 &")
         tmux.wait_for(r"in-5 ct1 root /root\s*\n")
-        tmux.type("sleep 100")
+        tmux.type("sleep 101")
+        deadline = time.monotonic() + 10
+        while not processes_mentioning("sleep 101") and time.monotonic() < deadline:
+            time.sleep(0.05)  # the container's processes are in the host's process table
         tmux.send("C-c")
         tmux.type("echo after-ctrl-c; stty size")
         tmux.wait_for(r"\nafter-ctrl-c\s*\n50 120", timeout=10)
@@ -172,6 +178,23 @@ def test_shell_in_a_container_through_a_terminal(
     finally:
         tmux.close()
     assert wait_for_no_container_leftovers(Path(repl_env["XDG_RUNTIME_DIR"])) == []
+
+
+def test_closing_the_terminal_during_shell_leaves_nothing(
+    tmp_path: Path, ct_dir: Path, repl_env: dict[str, str]
+) -> None:
+    command = f"{BIN / 'nixos-repl'} --start-scripts {ct_dir / 'run-ct1-nspawn'}"
+    tmux = Tmux(tmp_path / "tmux.sock", command, tmp_path, {**repl_env, "NIXOS_REPL_RECORD": "0"})
+    try:
+        tmux.wait_for(r"In \[1\]:", timeout=30)
+        tmux.type("%shell ct1")
+        tmux.wait_for(r"Ctrl-\] returns\]\s*\n(.*\n)*.*# ")
+        tmux.type("sleep 500 &")
+        tmux.wait_for(r"\[1\] \d+")
+    finally:
+        tmux.close()  # the terminal goes: the REPL dies of SIGHUP, with no clean-up of its own
+    runtime = Path(repl_env["XDG_RUNTIME_DIR"])
+    assert wait_for_no_container_leftovers(runtime, timeout=30) == []
 
 
 # Cells of a session on a VM and a container (blank lines part the cells of a piped REPL).

@@ -34,6 +34,7 @@ from .api import AsyncMachine
 from .base import BaseMachine
 from .console import Console
 from .lifecycle import MachineState, RunState
+from .process import die_with_parent
 from .timing import Duration, nested, seconds
 
 if TYPE_CHECKING:
@@ -100,6 +101,10 @@ class NspawnChannel:
             raise
         assert proc.returncode is not None
         return proc.returncode, out
+
+
+def _power_off_with_parent() -> None:
+    die_with_parent(signal.SIGTERM)  # systemd-nspawn powers the container off on SIGTERM
 
 
 async def _kill_group(proc: asyncio.subprocess.Process, grace: float = 5.0) -> None:
@@ -210,6 +215,9 @@ class NspawnLifecycle(RunState):
                 stdout=subprocess.PIPE,
                 stderr=subprocess.STDOUT,
                 start_new_session=True,
+                # Powered off when this process dies, however it dies (a closed terminal, a
+                # killed kernel), as QEMU is killed: the scripts exec systemd-nspawn.
+                preexec_fn=_power_off_with_parent,
             )
         except BaseException:
             self._close_sock()
