@@ -15,7 +15,7 @@ from __future__ import annotations
 import argparse
 import re
 from argparse import Namespace
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from functools import cached_property
 from typing import Any, Literal
@@ -158,10 +158,11 @@ def flag(name: str, help: str) -> Arg:
 
 class Translation:
     """What translating several magics in a row shares: names of unnamed screenshots
-    (``vm1-1``, ``vm1-2``...)."""
+    (``vm1-1``, ``vm1-2``...), and which machines are containers (when a session log says)."""
 
-    def __init__(self) -> None:
+    def __init__(self, containers: Iterable[str] = ()) -> None:
         self.shots: dict[str, int] = {}
+        self.containers = frozenset(containers)
 
     def screenshot_name(self, machine: str) -> str:
         self.shots[machine] = self.shots.get(machine, 0) + 1
@@ -301,11 +302,14 @@ def _silent(reason: str) -> ToPython:
     return to_python
 
 
-def _start(args: Namespace, _: Translation) -> list[str]:
+def _start(args: Namespace, translation: Translation) -> list[str]:
+    # nixpkgs' containers have no connect(): their first command waits until they have booted.
     if args.all or not args.names:
-        return ["start_all()", "for machine_ in machines:", "    machine_.connect()"]
+        vms = "machines_qemu" if translation.containers else "machines"
+        return ["start_all()", f"for machine_ in {vms}:", "    machine_.connect()"]
     names = [_var(n) for n in args.names]
-    return [f"{n}.start()" for n in names] + [f"{n}.connect()" for n in names]
+    vm_names = [_var(n) for n in args.names if n not in translation.containers]
+    return [f"{n}.start()" for n in names] + [f"{n}.connect()" for n in vm_names]
 
 
 def _wait_for_unit(args: Namespace, _: Translation) -> list[str]:

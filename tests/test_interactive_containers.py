@@ -240,6 +240,9 @@ def test_a_session_with_a_vm_and_a_container_exports_and_replays(
     assert 'vm1.succeed("echo vm-says-hi")' in exported
     assert 'ct1.succeed("echo ct-says-hi > /etc/marker; cat /etc/marker")' in exported
     assert 'ct1.execute("exit 3")' in exported and "ct1.shutdown()" in exported
+    # nixpkgs' containers have no connect(): only the VM is waited for so.
+    assert "ct1.start()" in exported and "vm1.connect()" in exported
+    assert "ct1.connect()" not in exported
     assert "# %screenshot ct1" in exported  # failed: kept as a comment
     replay_line = re.search(r"# replay: nixos-repl --batch THIS_FILE (.*)", exported)
     assert replay_line is not None, exported

@@ -228,3 +228,19 @@ def test_what_a_magic_needs_a_vm_has_and_a_container_lacks() -> None:
         assert refusal is not None and refusal.startswith(f"%{name}: ct1 is a container, ")
         assert "\n" not in refusal
     assert MAGICS["succeed"].refusal(container) is None
+
+
+def test_start_waits_only_for_vms_with_connect() -> None:
+    """nixpkgs' containers have no connect(): an export that knows them does not call it."""
+    known = Translation(containers=["ct1"])
+    assert MAGICS["start"].calls("vm1 ct1", None, known) == [
+        "vm1.start()",
+        "ct1.start()",
+        "vm1.connect()",
+    ]
+    assert MAGICS["start"].calls("--all", None, known) == [
+        "start_all()",
+        "for machine_ in machines_qemu:",
+        "    machine_.connect()",
+    ]
+    assert MAGICS["start"].calls("--all", None, Translation())[1] == "for machine_ in machines:"
