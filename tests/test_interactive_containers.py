@@ -11,7 +11,7 @@ import json
 import re
 import subprocess
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -140,61 +140,68 @@ def test_what_a_container_lacks_is_one_line(
     assert ok(k, "2 + 2") == "4"
 
 
-def test_shell_in_a_container_through_a_terminal(
-    tmp_path: Path, ct_dir: Path, repl_env: dict[str, str]
-) -> None:
+@pytest.fixture
+def repl(tmp_path: Path, ct_dir: Path, repl_env: dict[str, str]) -> Iterator[Tmux]:
+    """The terminal REPL on ct1 in tmux, at its first prompt; nothing of it is left after."""
     command = f"{BIN / 'nixos-repl'} --start-scripts {ct_dir / 'run-ct1-nspawn'}"
     tmux = Tmux(tmp_path / "tmux.sock", command, tmp_path, {**repl_env, "NIXOS_REPL_RECORD": "0"})
     try:
         tmux.wait_for(r"In \[1\]:", timeout=30)
-        tmux.type("%shell ct1")
-        tmux.wait_for(r"root shell in the container; Ctrl-D or Ctrl-\] returns\]\s*\n.*ct1.*# ")
-        # A login shell of root in the container, with job control.
-        tmux.type("echo in-$((2+3)) $(hostname) $USER $HOME; sleep 300 &")
-        tmux.wait_for(r"in-5 ct1 root /root\s*\n")
-        tmux.type("sleep 101")
-        deadline = time.monotonic() + 10
-        while not processes_mentioning("sleep 101") and time.monotonic() < deadline:
-            time.sleep(0.05)  # the container's processes are in the host's process table
-        tmux.send("C-c")
-        tmux.type("echo after-ctrl-c; stty size")
-        tmux.wait_for(r"\nafter-ctrl-c\s*\n50 120", timeout=10)
-        # Ctrl-D ends the shell: back at the prompt, the background sleep gone with it.
-        tmux.send("C-d")
-        tmux.wait_for(r"ct1: the shell exited; nothing of it is left running\]\s*\nIn \[2\]:")
-        tmux.type("%succeed ct1 pgrep -x sleep || echo no-sleep")
-        tmux.wait_for(r"Out\[2\]: no-sleep")
-        # Ctrl-] ends it too.
-        tmux.type("%shell ct1")
-        tmux.wait_for(r"Ctrl-\] returns\]\s*\n(.*\n)*.*# ")
-        tmux.type("sleep 400 &")
-        tmux.wait_for(r"\[1\] \d+")
-        tmux.send("C-]")
-        tmux.wait_for(r"ct1: ended the shell; nothing of it is left running\]\s*\nIn \[4\]:")
-        tmux.type("%succeed ct1 pgrep -x sleep || echo no-sleep")
-        tmux.wait_for(r"Out\[4\]: no-sleep")
-        tmux.send("C-d")
-        tmux.wait_for(r"stopped ct1: no machine left running\s*\nEXIT=0", timeout=30)
+        yield tmux
     finally:
         tmux.close()
-    assert wait_for_no_container_leftovers(Path(repl_env["XDG_RUNTIME_DIR"])) == []
+    assert wait_for_no_container_leftovers(Path(repl_env["XDG_RUNTIME_DIR"]), timeout=30) == []
 
 
-def test_closing_the_terminal_during_shell_leaves_nothing(
-    tmp_path: Path, ct_dir: Path, repl_env: dict[str, str]
-) -> None:
-    command = f"{BIN / 'nixos-repl'} --start-scripts {ct_dir / 'run-ct1-nspawn'}"
-    tmux = Tmux(tmp_path / "tmux.sock", command, tmp_path, {**repl_env, "NIXOS_REPL_RECORD": "0"})
-    try:
-        tmux.wait_for(r"In \[1\]:", timeout=30)
-        tmux.type("%shell ct1")
-        tmux.wait_for(r"Ctrl-\] returns\]\s*\n(.*\n)*.*# ")
-        tmux.type("sleep 500 &")
-        tmux.wait_for(r"\[1\] \d+")
-    finally:
-        tmux.close()  # the terminal goes: the REPL dies of SIGHUP, with no clean-up of its own
-    runtime = Path(repl_env["XDG_RUNTIME_DIR"])
-    assert wait_for_no_container_leftovers(runtime, timeout=30) == []
+def one_more(tmux: Tmux, pattern: str, action: Callable[[], None], timeout: float = 60) -> None:
+    """Do ``action``, then wait until the screen shows ``pattern`` once more than before (the
+    screen keeps what earlier steps showed)."""
+    before = len(re.findall(pattern, tmux.screen()))
+    action()
+    deadline = time.monotonic() + timeout
+    while len(re.findall(pattern, tmux.screen())) <= before:
+        assert time.monotonic() < deadline, f"no new {pattern!r}:\n{tmux.screen()}"
+        time.sleep(0.05)
+
+
+def shell_with_a_job(tmux: Tmux, job: str) -> None:
+    """``%shell ct1``, and ``job`` in the background of that shell."""
+    prompt = r"root shell in the container; Ctrl-D or Ctrl-\] returns\]\s*\n[^\n]*ct1[^\n]*# "
+    one_more(tmux, prompt, lambda: tmux.type("%shell ct1"))
+    one_more(tmux, r"\[1\] \d+\s*\n[^\n]*ct1[^\n]*# ", lambda: tmux.type(f"{job} &"))
+
+
+def test_shell_in_a_container_through_a_terminal(repl: Tmux) -> None:
+    # A login shell of root in the container, with job control.
+    shell_with_a_job(repl, "sleep 300")
+    repl.type("echo in-$((2+3)) $(hostname) $USER $HOME")
+    repl.wait_for(r"in-5 ct1 root /root\s*\n")
+    repl.type("sleep 101")
+    deadline = time.monotonic() + 10
+    while not processes_mentioning("sleep 101") and time.monotonic() < deadline:
+        time.sleep(0.05)  # the container's processes are in the host's process table
+    repl.send("C-c")
+    repl.type("echo after-ctrl-c; stty size")
+    repl.wait_for(r"\nafter-ctrl-c\s*\n50 120", timeout=10)
+    # Ctrl-D ends the shell: back at the prompt, the background sleep gone with it.
+    repl.send("C-d")
+    repl.wait_for(r"ct1: the shell exited; nothing of it is left running\]\s*\nIn \[2\]:")
+    repl.type("%succeed ct1 pgrep -x sleep || echo no-sleep")
+    repl.wait_for(r"Out\[2\]: no-sleep")
+    # Ctrl-] ends it too.
+    shell_with_a_job(repl, "sleep 400")
+    repl.send("C-]")
+    repl.wait_for(r"ct1: ended the shell; nothing of it is left running\]\s*\nIn \[4\]:")
+    repl.type("%succeed ct1 pgrep -x sleep || echo no-sleep")
+    repl.wait_for(r"Out\[4\]: no-sleep")
+    repl.send("C-d")
+    repl.wait_for(r"stopped ct1: no machine left running\s*\nEXIT=0", timeout=30)
+
+
+def test_closing_the_terminal_during_shell_leaves_nothing(repl: Tmux) -> None:
+    shell_with_a_job(repl, "sleep 500")
+    # The fixture closes the terminal now: the REPL dies of SIGHUP, with no clean-up of its
+    # own, and still the container powers off and no process or mount of it is left.
 
 
 # Cells of a session on a VM and a container (blank lines part the cells of a piped REPL).
