@@ -162,7 +162,10 @@ def private_tmp_dir(config: DriverConfig) -> Path | None:
     limit: the shared directory is used then, as nixpkgs does.
     """
     base = get_tmp_dir()
-    longest = max((len(os.fsencode(f"vm-state-{name}")) for name in config.vms), default=0)
+    longest = max(
+        (len(os.fsencode(f"vm-state-{name}")) for name in [*config.vms, *config.containers]),
+        default=0,
+    )
     length = len(os.fsencode(base)) + 1 + PRIVATE_NAME + 1 + longest + 1 + LONGEST_SOCKET
     if length > SOCKET_PATH_MAX:
         log.warning(

@@ -36,6 +36,7 @@ __all__ = [
     "check_machine_name",
     "check_machine_names",
     "config_from_legacy",
+    "container_name_from_start_script",
     "load_driver_configuration",
     "machine_name_from_start_script",
     "pythonize_name",
@@ -78,6 +79,12 @@ def machine_name_from_start_script(script: str | os.PathLike[str]) -> str:
     """nixpkgs' rule: ``run-<name>-vm`` gives ``<name>``, anything else ``machine``."""
     match = re.search("run-(.+)-vm$", Path(script).name)
     return match.group(1) if match else "machine"
+
+
+def container_name_from_start_script(script: str | os.PathLike[str]) -> str | None:
+    """``run-<name>-nspawn`` gives ``<name>`` (a container's script); anything else None."""
+    match = re.search("run-(.+)-nspawn$", Path(script).name)
+    return match.group(1) if match else None
 
 
 # -- machine names ----------------------------------------------------------------------------
@@ -264,27 +271,36 @@ def config_from_legacy(
     if test_script is None:
         test_script = env.get("testScript") or None
 
+    # A run-<name>-nspawn script among the start scripts is a container (nixos-repl's; nixpkgs
+    # names containers with --container-* only).
+    scripts = list(start_scripts or [])
+    nspawn = [s for s in scripts if container_name_from_start_script(s) is not None]
     machines = [
         MachineConfig(machine_name_from_start_script(s), Path(s).absolute())
-        for s in start_scripts or []
+        for s in scripts
+        if s not in nspawn
     ]
     machines += _named(vm_names, vm_start_scripts or [], "vm", "--vm-names/--vm-start-scripts")
-    containers = _named(
+    containers = [
+        MachineConfig(str(container_name_from_start_script(s)), Path(s).absolute()) for s in nspawn
+    ]
+    containers += _named(
         container_names,
         container_start_scripts or [],
         "container",
         "--container-names/--container-start-scripts",
     )
     vms: dict[str, MachineConfig] = {}
-    for machine in machines:
-        if machine.name in vms:
+    for machine in [*machines, *containers]:
+        known = vms.get(machine.name)
+        if known is not None:
             raise ConfigError(
                 f"two start scripts define a machine named '{machine.name}': "
-                f"{vms[machine.name].start_script} and {machine.start_script}"
+                f"{known.start_script} and {machine.start_script}"
             )
         vms[machine.name] = machine
     return DriverConfig(
-        vms=vms,
+        vms={m.name: m for m in machines},
         containers={c.name: c for c in containers},
         vlans=_vlans(vlans or [], "--vlans"),
         global_timeout=(
@@ -329,6 +345,12 @@ def resolve_config(
 def check_config(config: DriverConfig, *, need_test_script: bool = True) -> None:
     """Refuse what cannot run: containers without root or systemd-nspawn, bad machine names,
     missing or non-executable start scripts, no script."""
+    both = sorted(set(config.vms) & set(config.containers))
+    if both:
+        raise ConfigError(
+            f"'{both[0]}' names both a machine and a container: names are unique across kinds, "
+            "rename one of them"
+        )
     if config.containers:
         names = ", ".join(sorted(config.containers))
         if os.geteuid() != 0:

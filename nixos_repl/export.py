@@ -27,7 +27,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .config import DriverConfig
+from .config import DriverConfig, container_name_from_start_script
 from .driver import Driver, pythonize_name
 from .errors import NixosReplError
 from .magic_table import (
@@ -597,16 +597,19 @@ def export_cells(
     source: str = "",
     machines: dict[str, str] | None = None,
     vlans: Sequence[int] | None = None,
+    containers: Sequence[str] = (),
 ) -> Exported:
     """The testScript for ``cells``; ExportError when nothing in them is code.
 
     ``machines`` (name -> start script, from a session log) and ``vlans`` go in the header's
     replay line; names the script reads that nixpkgs does not define are listed there too.
+    ``containers`` (names) are not waited for with ``connect()``, which nixpkgs' containers
+    lack: their first command waits for them.
     The export follows the surviving timeline: the steps on a machine between a snapshot and
     a restore of it were undone, so they are left out (``keep_undone``: kept as comments), and
     the snapshots and restores themselves (nixos-repl's, not nixpkgs') become comments.
     """
-    translation = Translation()
+    translation = Translation(containers)
     steps: list[_Step] = []
     imports: set[str] = set()
     for group, cell in enumerate(cells):
@@ -892,6 +895,7 @@ def export_file(
             "is exported from; choose another output file (nothing was written)"
         )
     header, cells = read_cells(source)
+    machines: dict[str, str] = header.get("machines") or {}
     skip = set(skip_cells)  # the cell running the export: not finished yet
     cells = [c for c in cells if c.finished or c.number not in skip]
     if not cells:
@@ -901,8 +905,10 @@ def export_file(
         keep_failures=keep_failures,
         keep_undone=keep_undone,
         source=str(source),
-        machines=header.get("machines") or None,
+        machines=machines or None,
         vlans=header.get("vlans") or None,
+        containers=header.get("containers")
+        or [n for n, s in machines.items() if container_name_from_start_script(s)],
     )
     try:
         write_atomic(target, exported.text.encode())

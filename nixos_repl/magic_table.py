@@ -15,7 +15,7 @@ from __future__ import annotations
 import argparse
 import re
 from argparse import Namespace
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from functools import cached_property
 from typing import Any, Literal
@@ -29,6 +29,7 @@ from .machine import DEFAULT_TIMEOUT
 __all__ = [
     "IPYTHON_SILENT",
     "MAGICS",
+    "NEEDS",
     "Arg",
     "MagicSpec",
     "NoCall",
@@ -121,6 +122,16 @@ seconds = _positive(float, "number of seconds", " seconds")
 count = _positive(int, "whole number")
 
 
+# What a magic may need of its machine beyond what every kind has (commands, the log, start and
+# stop): the attribute, and what a machine without it lacks (a container: nixpkgs'
+# ``NspawnMachine`` has no QMP, monitor or crash, and a screen only in an X11 session).
+NEEDS = {
+    "screen": "no screen or keyboard (it has a display only when it runs X11 and the driver "
+    "exports it); use %succeed or %shell on it",
+    "crash": "no crash() (there is no QEMU to kill); stop it with %shutdown, or release() at once",
+    "snapshot": "no snapshots (only a VM's RAM and disks are saved); use a VM for %snapshot",
+}
+
 WAIT_TIMEOUT = DEFAULT_TIMEOUT.total_seconds()  # Machine.wait_for_unit's default
 DEFAULT_LABEL = "booted"  # Machine.snapshot's and restore's default label
 
@@ -147,10 +158,11 @@ def flag(name: str, help: str) -> Arg:
 
 class Translation:
     """What translating several magics in a row shares: names of unnamed screenshots
-    (``vm1-1``, ``vm1-2``...)."""
+    (``vm1-1``, ``vm1-2``...), and which machines are containers (when a session log says)."""
 
-    def __init__(self) -> None:
+    def __init__(self, containers: Iterable[str] = ()) -> None:
         self.shots: dict[str, int] = {}
+        self.containers = frozenset(containers)
 
     def screenshot_name(self, machine: str) -> str:
         self.shots[machine] = self.shots.get(machine, 0) + 1
@@ -168,7 +180,8 @@ class MagicSpec:
     ``cell``: a cell magic (the body is ``args.body``); ``raw``: no ``$var`` expansion;
     ``machines``: ``one`` (the first word), ``many`` (every word) or ``""``; ``words``:
     subcommands completed in first place; ``labels``: the word after the machine is a snapshot
-    label. ``to_python(args, translation)`` returns the
+    label; ``needs``: the machine attribute the magic uses beyond what every kind of machine
+    has (a key of :data:`NEEDS`). ``to_python(args, translation)`` returns the
     statements, or raises :class:`NoCall` (or a subclass) saying why there are none.
     """
 
@@ -181,6 +194,7 @@ class MagicSpec:
     machines: Literal["one", "many", ""] = ""
     words: tuple[str, ...] = ()
     labels: bool = False  # the word after the machine is one of its snapshots' labels
+    needs: str = ""  # a key of NEEDS: what the machine must have (a VM has all of them)
 
     def declare(self, fn: Any) -> Any:
         """Attach the arguments to ``fn`` as IPython's ``@magic_arguments`` decorators do (so
@@ -211,6 +225,13 @@ class MagicSpec:
             """"""
 
         return getattr(self.declare(magic), "parser", None)
+
+    def refusal(self, machine: Any) -> str | None:
+        """Why this magic cannot run on ``machine`` (one line), or None if it can."""
+        if not self.needs or hasattr(machine, self.needs):
+            return None
+        kind = getattr(getattr(machine, "lifecycle", None), "kind", "machine")
+        return f"%{self.name}: {machine.name} is a {kind}, which has {NEEDS[self.needs]}"
 
     def usage(self) -> str:
         """``usage: %succeed NAME CMD...``: the magic's usage on one line."""
@@ -281,11 +302,14 @@ def _silent(reason: str) -> ToPython:
     return to_python
 
 
-def _start(args: Namespace, _: Translation) -> list[str]:
+def _start(args: Namespace, translation: Translation) -> list[str]:
+    # nixpkgs' containers have no connect(): their first command waits until they have booted.
     if args.all or not args.names:
-        return ["start_all()", "for machine_ in machines:", "    machine_.connect()"]
+        vms = "machines_qemu" if translation.containers else "machines"
+        return ["start_all()", f"for machine_ in {vms}:", "    machine_.connect()"]
     names = [_var(n) for n in args.names]
-    return [f"{n}.start()" for n in names] + [f"{n}.connect()" for n in names]
+    vm_names = [_var(n) for n in args.names if n not in translation.containers]
+    return [f"{n}.start()" for n in names] + [f"{n}.connect()" for n in vm_names]
 
 
 def _wait_for_unit(args: Namespace, _: Translation) -> list[str]:
@@ -342,6 +366,13 @@ def _rewind_args(verb: str) -> list[Arg]:
     ]
 
 
+def _rewind_spec(method: str, verb: str) -> MagicSpec:
+    """``%snapshot`` and ``%restore``: ``NAME [LABEL]`` or ``--all [LABEL]`` (VMs only)."""
+    return MagicSpec(
+        method, _rewind(method), _rewind_args(verb), machines="one", labels=True, needs="snapshot"
+    )
+
+
 def _rebuild(args: Namespace, _: Translation) -> list[str]:
     raise NoCall("redeploy by rebuilding the test instead")
 
@@ -359,7 +390,12 @@ MAGICS: dict[str, MagicSpec] = {
             [
                 arg("action", nargs="?", choices=["add"], help="add: define a new machine"),
                 arg("name", nargs="?", help="the new machine's name (with add)"),
-                arg("start_script", nargs="?", help="its run-<name>-vm script (with add)"),
+                arg(
+                    "start_script",
+                    nargs="?",
+                    help="its run-<name>-vm script, or run-<name>-nspawn for a container "
+                    "(with add)",
+                ),
             ],
             words=("add",),
         ),
@@ -378,19 +414,22 @@ MAGICS: dict[str, MagicSpec] = {
             [_NAME],
             machines="one",
         ),
-        MagicSpec("crash", lambda a, _: [f"{_var(a.name)}.crash()"], [_NAME], machines="one"),
+        MagicSpec(
+            "crash",
+            lambda a, _: [f"{_var(a.name)}.crash()"],
+            [_NAME],
+            machines="one",
+            needs="crash",
+        ),
         # snapshots
-        MagicSpec(
-            "snapshot", _rewind("snapshot"), _rewind_args("save"), machines="one", labels=True
-        ),
-        MagicSpec(
-            "restore", _rewind("restore"), _rewind_args("restore"), machines="one", labels=True
-        ),
+        _rewind_spec("snapshot", "save"),
+        _rewind_spec("restore", "restore"),
         MagicSpec(
             "snapshots",
             _shows("it shows the snapshots"),
             [arg("name", nargs="?", metavar="NAME", help="the machine (default: all)")],
             machines="one",
+            needs="snapshot",
         ),
         # commands
         MagicSpec("succeed", _method("succeed"), rest=_COMMAND, raw=True, machines="one"),
@@ -439,12 +478,14 @@ MAGICS: dict[str, MagicSpec] = {
                 ),
             ],
             machines="one",
+            needs="screen",
         ),
         MagicSpec(
             "keys",
             lambda a, _: [f"{_var(a.name)}.send_key({py_str(k)})" for k in a.keys],
             [_NAME, arg("keys", nargs="+", metavar="KEY", help="e.g. ctrl-alt-f2, ret, a")],
             machines="one",
+            needs="screen",
         ),
         MagicSpec(
             "type",
@@ -452,6 +493,7 @@ MAGICS: dict[str, MagicSpec] = {
             rest=("TEXT", "what to type", "the text"),
             raw=True,
             machines="one",
+            needs="screen",
         ),
         MagicSpec(
             "console",
@@ -463,7 +505,7 @@ MAGICS: dict[str, MagicSpec] = {
             machines="one",
         ),
         MagicSpec("shell", _shows("an interactive shell"), [_NAME], machines="one"),
-        MagicSpec("watch", _shows("it shows the screen"), None),
+        MagicSpec("watch", _shows("it shows the screen"), None, needs="screen"),
         MagicSpec("rebuild", _rebuild, None, raw=True),
         # the session
         MagicSpec(

@@ -8,7 +8,8 @@ is never written, only its size and the exit status, unless ``outputs`` is on.
 
 The lines (``kind`` tells them apart)::
 
-    {"kind": "session", "version": 1, "time": ..., "machines": {"vm1": "/.../run-vm1-vm"}, ...}
+    {"kind": "session", "version": 1, "time": ..., "machines": {"vm1": "/.../run-vm1-vm"},
+     "containers": [], ...}
     {"kind": "cell", "cell": 3, "time": ..., "source": "%succeed vm1 true"}
     {"kind": "action", "cell": 3, "machine": "vm1", "action": "succeed", "args": ["true"],
      "kwargs": {}, "ok": true, "status": 0, "output_size": 0, "duration": 0.0061, "time": ...}
@@ -93,6 +94,7 @@ class SessionLog:
         machines: dict[str, str] | None = None,
         vlans: list[int] | None = None,
         outputs: bool = False,
+        containers: list[str] | None = None,
     ) -> None:
         self.path = Path(path)
         self.outputs = outputs
@@ -101,6 +103,7 @@ class SessionLog:
         self.actions = 0
         self._machines = dict(machines or {})
         self._vlans = list(vlans or [])
+        self._containers = list(containers or [])
         self._file: IO[str] | None = None
         self._lock = threading.Lock()
         self._observed: list[Any] | None = None
@@ -116,6 +119,7 @@ class SessionLog:
             machines=machines,
             vlans=list(driver.config.vlans),
             outputs=outputs,
+            containers=[m.name for m in driver.machines_nspawn],
         )
         session.attach(driver.registry.observers)
         return session
@@ -151,6 +155,7 @@ class SessionLog:
                     "time": _now(),
                     "pid": os.getpid(),
                     "machines": self._machines,
+                    "containers": self._containers,
                     "vlans": self._vlans,
                 }
                 self._file.write(json.dumps(header, separators=(",", ":")) + "\n")

@@ -234,6 +234,7 @@ class Registry:
             keep_machine_state=self.keep_machine_state,
             callbacks=list(self.callbacks),
             on_state_change=self._state_changed,
+            observers=self.observers,
         )
         self._containers[container.name] = container
         for vlan in self.vlans:  # the first container: the VLANs plug their taps in (nixpkgs)

@@ -23,6 +23,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import pytest
 from jupyter_client.manager import start_new_kernel
 from PIL import Image, ImageDraw, ImageFont
 
@@ -190,6 +191,53 @@ def processes_mentioning(text: str) -> list[str]:
     return found
 
 
+def _alive(pid: int) -> bool:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[-1].split()[0] != "Z"
+    except FileNotFoundError:
+        return False
+
+
+def container_leftovers(tmp: Path, leaders: Sequence[int] = ()) -> list[str]:
+    """What a run in ``tmp`` may have left: processes naming it (systemd-nspawn, journalctl,
+    QEMU), container leaders, mounts under it."""
+    found = processes_mentioning(str(tmp))
+    found += [f"container leader {pid}" for pid in leaders if _alive(pid)]
+    mounts = Path("/proc/mounts").read_text()
+    found += [line for line in mounts.splitlines() if str(tmp) in line]
+    return found
+
+
+def wait_for_no_container_leftovers(
+    tmp: Path, leaders: Sequence[int] = (), timeout: float = 10
+) -> list[str]:
+    deadline = time.monotonic() + timeout
+    while (left := container_leftovers(tmp, leaders)) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    return left
+
+
+def container_guests(factory: pytest.TempPathFactory, *names: str) -> Path:
+    """A directory with a ``run-<name>-nspawn`` script per name (debian-container guests; the
+    root file system is built once and cached)."""
+    from nixos_repl.guests import build_debian_container
+
+    out = factory.mktemp("containers")
+    build_debian_container(list(names), out)
+    return out
+
+
+# Tests of systemd-nspawn containers: real ones, as root, with systemd-nspawn installed.
+NEEDS_CONTAINERS = [
+    pytest.mark.vm,
+    pytest.mark.skipif(os.geteuid() != 0, reason="containers need root"),
+    pytest.mark.skipif(
+        shutil.which("systemd-nspawn") is None,
+        reason="systemd-nspawn is missing (Debian: apt-get install systemd-container)",
+    ),
+]
+
+
 def leftovers(tmp: Path) -> list[str]:
     """QEMU and vde_switch processes of this run (found by its private directory), from /proc."""
     return [
@@ -232,10 +280,19 @@ def install_kernelspec(prefix: Path) -> Path:
     return path
 
 
-def machines_config(guest_dir: Path, directory: Path, names: tuple[str, ...]) -> Path:
+def machines_config(
+    guest_dir: Path,
+    directory: Path,
+    names: tuple[str, ...],
+    containers: Sequence[Path] = (),
+) -> Path:
+    """A driverConfiguration.json: the tiny guests ``names``, and the containers whose
+    ``run-<name>-nspawn`` scripts are ``containers``."""
     config = {
         "vms": {n: {"name": n, "start_script": str(guest_dir / f"run-{n}-vm")} for n in names},
-        "containers": {},
+        "containers": {
+            s.name[len("run-") : -len("-nspawn")]: {"start_script": str(s)} for s in containers
+        },
         "vlans": [1],
         "global_timeout": 3600,
         "enable_ssh_backdoor": False,

@@ -495,3 +495,17 @@ def test_machine_options_with_a_command_that_takes_none(tmp_path: Path) -> None:
     assert "--vlans: machine options go with the REPL, --batch or notebook, not with export" in (
         result.stderr
     )
+
+
+def test_nspawn_start_scripts_are_containers(tmp_path: Path) -> None:
+    config = config_from_legacy(start_scripts=["/x/run-vm1-vm", "/x/run-ct1-nspawn"], environ={})
+    assert list(config.vms) == ["vm1"] and list(config.containers) == ["ct1"]
+    assert config.containers["ct1"].start_script == Path("/x/run-ct1-nspawn")
+    with pytest.raises(ConfigError, match="two start scripts define a machine named 'a'"):
+        config_from_legacy(start_scripts=["/x/run-a-vm", "/y/run-a-nspawn"], environ={})
+    both = DriverConfig(
+        vms={"a": MachineConfig("a", tmp_path / "run-a-vm")},
+        containers={"a": MachineConfig("a", tmp_path / "run-a-nspawn")},
+    )
+    with pytest.raises(ConfigError, match="'a' names both a machine and a container"):
+        check_config(both, need_test_script=False)

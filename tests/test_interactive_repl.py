@@ -96,7 +96,7 @@ def test_the_terminal_repl(tmux: Tmux, tmp_path: Path, repl_env: dict[str, str])
     tmux.wait_for(r"\nIn \[\d+\]: *\n", timeout=10)
     assert qemus_under(runtime)
     tmux.send("C-d")
-    tmux.wait_for(r"stopped vm1, vm2: no QEMU left running\s*\nEXIT=0", timeout=30)
+    tmux.wait_for(r"stopped vm1, vm2: no machine left running\s*\nEXIT=0", timeout=30)
     assert qemus_under(runtime) == []
     assert (tmp_path / ".nixos-test-history").exists()
 
@@ -118,7 +118,7 @@ def test_demo_tour_without_a_terminal(tmp_path: Path, repl_env: dict[str, str]) 
     assert re.search(r"Out\[\d+\]:\s+a cell runs as one script on vm2", out)
     assert "<Screenshot 1280x800" in out and (tmp_path / "demo-out" / "tour-vm1.png").is_file()
     assert "['vm1\\n', 'vm2\\n']" in out  # the async twins on two machines at once
-    assert "stopped vm1: no QEMU left running" in out
+    assert "stopped vm1: no machine left running" in out
     assert qemus_under(Path(repl_env["XDG_RUNTIME_DIR"])) == []
 
 

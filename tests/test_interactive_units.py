@@ -52,13 +52,15 @@ def test_values_render_as_text() -> None:
 def test_machine_table() -> None:
     table = MachineTable(
         [
-            MachineRow("vm1", "up", 65.2, 1234, "Welcome <to> the console"),
-            MachineRow("vm2", "defined", None, None, ""),
+            MachineRow("vm1", "vm", "up", 65.2, 1234, "Welcome <to> the console"),
+            MachineRow("ct1", "container", "defined", None, None, ""),
         ]
     )
     lines = table.text().splitlines()
-    assert lines[0].split() == ["machine", "state", "uptime", "pid", "last", "console", "line"]
-    assert lines[1].split()[:5] == ["vm1", "up", "1", "min", "05"]
+    head = ["machine", "kind", "state", "uptime", "pid", "last", "console", "line"]
+    assert lines[0].split() == head
+    assert lines[1].split()[:6] == ["vm1", "vm", "up", "1", "min", "05"]
+    assert lines[2].split() == ["ct1", "container", "defined", "-", "-"]
     assert "<td" in table._repr_html_() and "&lt;to&gt;" in table._repr_html_()
     assert "%machines add" in MachineTable([]).text()
     named = MachineTable(table.rows, Path("/x/nixos-repl-out"))
@@ -240,6 +242,10 @@ def test_notebook_configuration(tmp_path: Path) -> None:
     assert str(tmp_path / "share" / "jupyter") in env["JUPYTER_PATH"]
     assert "NIXOS_REPL_CONFIG" not in notebook_env(DriverConfig(), tmp_path / "empty")
     assert config_json(config)["global_timeout"] == 60 * 86400
+    # Containers go to the kernels too (a notebook with only a container gets a config).
+    ct = DriverConfig(containers={"ct1": MachineConfig("ct1", tmp_path / "run-ct1-nspawn")})
+    loaded = load_driver_configuration(notebook_env(ct, tmp_path / "ct")["NIXOS_REPL_CONFIG"])
+    assert loaded.containers == ct.containers and loaded.vms == {}
 
 
 def test_split_cells() -> None:

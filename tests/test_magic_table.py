@@ -198,3 +198,49 @@ def test_rewind_magics_name_a_machine_or_all(line: str, expected: str) -> None:
 def test_rewind_magics_refuse_what_is_not_one_target(line: str) -> None:
     with pytest.raises(NoCall):
         MAGICS["snapshot"].calls(line, None, Translation())
+
+
+def test_what_a_magic_needs_a_vm_has_and_a_container_lacks() -> None:
+    from types import SimpleNamespace
+
+    from nixos_repl.machine import Machine, NspawnMachine
+    from nixos_repl.magic_table import NEEDS
+
+    needing = {name: spec.needs for name, spec in MAGICS.items() if spec.needs}
+    assert needing == {
+        "crash": "crash",
+        "snapshot": "snapshot",
+        "restore": "snapshot",
+        "snapshots": "snapshot",
+        "screenshot": "screen",
+        "keys": "screen",
+        "type": "screen",
+        "watch": "screen",
+    }
+    assert set(needing.values()) == set(NEEDS)
+    for method in ("crash", "snapshot"):  # the methods (a VM's screen is an instance's part)
+        assert hasattr(Machine, method) and not hasattr(NspawnMachine, method)
+    vm = SimpleNamespace(name="vm1", screen=1, crash=1, snapshot=1)
+    container = SimpleNamespace(name="ct1", lifecycle=SimpleNamespace(kind="container"))
+    for name in needing:
+        assert MAGICS[name].refusal(vm) is None
+        refusal = MAGICS[name].refusal(container)
+        assert refusal is not None and refusal.startswith(f"%{name}: ct1 is a container, ")
+        assert "\n" not in refusal
+    assert MAGICS["succeed"].refusal(container) is None
+
+
+def test_start_waits_only_for_vms_with_connect() -> None:
+    """nixpkgs' containers have no connect(): an export that knows them does not call it."""
+    known = Translation(containers=["ct1"])
+    assert MAGICS["start"].calls("vm1 ct1", None, known) == [
+        "vm1.start()",
+        "ct1.start()",
+        "vm1.connect()",
+    ]
+    assert MAGICS["start"].calls("--all", None, known) == [
+        "start_all()",
+        "for machine_ in machines_qemu:",
+        "    machine_.connect()",
+    ]
+    assert MAGICS["start"].calls("--all", None, Translation())[1] == "for machine_ in machines:"

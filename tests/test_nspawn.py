@@ -26,46 +26,20 @@ from nixos_repl.machine import MachineState, NspawnMachine
 from nixos_repl.machine.nspawn import processes_in
 from nixos_repl.registry import Registry
 
-from .helpers import interrupt_after, processes_mentioning
+from .helpers import (
+    NEEDS_CONTAINERS,
+    container_guests,
+    container_leftovers,
+    interrupt_after,
+    wait_for_no_container_leftovers,
+)
 
-pytestmark = [
-    pytest.mark.vm,
-    pytest.mark.skipif(os.geteuid() != 0, reason="containers need root"),
-    pytest.mark.skipif(
-        shutil.which("systemd-nspawn") is None,
-        reason="systemd-nspawn is missing (Debian: apt-get install systemd-container)",
-    ),
-]
+pytestmark = NEEDS_CONTAINERS
 
 
 @pytest.fixture(scope="module")
 def container_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    out = tmp_path_factory.mktemp("containers")
-    build_debian_container(["ct1", "ct2"], out)
-    return out
-
-
-def _alive(pid: int) -> bool:
-    try:
-        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[-1].split()[0] != "Z"
-    except FileNotFoundError:
-        return False
-
-
-def leftovers(tmp: Path, leaders: list[int]) -> list[str]:
-    """What a container run in ``tmp`` may have left: processes, its leader, mounts."""
-    found = processes_mentioning(str(tmp))
-    found += [f"container leader {pid}" for pid in leaders if _alive(pid)]
-    mounts = Path("/proc/mounts").read_text()
-    found += [line for line in mounts.splitlines() if str(tmp) in line]
-    return found
-
-
-def wait_for_no_leftovers(tmp: Path, leaders: list[int], timeout: float = 10) -> list[str]:
-    deadline = time.monotonic() + timeout
-    while (left := leftovers(tmp, leaders)) and time.monotonic() < deadline:
-        time.sleep(0.1)
-    return left
+    return container_guests(tmp_path_factory, "ct1", "ct2")
 
 
 class Containers:
@@ -95,7 +69,7 @@ def containers(container_dir: Path) -> Iterator[Containers]:
     finally:
         for machine in made.machines:
             machine.release()
-        assert wait_for_no_leftovers(tmp, made.leaders()) == []
+        assert wait_for_no_container_leftovers(tmp, made.leaders()) == []
         shutil.rmtree(tmp)
 
 
@@ -181,7 +155,7 @@ def test_shutdown_powers_off(containers: Containers) -> None:
     ct1.shutdown()
     assert ct1.state is MachineState.OFF
     assert not ct1.is_up()
-    assert wait_for_no_leftovers(containers.tmp, [leader]) == []
+    assert wait_for_no_container_leftovers(containers.tmp, [leader]) == []
     # A command starts it again, as on a VM.
     assert ct1.succeed("echo again") == "again\n"
 
@@ -197,7 +171,7 @@ def test_a_dead_leader_is_a_clear_machine_error(containers: Containers) -> None:
         time.sleep(0.1)
     with pytest.raises(MachineError, match="container 'ct1' crashed: systemd-nspawn"):
         ct1.succeed("true")
-    assert wait_for_no_leftovers(containers.tmp, [leader]) == []
+    assert wait_for_no_container_leftovers(containers.tmp, [leader]) == []
 
 
 def test_qemu_only_methods_are_missing_and_screenshots_refused(containers: Containers) -> None:
@@ -228,7 +202,7 @@ def test_bad_start_scripts(containers: Containers) -> None:
     with pytest.raises(MachineError, match="sent no READY=1 on its notify socket within 1 s"):
         mute.succeed("true")
     assert mute.state is MachineState.OFF
-    assert leftovers(tmp, []) == []
+    assert container_leftovers(tmp) == []
 
 
 def test_without_systemd_nspawn_the_script_names_the_package(containers: Containers) -> None:
@@ -268,7 +242,7 @@ def test_the_guest_build_is_cached_and_writes_nspawn_scripts(
         assert ct.succeed("echo relative") == "relative\n"
     finally:
         ct.release()
-    assert wait_for_no_leftovers(tmp_path, []) == []
+    assert wait_for_no_container_leftovers(tmp_path, []) == []
 
 
 CONTAINER_TEST_SCRIPT = """
@@ -314,7 +288,7 @@ def test_the_driver_runs_containers(container_dir: Path, tmp_path: Path, invocat
     )
     assert result.returncode == 0, result.stderr[-3000:]
     assert "must succeed: hostname" in result.stdout + result.stderr
-    assert wait_for_no_leftovers(runtime, []) == []
+    assert wait_for_no_container_leftovers(runtime, []) == []
 
 
 def test_a_container_may_not_take_a_machines_name(container_dir: Path, tmp_path: Path) -> None:

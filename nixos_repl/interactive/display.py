@@ -18,7 +18,7 @@ from ..machine.screenshot import PNG_SIGNATURE, Screenshot
 if TYPE_CHECKING:
     from pathlib import Path
 
-    from ..machine import Machine
+    from ..machine import BaseMachine
 
 __all__ = [
     "PNG_SIGNATURE",
@@ -68,16 +68,18 @@ class Execution(NamedTuple):
 @dataclass(frozen=True)
 class MachineRow:
     name: str
+    kind: str  # vm or container
     state: str
     uptime: float | None
     pid: int | None
     console: str
 
     @classmethod
-    def of(cls, machine: Machine) -> MachineRow:
+    def of(cls, machine: BaseMachine) -> MachineRow:
         tail = machine.console.tail(1)
         return cls(
             machine.name,
+            machine.lifecycle.kind.lower(),
             str(machine.state),
             machine.uptime(),
             machine.pid,
@@ -85,7 +87,7 @@ class MachineRow:
         )
 
 
-_HEADERS = ("machine", "state", "uptime", "pid", "last console line")
+_HEADERS = ("machine", "kind", "state", "uptime", "pid", "last console line")
 _CONSOLE_WIDTH = 60
 
 
@@ -94,14 +96,15 @@ def _clip(text: str, width: int) -> str:
 
 
 class MachineTable:
-    """The machines at one moment: name, state, uptime, pid and last console line."""
+    """The machines at one moment: name, kind (vm, container), state, uptime, pid and last
+    console line (a container's: its journal's)."""
 
     def __init__(self, rows: Sequence[MachineRow], out_dir: Path | None = None) -> None:
         self.rows = list(rows)
         self.out_dir = out_dir
 
     @classmethod
-    def of(cls, machines: Iterable[Machine], out_dir: Path | None = None) -> MachineTable:
+    def of(cls, machines: Iterable[BaseMachine], out_dir: Path | None = None) -> MachineTable:
         return cls([MachineRow.of(m) for m in machines], out_dir)
 
     def footer(self) -> str:
@@ -114,6 +117,7 @@ class MachineTable:
         return [
             (
                 r.name,
+                r.kind,
                 r.state,
                 format_duration(r.uptime),
                 str(r.pid) if r.pid is not None else "-",

@@ -8,36 +8,48 @@ but bash and ``setsid`` (util-linux or busybox); it keeps running between attach
 
 Attaching needs no backdoor, only the socket: ``nixos-repl shell NAME --state-dir DIR`` attaches
 from any terminal. The terminal is in raw mode while attached; Ctrl-] detaches.
+
+A container has no tty port: its shell is a new root login shell in the container's namespaces
+(``nsenter`` into its leader, as its commands run), on a pty of this process. Ctrl-D (the shell
+exits) or Ctrl-] ends it, and every process it started goes with it (they share one session).
 """
 
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import os
 import selectors
 import shlex
 import shutil
 import signal
 import socket
+import struct
+import subprocess
 import sys
 import termios
+import time
 import tty
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, cast
 
 from ..errors import MachineError
+from ..machine.nspawn import NSENTER_NAMESPACES
 
 if TYPE_CHECKING:
-    from ..machine import Machine
+    from ..machine import BaseMachine, Machine
 
 __all__ = [
     "ESCAPE",
     "PORT_NAME",
+    "ContainerShell",
     "ShellHint",
     "attach",
     "connect",
+    "container_shell_argv",
+    "hint",
     "resize_script",
     "start_script",
     "tty_socket",
@@ -102,8 +114,15 @@ def resize_script(rows: int, cols: int, dev: str) -> str:
 
 
 def terminal_size() -> tuple[int, int]:
-    size = shutil.get_terminal_size((80, 24))
-    return size.lines, size.columns
+    """The size of this process's terminal (rows, columns), from the terminal itself (``LINES``
+    and ``COLUMNS`` may be stale), else as ``shutil`` finds it."""
+    for stream in (sys.__stdout__, sys.__stdin__):
+        with contextlib.suppress(AttributeError, ValueError, OSError):
+            if stream is not None:
+                size = os.get_terminal_size(stream.fileno())
+                return size.lines, size.columns
+    fallback = shutil.get_terminal_size((80, 24))
+    return fallback.lines, fallback.columns
 
 
 def start(machine: Machine) -> str:
@@ -139,14 +158,15 @@ def raw_terminal(fd: int) -> Iterator[None]:
 
 
 def attach(
-    sock: socket.socket,
+    sock: socket.socket | PtyEnd,
     *,
     stdin: int | None = None,
     stdout: int | None = None,
     on_resize: Callable[[int, int], None] | None = None,
+    ended: int | None = None,
 ) -> str:
     """Pass bytes between this terminal and the guest tty until Ctrl-] (returns ``"detached"``)
-    or until QEMU closes the port (``"closed"``)."""
+    or until QEMU closes the port, or ``ended`` (a pidfd) becomes readable (``"closed"``)."""
     in_fd = sys.stdin.fileno() if stdin is None else stdin
     out_fd = sys.stdout.fileno() if stdout is None else stdout
     wake_r, wake_w = os.pipe()
@@ -158,6 +178,8 @@ def attach(
     selector.register(in_fd, selectors.EVENT_READ, "in")
     selector.register(sock, selectors.EVENT_READ, "guest")
     selector.register(wake_r, selectors.EVENT_READ, "resize")
+    if ended is not None:
+        selector.register(ended, selectors.EVENT_READ, "ended")
     try:
         with raw_terminal(in_fd) if os.isatty(in_fd) else contextlib.nullcontext():
             while True:
@@ -167,6 +189,9 @@ def attach(
                         if not data:
                             return "closed"
                         _write_all(out_fd, data)
+                    elif key.data == "ended":
+                        _drain(sock, out_fd)
+                        return "closed"
                     elif key.data == "resize":
                         os.read(wake_r, 512)
                         if on_resize is not None:
@@ -188,6 +213,14 @@ def attach(
             signal.signal(signal.SIGWINCH, previous)
         os.close(wake_r)
         os.close(wake_w)
+
+
+def _drain(end: socket.socket | PtyEnd, out_fd: int) -> None:
+    """Show what the guest end still holds (the shell's last words)."""
+    if not isinstance(end, PtyEnd):
+        return
+    while data := end.recv(65536, wait=False):
+        _write_all(out_fd, data)
 
 
 def _poke(fd: int) -> None:
@@ -223,8 +256,17 @@ class ShellHint:
         p.text(self.text())
 
 
-def attach_here(machine: Machine) -> None:
-    """``%shell`` in a terminal: start the guest shell if needed and attach this terminal."""
+def attach_here(machine: BaseMachine) -> None:
+    """``%shell`` in a terminal: start the guest shell if needed and attach this terminal (a
+    container: a new login shell in it, ended when it ends)."""
+    if machine.lifecycle.kind == "container":
+        attach_container(machine)
+        return
+    attach_vm(cast("Machine", machine))
+
+
+def attach_vm(machine: Machine) -> None:
+    """Attach this terminal to the VM's guest tty (the login shell there keeps running)."""
     machine.connect()
     with connect(tty_socket(machine.state_dir)) as sock:
         dev = start(machine)  # after connecting: the new shell's first prompt comes through
@@ -258,3 +300,171 @@ def attach_standalone(name: str, state_dir: Path) -> int:
         how = attach(sock)
     print(f"\r\n[{'closed' if how == 'closed' else 'detached'}]", flush=True)
     return 0
+
+
+def hint(machine: BaseMachine) -> Any:
+    """``%shell`` where this terminal cannot be attached (a notebook): a VM's guest shell is
+    started and the hint says how to attach; a container's says how to enter it."""
+    if machine.lifecycle.kind == "container":
+        machine.connect()
+        return ContainerShellHint(machine.name, container_shell_argv(_leader(machine)))
+    return ShellHint(machine.name, start(cast("Machine", machine)), machine.state_dir)
+
+
+# -- containers: a login shell through nsenter, on a pty ---------------------------------------
+
+# Where the commands are in a NixOS container and in others; the login shell reads /etc/profile.
+CONTAINER_PATH = (
+    "/run/current-system/sw/bin:/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
+)
+_LOGIN = 'cd "$HOME" 2>/dev/null || cd /; command -v bash >/dev/null && exec bash -l; exec sh -l'
+
+
+def _leader(machine: BaseMachine) -> int:
+    leader = getattr(machine.lifecycle, "leader", None)
+    if leader is None:
+        raise MachineError(f"{machine.name}: the container has no leader process (is it up?)")
+    return int(leader)
+
+
+def container_shell_argv(leader: int, term: str | None = None) -> list[str]:
+    """The command line of a root login shell in the container whose leader is ``leader``: a new
+    session whose controlling terminal is stdin, nsenter into the leader's namespaces, and a
+    clean root environment."""
+    nsenter = shutil.which("nsenter") or "nsenter"
+    env = {
+        "TERM": term or _guest_term(),
+        "HOME": "/root",
+        "USER": "root",
+        "LOGNAME": "root",
+        "PATH": CONTAINER_PATH,
+    }
+    return [
+        "env", "-i", *(f"{k}={v}" for k, v in env.items()),
+        shutil.which("setsid") or "setsid", "--ctty",
+        nsenter, "--target", str(leader), *NSENTER_NAMESPACES,
+        "--", "/bin/sh", "-c", _LOGIN,
+    ]  # fmt: skip
+
+
+@dataclass(frozen=True)
+class ContainerShellHint:
+    """How to enter a container from a terminal (as root)."""
+
+    machine: str
+    argv: list[str]
+
+    def text(self) -> str:
+        return (
+            f"{self.machine}: a container; open a root login shell in it from a terminal, as "
+            f"root, with\n    {shlex.join(self.argv)}\n(or run %shell {self.machine} in the "
+            "terminal REPL)"
+        )
+
+    def _repr_pretty_(self, p: Any, cycle: bool) -> None:
+        p.text(self.text())
+
+
+class PtyEnd:
+    """The master side of a pty, with the calls ``attach`` makes on a socket."""
+
+    def __init__(self, fd: int) -> None:
+        self.fd = fd
+
+    def fileno(self) -> int:
+        return self.fd
+
+    def recv(self, size: int, wait: bool = True) -> bytes:
+        if not wait and not _readable(self.fd):
+            return b""
+        try:
+            return os.read(self.fd, size)
+        except OSError:  # EIO: every process holding the other side has closed it
+            return b""
+
+    def sendall(self, data: bytes) -> None:
+        with contextlib.suppress(OSError):
+            _write_all(self.fd, data)
+
+    def resize(self, rows: int, cols: int) -> None:
+        """Give the pty a size (its foreground job gets SIGWINCH)."""
+        with contextlib.suppress(OSError):
+            fcntl.ioctl(self.fd, termios.TIOCSWINSZ, struct.pack("HHHH", rows, cols, 0, 0))
+
+
+def _readable(fd: int) -> bool:
+    with selectors.DefaultSelector() as selector:
+        selector.register(fd, selectors.EVENT_READ)
+        return bool(selector.select(0))
+
+
+class ContainerShell:
+    """A root login shell in a running container, on a pty; ended by :meth:`close`, which
+    leaves no process of it behind (all of them are in the session it started)."""
+
+    def __init__(self, machine: BaseMachine) -> None:
+        machine.connect()  # starts the container if needed, waits for READY=1
+        self.name = machine.name
+        master, slave = os.openpty()
+        self.pty = PtyEnd(master)
+        self.pty.resize(*terminal_size())
+        try:
+            self.process = subprocess.Popen(
+                container_shell_argv(_leader(machine)),
+                stdin=slave,
+                stdout=slave,
+                stderr=slave,
+                close_fds=True,
+            )
+        except BaseException:
+            os.close(master)
+            raise
+        finally:
+            os.close(slave)
+        self.pidfd = os.pidfd_open(self.process.pid)
+
+    def session_processes(self) -> list[int]:
+        """Every live process of the shell's session (the shell, its jobs, their children)."""
+        found = []
+        for entry in os.listdir("/proc"):
+            if not entry.isdigit():
+                continue
+            try:
+                with open(f"/proc/{entry}/stat") as f:
+                    fields = f.read().rsplit(")", 1)[1].split()
+            except OSError:
+                continue
+            if fields[0] != "Z" and int(fields[3]) == self.process.pid:  # field 6: session
+                found.append(int(entry))
+        return found
+
+    def close(self, grace: float = 2.0) -> None:
+        """Hang up the shell (SIGHUP, then SIGKILL) and every process of its session."""
+        for sig in (signal.SIGHUP, signal.SIGKILL):
+            for pid in self.session_processes():
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, sig)
+            deadline = time.monotonic() + grace
+            while self.session_processes() and time.monotonic() < deadline:
+                time.sleep(0.02)
+            if not self.session_processes():
+                break
+        with contextlib.suppress(ProcessLookupError):
+            self.process.kill()
+        self.process.wait()
+        os.close(self.pidfd)
+        os.close(self.pty.fd)
+
+
+def attach_container(machine: BaseMachine) -> None:
+    """``%shell`` on a container in a terminal: a new login shell until Ctrl-D or Ctrl-]."""
+    shell = ContainerShell(machine)
+    try:
+        print(
+            f"[{machine.name}: root shell in the container; Ctrl-D or Ctrl-] returns]", flush=True
+        )
+        how = attach(shell.pty, on_resize=shell.pty.resize, ended=shell.pidfd)
+    finally:
+        shell.close()
+    what = "the shell exited" if how == "closed" else "ended the shell"
+    print(f"\r\n[{machine.name}: {what}; nothing of it is left running]", flush=True)

@@ -34,7 +34,7 @@ from .live import clean
 if TYPE_CHECKING:
     from argparse import Namespace
 
-    from ..machine import Machine
+    from ..machine import BaseMachine, Machine
     from .session import Session
 
 __all__ = ["NixosMagics", "magic", "parse", "screenshot_name", "usage"]
@@ -91,20 +91,31 @@ class NixosMagics(Magics):
         super().__init__(shell)
         self.session = session
 
-    def _machine(self, name: str) -> Machine:
+    def _machine(self, name: str, magic: str) -> BaseMachine:
+        """The machine ``name`` for ``%magic``: a UsageError (one line) if there is none, or if
+        it lacks what the magic needs (a container has no screen, QMP or snapshots)."""
         try:
-            return self.session.machine(name)
+            machine = self.session.machine(name)
         except UnknownMachineError as e:
             raise UsageError(str(e)) from None
+        refusal = MAGICS[magic].refusal(machine)
+        if refusal is not None:
+            raise UsageError(refusal)
+        return machine
+
+    def _vm(self, name: str, magic: str) -> Machine:
+        """The machine for a magic that needs a VM's parts (``MagicSpec.needs``)."""
+        return cast("Machine", self._machine(name, magic))
 
     # -- machines ------------------------------------------------------------------------------
 
     @magic("machines")
     def machines(self, line: str) -> MachineTable:
-        """Show the machines: name, state, uptime, pid, last console line.
+        """Show the machines: name, kind (vm, container), state, uptime, pid, last console line.
 
         ``%machines add NAME START_SCRIPT`` defines a machine (not started) and binds it in the
-        namespace under NAME, as ``create_machine(START_SCRIPT, name=NAME)`` does.
+        namespace under NAME, as ``create_machine(START_SCRIPT, name=NAME)`` does; a
+        ``run-<name>-nspawn`` script defines a systemd-nspawn container.
         """
         args = parse("machines", line)
         if args.action == "add":
@@ -113,7 +124,7 @@ class NixosMagics(Magics):
             script = Path(args.start_script).expanduser()
             command = str(script.absolute()) if script.exists() else args.start_script
             try:
-                self.session.driver.create_machine(command, name=args.name)
+                self.session.add_machine(command, args.name)
             except NixosReplError as e:
                 raise UsageError(str(e)) from None
         return MachineTable.of(self.session.machines, self.session.driver.out_dir)
@@ -123,7 +134,7 @@ class NixosMagics(Magics):
         """Start machines in parallel and wait until each one's backdoor shell answers."""
         args = parse("start", line)
         names = self.session.machine_names() if args.all or not args.names else args.names
-        machines = [self._machine(n) for n in names]
+        machines = [self._machine(n, "start") for n in names]
 
         async def connect_all() -> None:
             await asyncio.gather(*(m.aio.connect() for m in machines))
@@ -132,13 +143,14 @@ class NixosMagics(Magics):
 
     @magic("shutdown")
     def shutdown(self, line: str) -> None:
-        """Power a machine off from its shell and wait until QEMU has exited."""
-        self._machine(parse("shutdown", line).name).shutdown()
+        """Power a machine off from its shell and wait until it has stopped (a VM's QEMU, a
+        container's systemd-nspawn)."""
+        self._machine(parse("shutdown", line).name, "shutdown").shutdown()
 
     @magic("crash")
     def crash(self, line: str) -> None:
         """Kill a machine's QEMU at once, as a power cut would."""
-        self._machine(parse("crash", line).name).crash()
+        self._vm(parse("crash", line).name, "crash").crash()
 
     # -- snapshots -----------------------------------------------------------------------------
 
@@ -147,7 +159,7 @@ class NixosMagics(Magics):
             machine, label = rewind_target(parse(name, line))
         except UsageError as e:
             raise UsageError(f"{str(e).splitlines()[0]}\n{MAGICS[name].usage()}") from None
-        return (self._machine(machine) if machine is not None else None), label
+        return (self._vm(machine, name) if machine is not None else None), label
 
     @magic("snapshot")
     def snapshot(self, line: str) -> Output:
@@ -179,18 +191,19 @@ class NixosMagics(Magics):
     def snapshots(self, line: str) -> Output:
         """List the snapshots of a machine (or of every machine): label, size, age."""
         name = parse("snapshots", line).name
-        return self._listing([self._machine(name)] if name else self.session.machines)
+        return self._listing([self._vm(name, "snapshots")] if name else self.session.machines)
 
-    def _listing(self, machines: list[Machine]) -> Output:
-        rows = [f"{m.name}: {info}" for m in machines for info in m.snapshots()]
+    def _listing(self, machines: list[BaseMachine]) -> Output:
+        vms = [cast("Machine", m) for m in machines if hasattr(m, "snapshot")]
+        rows = [f"{m.name}: {info}" for m in vms for info in m.snapshots()]
         return Output("\n".join(rows) or "no snapshots yet (take one with %snapshot NAME)")
 
     # -- commands ------------------------------------------------------------------------------
 
-    def _target(self, name: str, line: str) -> tuple[Machine, str]:
+    def _target(self, name: str, line: str) -> tuple[BaseMachine, str]:
         """``NAME REST``: the machine and the rest of the line, raw."""
         args = parse(name, line)
-        return self._machine(args.name), args.rest
+        return self._machine(args.name, name), args.rest
 
     @magic("succeed")
     def succeed(self, line: str) -> Output:
@@ -216,7 +229,7 @@ class NixosMagics(Magics):
     @magic("sh")
     def sh(self, line: str, cell: str) -> Output:
         """Run the cell's body as one script in the guest's root shell; it must exit 0."""
-        machine = self._machine(parse("sh", line, cell).name)
+        machine = self._machine(parse("sh", line, cell).name, "sh")
         return Output(machine.succeed(cell))
 
     # -- waits ---------------------------------------------------------------------------------
@@ -225,7 +238,7 @@ class NixosMagics(Magics):
     def wait_for_unit(self, line: str) -> None:
         """Wait until a systemd unit is active (fails at once if it fails)."""
         args = parse("wait_for_unit", line)
-        self._machine(args.name).wait_for_unit(args.unit, args.user, args.timeout)
+        self._machine(args.name, "wait_for_unit").wait_for_unit(args.unit, args.user, args.timeout)
 
     @magic("wait_for_console")
     def wait_for_console(self, line: str) -> Output:
@@ -247,14 +260,14 @@ class NixosMagics(Magics):
         directory); without it the name is the machine's and the time.
         """
         args = parse("screenshot", line)
-        machine = self._machine(args.name)
+        machine = self._vm(args.name, "screenshot")
         return machine.screenshot(args.file or screenshot_name(machine.name))
 
     @magic("keys")
     def keys(self, line: str) -> None:
         """Press keys, one after the other (QEMU key names, or characters)."""
         args = parse("keys", line)
-        machine = self._machine(args.name)
+        machine = self._vm(args.name, "keys")
         for key in args.keys:  # all checked before the first is pressed
             try:
                 key_to_qmp(key)
@@ -267,23 +280,25 @@ class NixosMagics(Magics):
     def type(self, line: str) -> None:
         r"""Type TEXT (the rest of the line) on the machine's keyboard; ``\n`` is Enter."""
         machine, text = self._target("type", line)
-        machine.send_chars(unescape(text))
+        cast("Machine", machine).send_chars(unescape(text))
 
     @magic("console")
     def console(self, line: str) -> Output:
         """Show the last N non-empty lines of the machine's serial console (all of it is in its
         log)."""
         args = parse("console", line)
-        lines = self._machine(args.name).console.tail(MEMORY_LINES)
+        lines = self._machine(args.name, "console").console.tail(MEMORY_LINES)
         return Output("\n".join([line for line in lines if clean(line).strip()][-args.n :]))
 
     @magic("shell")
     def guest_shell(self, line: str) -> Any:
         """A root login shell on a tty of the guest (job control, Ctrl-C, full-screen programs).
 
-        In the terminal REPL it takes over the terminal until Ctrl-] returns to the prompt; the
-        shell keeps running for the next ``%shell``. Elsewhere (a notebook) it starts the
+        In the terminal REPL it takes over the terminal until Ctrl-] returns to the prompt; a
+        VM's shell keeps running for the next ``%shell``. Elsewhere (a notebook) it starts the
         shell and says how to attach from a terminal: ``nixos-repl shell NAME --state-dir DIR``.
+        On a container the shell is a new login shell in its namespaces (through nsenter, on a
+        pty of this terminal): Ctrl-D (or Ctrl-]) ends it and comes back, leaving nothing.
         """
-        machine = self._machine(parse("shell", line).name)
+        machine = self._machine(parse("shell", line).name, "shell")
         return self.session.open_shell(machine)

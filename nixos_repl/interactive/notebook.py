@@ -17,7 +17,7 @@ import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 
-from ..config import DriverConfig
+from ..config import DriverConfig, MachineConfig
 from .kernel import KERNEL_NAME, write_kernelspec
 from .session import CONFIG_ENV
 
@@ -26,12 +26,16 @@ __all__ = ["config_json", "notebook_env", "run_notebook"]
 
 def config_json(config: DriverConfig) -> dict[str, object]:
     """``config`` in nixpkgs' driverConfiguration.json shape."""
-    return {
-        "vms": {
+
+    def entries(machines: dict[str, MachineConfig]) -> dict[str, object]:
+        return {
             name: {"name": name, "start_script": str(m.start_script.absolute())}
-            for name, m in config.vms.items()
-        },
-        "containers": {},
+            for name, m in machines.items()
+        }
+
+    return {
+        "vms": entries(config.vms),
+        "containers": entries(config.containers),
         "vlans": list(config.vlans),
         "global_timeout": config.global_timeout.total_seconds(),
         "enable_ssh_backdoor": False,
@@ -53,7 +57,7 @@ def notebook_env(
     env["JUPYTER_PATH"] = os.pathsep.join(p for p in paths if p)
     if config_file is not None:
         env[CONFIG_ENV] = str(config_file.absolute())
-    elif config.vms:
+    elif config.vms or config.containers:
         path = workdir / "driverConfiguration.json"
         path.write_text(json.dumps(config_json(config), indent=2) + "\n")
         env[CONFIG_ENV] = str(path)
@@ -83,7 +87,8 @@ def run_notebook(
             *(["--allow-root"] if os.geteuid() == 0 else []),
             *extra,
         ]
-        names = ", ".join(config.vms) or "none (declare them with %machines add)"
+        names = ", ".join(sorted([*config.vms, *config.containers]))
+        names = names or "none (declare them with %machines add)"
         print(f"nixos-repl notebook: kernels get the machines {names}", flush=True)
         server = subprocess.Popen(command, env=env)
 

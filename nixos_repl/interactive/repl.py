@@ -33,9 +33,9 @@ BANNER = """\
 nixos-repl: the nixpkgs testScript API with magics. Machines: {machines}
   %start --all              boot them (a status line follows the boot)
   %succeed vm1 uname -a     run a command (also %fail, %execute, %%sh vm1 for a cell)
-  %machines                 state, uptime, pid, last console line
+  %machines                 kind (vm, container), state, uptime, pid, last console line
   %screenshot vm1           draw the screen here and save the PNG
-  %shell vm1                a root shell on a guest tty (Ctrl-] comes back)
+  %shell vm1                a root shell on a guest tty (Ctrl-] comes back; a container: Ctrl-D)
   vm1.succeed("...")        plain testScript Python works too; %magic? for help
 Leave with Ctrl-D: the machines stop.
 """
@@ -182,7 +182,7 @@ def run_cells(shell: Any, cells: Sequence[str], echo: bool = True) -> bool:
 
 def say_stopped(stopped: list[str]) -> None:
     if stopped:
-        print(f"stopped {', '.join(stopped)}: no QEMU left running", flush=True)
+        print(f"stopped {', '.join(stopped)}: no machine left running", flush=True)
     else:
         print("no machine was running", flush=True)
 

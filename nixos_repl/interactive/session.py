@@ -19,10 +19,17 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from ..config import DriverConfig, check_config, load_driver_configuration
+from ..config import (
+    DriverConfig,
+    MachineConfig,
+    check_config,
+    container_name_from_start_script,
+    load_driver_configuration,
+)
 from ..driver import Driver
+from ..errors import UnknownMachineError
 from ..logs import ROOT_LOGGER
-from ..machine import Machine
+from ..machine import BaseMachine
 from .live import InteractiveHandler, JupyterSink, PlainSink, Presenter, Sink, TerminalSink
 
 __all__ = [
@@ -77,7 +84,7 @@ class Session:
         self._saved = (self._root.level, self._root.propagate)
         self._closed = False
         # How %shell attaches a terminal (the REPL's); None: start the shell and say how.
-        self.attach_shell: Callable[[Machine], Any] | None = None
+        self.attach_shell: Callable[[BaseMachine], Any] | None = None
         self._root.setLevel(logging.DEBUG)
         self._root.propagate = False
         self._root.addHandler(self.handler)
@@ -91,35 +98,52 @@ class Session:
     # -- machines ------------------------------------------------------------------------------
 
     @property
-    def machines(self) -> list[Machine]:
-        """The QEMU machines (the front ends do not drive containers yet)."""
-        return self.driver.machines_qemu
+    def machines(self) -> list[BaseMachine]:
+        """Every machine, VMs and containers alike, sorted by name."""
+        return self.driver.machines
 
-    def machine(self, name: str) -> Machine:
-        """The machine called ``name``; UnknownMachineError names the known ones."""
-        return self.driver.registry[name]
+    def machine(self, name: str) -> BaseMachine:
+        """The machine (VM or container) called ``name``; UnknownMachineError names the known
+        ones."""
+        for machine in self.machines:
+            if machine.name == name:
+                return machine
+        known = ", ".join(self.machine_names()) or "none"
+        raise UnknownMachineError(f"no machine named {name!r} (known machines: {known})")
 
     def snapshot_labels(self, name: str | None) -> list[str]:
         """The snapshot labels of machine ``name`` (of every machine for None), for completion:
         only what is known without asking QEMU, so completion never waits."""
         machines = self.machines if name is None else [m for m in self.machines if m.name == name]
-        return sorted({s.label for m in machines for s in m.lifecycle.snapshots.known})
+        stores = [getattr(m.lifecycle, "snapshots", None) for m in machines]  # VMs have them
+        return sorted({s.label for store in stores if store is not None for s in store.known})
 
     def machine_names(self) -> list[str]:
         return [m.name for m in self.machines]
 
-    def open_shell(self, machine: Machine) -> Any:
+    def add_machine(self, start_command: str, name: str) -> BaseMachine:
+        """``%machines add``: a VM (``create_machine``), or a container from a
+        ``run-<name>-nspawn`` script; bound in the namespace under its name."""
+        if container_name_from_start_script(start_command) is None:
+            return self.driver.create_machine(start_command, name=name)
+        # root, systemd-nspawn and an executable script, or one line saying what is missing
+        containers = {name: MachineConfig(name, Path(start_command))}
+        check_config(DriverConfig(containers=containers), need_test_script=False)
+        container = self.driver.registry.add_container(start_command, name=name)
+        self.driver.rebind()
+        return container
+
+    def open_shell(self, machine: BaseMachine) -> Any:
         """``%shell``: attach this terminal, or start the guest shell and say how to attach."""
         from . import guestshell
 
         if self.attach_shell is not None:
             return self.attach_shell(machine)
-        tty = guestshell.start(machine)
-        return guestshell.ShellHint(machine.name, tty, machine.state_dir)
+        return guestshell.hint(machine)
 
     def _last_line(self, name: str) -> str:
         try:
-            tail = self.driver.registry[name].console.tail(1)
+            tail = self.machine(name).console.tail(1)
         except (KeyError, IndexError, RuntimeError):
             return ""
         return tail[0] if tail else ""
@@ -127,7 +151,7 @@ class Session:
     # -- the end -------------------------------------------------------------------------------
 
     def running(self) -> list[str]:
-        """Names of the machines whose QEMU runs."""
+        """Names of the machines that run (a VM's QEMU, a container's systemd-nspawn)."""
         return [m.name for m in self.machines if m.booted]
 
     def close(self) -> list[str]:

@@ -23,7 +23,7 @@ import time
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, cast
 
 from IPython.core.error import UsageError
 from IPython.core.magic import Magics, magics_class
@@ -32,6 +32,7 @@ from PIL import Image
 from ..errors import NixosReplError, UnknownMachineError
 from ..loop import run_sync
 from ..machine.screenshot import Screenshot
+from ..magic_table import MAGICS
 from .magics import argument, magic, magic_arguments, parse_argstring, usage
 
 if TYPE_CHECKING:
@@ -247,9 +248,13 @@ class WatchMagics(Magics):
 
     def _machine(self, name: str) -> Machine:
         try:
-            return self.session.machine(name)
+            machine = self.session.machine(name)
         except UnknownMachineError as e:
             raise UsageError(str(e)) from None
+        refusal = MAGICS["watch"].refusal(machine)  # a container has no screen
+        if refusal is not None:
+            raise UsageError(refusal)
+        return cast("Machine", machine)
 
     @magic_arguments()
     @argument("name", nargs="?", metavar="NAME", help="the machine")

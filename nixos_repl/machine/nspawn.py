@@ -38,9 +38,11 @@ from .api import AsyncMachine
 from .base import BaseMachine
 from .console import Console
 from .lifecycle import MachineState, RunState
+from .process import die_with_parent
 from .timing import DEFAULT_TIMEOUT, Duration, nested, poll_until, seconds
 
 if TYPE_CHECKING:
+    from .actions import ActionObserver
     from .api import MachineParts
 
 __all__ = [
@@ -266,6 +268,10 @@ class NspawnChannel:
         return proc.returncode, out
 
 
+def _power_off_with_parent() -> None:
+    die_with_parent(signal.SIGTERM)  # systemd-nspawn powers the container off on SIGTERM
+
+
 async def _kill_group(proc: asyncio.subprocess.Process, grace: float = 5.0) -> None:
     """Kill the command's process group, and wait until the container has reaped all of it
     (the next command must not see it)."""
@@ -374,6 +380,9 @@ class NspawnLifecycle(RunState):
                 stdout=subprocess.PIPE,
                 stderr=subprocess.STDOUT,
                 start_new_session=True,
+                # Powered off when this process dies, however it dies (a closed terminal, a
+                # killed kernel), as QEMU is killed: the scripts exec systemd-nspawn.
+                preexec_fn=_power_off_with_parent,
             )
         except BaseException:
             self._close_sock()
@@ -619,11 +628,13 @@ class NspawnMachine(BaseMachine):
         keep_machine_state: bool = False,
         callbacks: list[Callable[[], None]] | None = None,
         on_state_change: Callable[[NspawnMachine], None] | None = None,
+        observers: list[ActionObserver] | None = None,
     ) -> None:
         start_command = str(start_command)
         name = name or container_name_from_start_command(start_command)
         self._init_base(start_command, name, tmp_dir, out_dir, keep_machine_state, callbacks)
-        self.observers: list[object] = []
+        # Told of every API call (the session recording), as a VM's are.
+        self.observers = observers if observers is not None else []
         self.lifecycle = NspawnLifecycle(
             self.name,
             self.start_command,
