@@ -403,7 +403,7 @@ def test_a_container_and_a_vm_on_one_vlan_talk(
     assert "creating tap interface vde-tap1" in output
     links = result.stdout.rpartition("links:\n")[2].splitlines()
     assert [line.split(":")[1].strip() for line in links] == ["lo"], links
-    assert wait_for_no_leftovers(runtime, []) == []
+    assert wait_for_no_container_leftovers(runtime, []) == []
 
 
 # -- bad input -------------------------------------------------------------------------------
@@ -429,7 +429,7 @@ def test_a_container_root_in_use_is_refused_and_a_stale_one_cleaned(
     leader = ct1.lifecycle.leader
     assert leader is not None
     os.killpg(ct1.process.pid, 9)
-    assert wait_for_no_leftovers(tmp, [leader]) == []
+    assert wait_for_no_container_leftovers(tmp, [leader]) == []
     assert ct1.state is MachineState.CRASHED
     assert (ct1.state_dir / ".overlay/upper/root/marker").exists()
     with caplog.at_level(logging.INFO, logger="nixos_repl.machine.ct1"):
@@ -461,7 +461,7 @@ def test_a_container_another_driver_runs_holds_its_root(
     finally:
         other.terminate()
         other.wait(timeout=60)
-    assert wait_for_no_leftovers(tmp, []) == []
+    assert wait_for_no_container_leftovers(tmp, []) == []
     assert containers("ct1").succeed("hostname") == "ct1\n"
 
 
@@ -504,7 +504,7 @@ def test_registry_watchers_see_a_containers_states(container_dir: Path, tmp_path
         MachineState.OFF,
     ]
     assert {name for name, _ in seen} == {"ct1"}
-    assert wait_for_no_leftovers(tmp_path, []) == []
+    assert wait_for_no_container_leftovers(tmp_path, []) == []
 
 
 XDOTOOL_RECORDER = """#!/bin/sh
