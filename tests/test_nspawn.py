@@ -160,6 +160,19 @@ def test_shutdown_powers_off(containers: Containers) -> None:
     assert ct1.succeed("echo again") == "again\n"
 
 
+def test_a_poweroff_from_inside_is_off_not_crashed(containers: Containers) -> None:
+    ct1 = containers()
+    ct1.succeed("true")
+    leader = ct1.lifecycle.leader
+    assert leader is not None
+    ct1.succeed("systemctl --no-block poweroff")
+    ct1.wait_for_shutdown()
+    assert ct1.state is MachineState.OFF
+    assert ct1.lifecycle.crash_report is None
+    assert wait_for_no_container_leftovers(containers.tmp, [leader]) == []
+    assert ct1.succeed("echo again") == "again\n"
+
+
 def test_a_dead_leader_is_a_clear_machine_error(containers: Containers) -> None:
     ct1 = containers()
     ct1.succeed("true")

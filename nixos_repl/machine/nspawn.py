@@ -465,7 +465,10 @@ class NspawnLifecycle(RunState):
     async def _watch_exit(self, process: asyncio.subprocess.Process) -> None:
         code = await process.wait()
         await asyncio.gather(self._tasks[0], return_exceptions=True)  # the rest of its output
-        if self.state is not MachineState.STOPPING:
+        # systemd-nspawn exits 0 when the container powered off: asked from inside (nixpkgs'
+        # ``succeed("poweroff")`` then ``wait_for_shutdown()``) that is not a crash.
+        clean = self.state is MachineState.STOPPING or code == 0
+        if not clean:
             tail = "\n".join(f"    {line}" for line in self._output) or "    (nothing)"
             self.crash_report = (
                 f"container '{self.name}' crashed: systemd-nspawn (pid {process.pid}) exited "
@@ -474,9 +477,7 @@ class NspawnLifecycle(RunState):
             )
             self.log.error("%s", self.crash_report)
         await self._teardown()
-        self._set_state(
-            MachineState.OFF if self.state is MachineState.STOPPING else MachineState.CRASHED
-        )
+        self._set_state(MachineState.OFF if clean else MachineState.CRASHED)
         self._stopped.set()
         self._notified.set()
 
