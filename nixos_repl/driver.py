@@ -393,7 +393,10 @@ class Driver:
                 (n, str(m.start_script.absolute())) for n, m in self.config.containers.items()
             ],
         )
+        # The lists behind the ``machines*`` globals: the same objects, brought up to date.
         self._machines: list[BaseMachine] = self._all_machines()
+        self._machines_qemu: list[Machine] = list(self.registry.machines)
+        self._machines_nspawn: list[NspawnMachine] = list(self.registry.machines_nspawn)
         self._symbols: dict[str, Any] | None = None
         # What rebind() put in the namespace last (so that it can take back what is gone).
         self._bound: dict[str, object] = {}
@@ -422,11 +425,15 @@ class Driver:
 
     @property
     def machines_qemu(self) -> list[Machine]:
-        return self.registry.machines
+        """The QEMU machines, sorted by name (the ``machines_qemu`` global's list)."""
+        self._machines_qemu[:] = self.registry.machines
+        return self._machines_qemu
 
     @property
     def machines_nspawn(self) -> list[NspawnMachine]:
-        return self.registry.machines_nspawn
+        """The containers, sorted by name (the ``machines_nspawn`` global's list)."""
+        self._machines_nspawn[:] = self.registry.machines_nspawn
+        return self._machines_nspawn
 
     @property
     def vlans(self) -> list[VLan]:
@@ -629,6 +636,8 @@ class Driver:
         symbols = self._symbols
         machines = self.machines
         bound: dict[str, object] = {pythonize_name(m.name): m for m in machines}
+        # The globals' lists, the same objects brought up to date.
+        bound |= {"machines_qemu": self.machines_qemu, "machines_nspawn": self.machines_nspawn}
         if len(machines) == 1 and "machine" not in bound:
             bound["machine"] = _MachineAlias(machines[0])
         bound |= {f"vlan{vlan.nr}": vlan for vlan in self.vlans}

@@ -246,4 +246,6 @@ def test_redeploy_then_rebind_updates_the_namespace_silently(
         assert "vm1" not in ns and ns["vm3"] is driver.registry["vm3"]
         assert ns["vm2"] is driver.registry["vm2"] and ns["vm2"] is not vm1
         assert [m.name for m in ns["machines"]] == ["vm2", "vm3"]
+        assert [m.name for m in ns["machines_qemu"]] == ["vm2", "vm3"]
+        assert ns["machines_nspawn"] == []
         assert capsys.readouterr().out == ""
