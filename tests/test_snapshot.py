@@ -65,6 +65,15 @@ def test_restore_rewinds_in_place_and_everything_works_at_once(solo: Machine) ->
     solo.send_key("ret")
 
 
+def test_a_restore_writes_no_kernel_into_the_guests_ram(solo: Machine) -> None:
+    """QEMU writes each ROM image that lives in guest RAM again at every system reset, and loading
+    a snapshot is one: the tiny guest's kernel (~60 MiB of ELF segments) must not be among them."""
+    roms = solo.send_monitor_command("info roms")
+    in_ram = [int(size, 16) for size in re.findall(r"size=0x([0-9a-f]+) mem=ram", roms)]
+    assert in_ram, f"the kernel's loader is a ROM in RAM:\n{roms}"
+    assert max(in_ram) < 2**16, f"a large image is written into RAM at every restore:\n{roms}"
+
+
 def test_snapshots_are_listed_replaced_and_deleted(solo: Machine) -> None:
     solo.snapshot("one")
     first = next(s for s in solo.snapshots() if s.label == "one")
