@@ -1,5 +1,8 @@
 """The ``tiny`` guest: the Debian kernel and an initramfs whose ``/init`` runs the backdoor, plus
-the helpers the ``debian`` guest shares (kernel, modules, cpio, run scripts, the cache)."""
+the helpers the ``debian`` guest shares (kernel, modules, cpio, run scripts, the cache).
+
+QEMU boots a small PVH loader that finds the uncompressed kernel behind the initramfs
+(``pvh_loader``): a snapshot's load would otherwise write the whole kernel into RAM again."""
 
 from __future__ import annotations
 
@@ -76,10 +79,8 @@ XEN_ELFNOTE_PHYS32_ENTRY = 18
 def _elf_segments(vmlinux: bytes) -> tuple[list[tuple[int, bytes, int]], int]:
     """The loadable segments of an ELF64 kernel, as (physical address, file bytes, memory size),
     and its PVH entry point (the Xen PHYS32_ENTRY note)."""
-    phoff, phentsize, phnum = (
-        struct.unpack_from("<Q", vmlinux, 32)[0],
-        *struct.unpack_from("<HH", vmlinux, 54),
-    )
+    (phoff,) = struct.unpack_from("<Q", vmlinux, 32)
+    phentsize, phnum = struct.unpack_from("<HH", vmlinux, 54)
     segments, entry = [], 0
     for i in range(phnum):
         kind, _, off, _, paddr, filesz, memsz, _ = struct.unpack_from(
@@ -102,7 +103,7 @@ def _elf_segments(vmlinux: bytes) -> tuple[list[tuple[int, bytes, int]], int]:
 
 def pvh_loader(vmlinux: bytes, initrd_size: int) -> tuple[bytes, bytes]:
     """A small PVH kernel that puts ``vmlinux`` in place and jumps to it, and the bytes to append
-    to the initrd (padded to ``initrd_size``) that it copies the kernel from.
+    to an initrd of ``initrd_size`` bytes, which it copies the kernel from.
 
     QEMU boots an ELF kernel by writing its segments into guest RAM as "ROM" data, and writes them
     again at every system reset, which loading a snapshot does: ~60 MiB copied, and every
@@ -111,6 +112,8 @@ def pvh_loader(vmlinux: bytes, initrd_size: int) -> tuple[bytes, bytes]:
     kernel rides at the end of the initrd: the loader (one small ROM segment) copies each segment
     to its physical address, zeroes the rest of its memory size, tells the kernel that the initrd
     ends where it did, and enters the kernel at its PVH entry with the firmware's start info.
+    Another kernel booted with this initrd (``NIXPKGS_QEMU_KERNEL_<name>``) still boots; it logs
+    "Initramfs unpacking failed: invalid magic" for the bytes behind the initramfs.
     """
     segments, entry = _elf_segments(vmlinux)
     blob = bytearray()
@@ -343,13 +346,15 @@ def build_tiny_image(cache: Path | None = None) -> tuple[Path, Path]:
         log.debug("tiny guest cached in %s", target)
         return kernel, initrd
     log.info("building the tiny guest into %s", target)
-    vmlinux = extract_vmlinux(vmlinuz.read_bytes())
-    if vmlinux is None:
-        raise GuestBuildError(f"cannot find the ELF kernel inside {vmlinuz}")
+    bzimage = vmlinuz.read_bytes()
+    vmlinux = extract_vmlinux(bzimage)
     initramfs = _build_initramfs(moddir, modules, files)
-    loader, payload = pvh_loader(vmlinux, len(initramfs))
+    if vmlinux is None:  # QEMU boots the bzImage (decompressing it in the guest is slow)
+        boot, payload = bzimage, b""
+    else:
+        boot, payload = pvh_loader(vmlinux, len(initramfs))
     target.mkdir(parents=True, exist_ok=True)
-    write_atomic(kernel, loader, 0o644)
+    write_atomic(kernel, boot, 0o644)
     write_atomic(initrd, initramfs + payload, 0o644)
     return kernel, initrd
 
