@@ -96,7 +96,7 @@ class SnapshotInfo:
 @dataclasses.dataclass(frozen=True)
 class _Share:
     tag: str
-    target: str  # as /proc/mounts and fstab write it (a space is \\040)
+    target: str  # as /proc/mounts and fstab write it (a space is \040)
     options: str
 
 
