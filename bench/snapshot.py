@@ -6,13 +6,17 @@ Prints, for the tiny guest (and the Debian guest with ``--debian``): boot to the
 (the cold start a restore replaces), ``snapshot()``, ``restore()``, ``restore()`` followed by the
 first command (the first command after a restore pays for TCG's emptied translation cache), the
 size of one saved state against the RAM the guest uses, and the ratios. Every restore is checked:
-a file written after the snapshot must be gone, or the run fails.
+a file written after the snapshot must be gone, or the run fails. Beside the restore's wall time,
+the CPU time QEMU spent on it (loading, and running the guest's steps after it): on a machine
+shared with other QEMUs the wall time stretches with the load, QEMU's CPU time much less.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -28,6 +32,26 @@ from nixos_repl.guests import build_debian, build_tiny
 
 def median_ms(fn: Callable[[], object], n: int) -> float:
     return timed(fn, n)[0]
+
+
+def qemu_cpu(vm: Machine) -> float:
+    """Seconds of CPU that the machine's QEMU (all its threads) has used so far."""
+    total = 0
+    for stat in Path(f"/proc/{vm.pid}/task").glob("*/schedstat"):
+        with contextlib.suppress(OSError):
+            total += int(stat.read_text().split()[0])
+    return total / 1e9
+
+
+def wall_and_cpu(fn: Callable[[], object], vm: Machine, n: int) -> tuple[float, float]:
+    """Medians of ``n`` calls of ``fn``: wall time and QEMU's CPU time, in milliseconds."""
+    walls, cpus = [], []
+    for _ in range(n):
+        cpu, start = qemu_cpu(vm), time.perf_counter()
+        fn()
+        walls.append(time.perf_counter() - start)
+        cpus.append(qemu_cpu(vm) - cpu)
+    return statistics.median(walls) * 1000, statistics.median(cpus) * 1000
 
 
 def used_mib(vm: Machine) -> float:
@@ -55,9 +79,11 @@ def measure(script: Path, out: Path, n: int, label: str) -> None:
                 raise SystemExit(f"[{label}] a restore did not rewind the guest")
 
         restore_and_check()
-        touch = median_ms(lambda: vm.succeed("touch /root/after-snapshot"), n)
-        restore_only = median_ms(restore, n) - touch
-        restore_first = median_ms(restore_and_check, n) - touch
+        touch, touch_cpu = wall_and_cpu(lambda: vm.succeed("touch /root/after-snapshot"), vm, n)
+        restore_only, restore_cpu = wall_and_cpu(restore, vm, n)
+        restore_first, first_cpu = wall_and_cpu(restore_and_check, vm, n)
+        restore_only, restore_first = restore_only - touch, restore_first - touch
+        restore_cpu, first_cpu = restore_cpu - touch_cpu, first_cpu - touch_cpu
         command = median_ms(lambda: vm.succeed("true"), n)
         (info,) = [s for s in vm.snapshots() if s.label == "bench"]
         used = used_mib(vm)
@@ -73,8 +99,9 @@ def measure(script: Path, out: Path, n: int, label: str) -> None:
     print(f"[{label}] boot to first command: {boot:.0f} ms (cold, once)")
     print(f"[{label}] snapshot(): median {save:.0f} ms")
     print(
-        f"[{label}] restore(): median {restore_only:.0f} ms; restore() + first command: "
-        f"{restore_first:.0f} ms (a later command: {command:.1f} ms)"
+        f"[{label}] restore(): median {restore_only:.0f} ms (QEMU CPU {restore_cpu:.0f} ms); "
+        f"restore() + first command: {restore_first:.0f} ms (QEMU CPU {first_cpu:.0f} ms; a "
+        f"later command: {command:.1f} ms)"
     )
     print(
         f"[{label}] restore is {boot / restore_only:.1f}x faster than booting; "

@@ -10,12 +10,15 @@ import subprocess
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import cast
 
 import pytest
 
 from nixos_repl import Machine, Registry
-from nixos_repl.errors import MachineError
+from nixos_repl.errors import MachineError, QMPAPIError
 from nixos_repl.loop import run_sync
+from nixos_repl.machine.qmp import QMPSession
+from nixos_repl.machine.snapshot import FILE_NODE, Snapshots
 
 
 @pytest.fixture(scope="module")
@@ -63,6 +66,33 @@ def test_restore_rewinds_in_place_and_everything_works_at_once(solo: Machine) ->
     assert "running" in solo.send_monitor_command("info status")
     assert solo.screenshot("after-restore").width > 0
     solo.send_key("ret")
+
+
+def test_a_restore_writes_no_kernel_into_the_guests_ram(solo: Machine) -> None:
+    """QEMU writes each ROM image that lives in guest RAM again at every system reset, and loading
+    a snapshot is one: the tiny guest's kernel (~60 MiB of ELF segments) must not be among them."""
+    roms = solo.send_monitor_command("info roms")
+    in_ram = [int(size, 16) for size in re.findall(r"size=0x([0-9a-f]+) mem=ram", roms)]
+    assert in_ram, f"the kernel's loader is a ROM in RAM:\n{roms}"
+    assert max(in_ram) < 2**16, f"a large image is written into RAM at every restore:\n{roms}"
+
+
+def test_a_qemu_without_io_uring_gets_the_plain_state_file(tmp_path: Path) -> None:
+    """The state file is added with io_uring; a QEMU built without it refuses that, and the file
+    is added without (pure logic: a QMP session that refuses io_uring)."""
+    asked: list[dict[str, object]] = []
+
+    class NoUring:
+        async def aexecute(self, cmd: str, args: dict[str, object]) -> dict[str, object]:
+            asked.append(args)
+            if args.get("aio") == "io_uring":
+                raise QMPAPIError({"error": {"class": "GenericError", "desc": "no io_uring"}})
+            return {"return": {}}
+
+    snapshots = Snapshots("m", tmp_path)
+    asyncio.run(snapshots._add_file_node(cast(QMPSession, NoUring())))
+    plain = {"driver": "file", "node-name": FILE_NODE, "filename": str(snapshots.path)}
+    assert asked == [{**plain, "aio": "io_uring"}, plain]
 
 
 def test_snapshots_are_listed_replaced_and_deleted(solo: Machine) -> None:

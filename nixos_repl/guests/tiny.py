@@ -1,5 +1,8 @@
 """The ``tiny`` guest: the Debian kernel and an initramfs whose ``/init`` runs the backdoor, plus
-the helpers the ``debian`` guest shares (kernel, modules, cpio, run scripts, the cache)."""
+the helpers the ``debian`` guest shares (kernel, modules, cpio, run scripts, the cache).
+
+QEMU boots a small PVH loader that finds the uncompressed kernel behind the initramfs
+(``pvh_loader``): a snapshot's load would otherwise write the whole kernel into RAM again."""
 
 from __future__ import annotations
 
@@ -11,6 +14,7 @@ import os
 import re
 import shutil
 import stat
+import struct
 import subprocess
 from collections.abc import Iterable, Mapping, Sequence
 from importlib import resources
@@ -24,7 +28,7 @@ __all__ = ["build_tiny", "cache_dir", "extract_vmlinux", "find_kernel"]
 
 log = logging.getLogger(__name__)
 
-BUILDER_VERSION = "2"
+BUILDER_VERSION = "3"
 QEMU_BINARY = "qemu-system-x86_64"
 
 # Modules the tiny guest loads (their dependencies are added from modules.dep, deps first).
@@ -65,6 +69,90 @@ SYSTEMD_CAT = """#!/bin/sh
 # The tiny guest has no journal: systemd-cat writes its input to the serial console.
 exec cat > /dev/ttyS0
 """
+
+
+# Where the PVH loader (pvh_loader) runs: above the firmware, below the kernel's 16 MiB.
+LOADER_ADDR = 0x200000
+XEN_ELFNOTE_PHYS32_ENTRY = 18
+
+
+def _elf_segments(vmlinux: bytes) -> tuple[list[tuple[int, bytes, int]], int]:
+    """The loadable segments of an ELF64 kernel, as (physical address, file bytes, memory size),
+    and its PVH entry point (the Xen PHYS32_ENTRY note)."""
+    (phoff,) = struct.unpack_from("<Q", vmlinux, 32)
+    phentsize, phnum = struct.unpack_from("<HH", vmlinux, 54)
+    segments, entry = [], 0
+    for i in range(phnum):
+        kind, _, off, _, paddr, filesz, memsz, _ = struct.unpack_from(
+            "<IIQQQQQQ", vmlinux, phoff + i * phentsize
+        )
+        if kind == 1:  # PT_LOAD
+            segments.append((paddr, vmlinux[off : off + filesz], memsz))
+        elif kind == 4:  # PT_NOTE
+            pos = off
+            while pos + 12 <= off + filesz:
+                namesz, descsz, note = struct.unpack_from("<III", vmlinux, pos)
+                desc = pos + 12 + (namesz + 3) // 4 * 4
+                if note == XEN_ELFNOTE_PHYS32_ENTRY and vmlinux[pos + 12 : pos + 15] == b"Xen":
+                    entry = int.from_bytes(vmlinux[desc : desc + min(descsz, 8)], "little")
+                pos = desc + (descsz + 3) // 4 * 4
+    if not segments or not entry:
+        raise GuestBuildError("the kernel is not an ELF with a PVH entry point (PHYS32_ENTRY)")
+    return segments, entry
+
+
+def pvh_loader(vmlinux: bytes, initrd_size: int) -> tuple[bytes, bytes]:
+    """A small PVH kernel that puts ``vmlinux`` in place and jumps to it, and the bytes to append
+    to an initrd of ``initrd_size`` bytes, which it copies the kernel from.
+
+    QEMU boots an ELF kernel by writing its segments into guest RAM as "ROM" data, and writes them
+    again at every system reset, which loading a snapshot does: ~60 MiB copied, and every
+    translated block on those pages invalidated one by one, about half of the whole load under
+    TCG. The initrd goes through fw_cfg instead, copied by the firmware at boot only. So the
+    kernel rides at the end of the initrd: the loader (one small ROM segment) copies each segment
+    to its physical address, zeroes the rest of its memory size, tells the kernel that the initrd
+    ends where it did, and enters the kernel at its PVH entry with the firmware's start info.
+    Another kernel booted with this initrd (``NIXPKGS_QEMU_KERNEL_<name>``) still boots; it logs
+    "Initramfs unpacking failed: invalid magic" for the bytes behind the initramfs.
+    """
+    segments, entry = _elf_segments(vmlinux)
+    blob = bytearray()
+    code = bytearray(
+        b"\xfc"  # cld
+        b"\x8b\x73\x10"  # mov esi, [ebx+16]: hvm_start_info.modlist_paddr
+        b"\x8b\x16"  # mov edx, [esi]: the first module (the initrd)
+        + b"\xc7\x46\x08"
+        + struct.pack("<I", initrd_size)  # mov dword [esi+8], size: it ends where it did
+        + b"\xc7\x46\x0c\x00\x00\x00\x00"  # mov dword [esi+12], 0
+        + b"\x89\xdd"  # mov ebp, ebx
+    )
+    base = (initrd_size + 4095) // 4096 * 4096
+    for paddr, data, memsz in segments:
+        data = data.rstrip(b"\0")
+        code += b"\xbf" + struct.pack("<I", paddr)  # mov edi, paddr
+        code += b"\x8d\xb2" + struct.pack("<I", base + len(blob))  # lea esi, [edx+offset]
+        for count, op in ((len(data) // 4, b"\xa5"), (len(data) % 4, b"\xa4")):
+            code += b"\xb9" + struct.pack("<I", count) + b"\xf3" + op  # rep movs{d,b}
+        zeros = memsz - len(data)
+        code += b"\x31\xc0"  # xor eax, eax
+        for count, op in ((zeros // 4, b"\xab"), (zeros % 4, b"\xaa")):
+            code += b"\xb9" + struct.pack("<I", count) + b"\xf3" + op  # rep stos{d,b}
+        blob += data + b"\0" * (-len(data) % 4096)
+    # The copied bytes are zeroed where they were: free memory the kernel never reserved, which a
+    # snapshot would save page by page.
+    code += b"\x8d\xba" + struct.pack("<I", base)  # lea edi, [edx+base]
+    code += b"\xb9" + struct.pack("<I", len(blob) // 4) + b"\xf3\xab"  # rep stosd (eax = 0)
+    code += b"\x89\xeb"  # mov ebx, ebp
+    code += b"\xb8" + struct.pack("<I", entry) + b"\xff\xe0"  # mov eax, entry; jmp eax
+    # ELF64 header, a PT_LOAD for the code and a PT_NOTE with its PVH entry.
+    note = struct.pack("<III4sQ", 4, 8, XEN_ELFNOTE_PHYS32_ENTRY, b"Xen", LOADER_ADDR)
+    elf = bytearray(b"\x7fELF\x02\x01\x01" + b"\0" * 9)
+    elf += struct.pack("<HHIQQQIHHHHHH", 2, 62, 1, LOADER_ADDR, 64, 0, 0, 64, 56, 2, 0, 0, 0)
+    size = len(code)
+    elf += struct.pack("<IIQQQQQQ", 1, 5, 4096, LOADER_ADDR, LOADER_ADDR, size, size, 4096)
+    elf += struct.pack("<IIQQQQQQ", 4, 4, 176, 0, 0, len(note), len(note), 4)
+    elf += note + b"\0" * (4096 - 176 - len(note)) + code
+    return bytes(elf), b"\0" * (base - initrd_size) + bytes(blob)
 
 
 def find_kernel() -> tuple[Path, Path]:
@@ -253,15 +341,21 @@ def build_tiny_image(cache: Path | None = None) -> tuple[Path, Path]:
     vmlinuz, moddir = find_kernel()
     modules, files = _initramfs_inputs(moddir)
     target = (cache or cache_dir()) / f"tiny-{_inputs_key(vmlinuz, files)}"
-    kernel, initrd = target / "vmlinux", target / "initrd"
+    kernel, initrd = target / "kernel", target / "initrd"
     if kernel.exists() and initrd.exists():
         log.debug("tiny guest cached in %s", target)
         return kernel, initrd
     log.info("building the tiny guest into %s", target)
     bzimage = vmlinuz.read_bytes()
+    vmlinux = extract_vmlinux(bzimage)
+    initramfs = _build_initramfs(moddir, modules, files)
+    if vmlinux is None:  # QEMU boots the bzImage (decompressing it in the guest is slow)
+        boot, payload = bzimage, b""
+    else:
+        boot, payload = pvh_loader(vmlinux, len(initramfs))
     target.mkdir(parents=True, exist_ok=True)
-    write_atomic(kernel, extract_vmlinux(bzimage) or bzimage, 0o644)
-    write_atomic(initrd, _build_initramfs(moddir, modules, files), 0o644)
+    write_atomic(kernel, boot, 0o644)
+    write_atomic(initrd, initramfs + payload, 0o644)
     return kernel, initrd
 
 

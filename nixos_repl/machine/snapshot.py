@@ -45,6 +45,7 @@ LABEL = re.compile(r"[A-Za-z0-9][A-Za-z0-9._+-]{0,63}\Z")
 NODE = f"{INTERNAL_PREFIX}snapshots"
 FILE_NODE = f"{NODE}-file"
 STORE_OPTIONS = "virtualisation.useNixStoreImage = true (or virtualisation.useBootLoader = true)"
+FSTAB = "/run/nixos-repl.fstab"  # the shares to mount again (/tmp/.nixos-repl.fstab without /run)
 
 # Runs a guest command; returns (status, output). The lifecycle passes the shell channel's.
 Run = Callable[[str], Awaitable[tuple[int, str]]]
@@ -95,13 +96,23 @@ class SnapshotInfo:
 @dataclasses.dataclass(frozen=True)
 class _Share:
     tag: str
-    target: str
+    target: str  # as /proc/mounts and fstab write it (a space is \040)
     options: str
 
-    def mount(self) -> str:
-        return f"mount -t 9p -o {shlex.quote(self.options)} {shlex.quote(self.tag)} " + shlex.quote(
-            self.target
-        )
+
+def mount_all(shares: list[_Share]) -> str:
+    """A guest command that mounts ``shares`` again, in this order, and prints what fails.
+
+    One ``mount -a`` over an fstab of their own (util-linux's and busybox's mount both take
+    ``-T FILE``) instead of one ``mount`` per share: right after a restore TCG translates every
+    program started anew, which on a dynamically linked guest is the larger part of the cost."""
+    if not shares:
+        return "true"
+    lines = " ".join(shlex.quote(f"{s.tag} {s.target} 9p {s.options} 0 0") for s in shares)
+    return (
+        f"f={FSTAB}; {{ : > $f; }} 2>/dev/null || f=/tmp/.nixos-repl.fstab; "
+        f"{{ printf '%s\\n' {lines} > $f && mount -a -T $f; }} 2>&1 || true"
+    )
 
 
 class Snapshots:
@@ -132,26 +143,31 @@ class Snapshots:
                 {"options": {"driver": "file", "filename": str(self.path), "size": 0}},
                 f"{INTERNAL_PREFIX}create-file",
             )
-            await qmp.aexecute(
-                "blockdev-add",
-                {"driver": "file", "node-name": FILE_NODE, "filename": str(self.path)},
-            )
+            await self._add_file_node(qmp)
             await qmp.run_job(
                 "blockdev-create",
                 {"options": {"driver": "qcow2", "file": FILE_NODE, "size": 2**20}},
                 f"{INTERNAL_PREFIX}create-qcow2",
             )
         else:
-            await qmp.aexecute(
-                "blockdev-add",
-                {"driver": "file", "node-name": FILE_NODE, "filename": str(self.path)},
-            )
+            await self._add_file_node(qmp)
         await qmp.aexecute(
             "blockdev-add", {"driver": "qcow2", "node-name": NODE, "file": FILE_NODE}
         )
         self._attached = qmp
         if untouched:
             self._stamp = self._file_stamp()
+
+    async def _add_file_node(self, qmp: QMPSession) -> None:
+        """The file under the state qcow2, through io_uring where QEMU has it: a load reads the
+        saved RAM in thousands of 32 KiB requests, and handing each to QEMU's thread pool
+        (its default) costs more CPU than copying the RAM itself."""
+        node = {"driver": "file", "node-name": FILE_NODE, "filename": str(self.path)}
+        try:
+            await qmp.aexecute("blockdev-add", {**node, "aio": "io_uring"})
+        except QMPAPIError as e:  # a QEMU built without io_uring
+            self.log.debug("state file without io_uring: %s", e.description)
+            await qmp.aexecute("blockdev-add", node)
 
     async def _devices(self, qmp: QMPSession) -> list[str]:
         """The state node and every writable disk; a writable disk that is not qcow2 is refused."""
@@ -238,10 +254,9 @@ class Snapshots:
         return done
 
     async def _mount_shares(self, run: Run, shares: list[_Share]) -> None:
-        for share in reversed(shares):
-            status, out = await run(share.mount() + " 2>&1")
-            if status != 0:
-                self.log.warning("could not mount %s again: %s", share.target, out.strip())
+        _, out = await run(mount_all(shares[::-1]))
+        for line in filter(None, (line.strip() for line in out.splitlines())):
+            self.log.warning("mounting the 9p shares again: %s", line)
 
     # -- save, restore, delete -----------------------------------------------------------------
 
@@ -299,13 +314,8 @@ class Snapshots:
     async def after_load(self, run: Run, label: str) -> None:
         """The guest-side steps after a load, in one command: the clock, the shares (the saved
         guest had them unmounted)."""
-        steps = [
-            f"date -u -s @{round(time.time())} >/dev/null 2>&1 || echo could not set the clock"
-        ]
-        steps += [
-            f"{share.mount()} 2>&1 || true" for share in reversed(self._shares.get(label, []))
-        ]
-        _, out = await run("; ".join(steps))
+        clock = f"date -u -s @{round(time.time())} >/dev/null 2>&1 || echo could not set the clock"
+        _, out = await run(f"{clock}; {mount_all(self._shares.get(label, [])[::-1])}")
         for line in filter(None, (line.strip() for line in out.splitlines())):
             self.log.warning("after restoring %s: %s", label, line)
 
