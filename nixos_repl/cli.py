@@ -347,8 +347,8 @@ def _parser() -> argparse.ArgumentParser:
     )  # fmt: skip
     build.add_argument(
         "--node", action="append", default=[], dest="guest_nodes", metavar="NAME",
-        help="debian-container: another machine of the test (a VM), counted in the node "
-        "numbers and named in /etc/hosts (repeatable)",
+        help="another machine of the test (a container beside VMs, a VM beside containers), "
+        "counted in the node numbers and named in /etc/hosts (repeatable)",
     )  # fmt: skip
 
     demo = commands.add_parser("demo", help="boot two tiny guests and drive them")
@@ -492,11 +492,11 @@ def main(argv: Sequence[str] | None = None) -> int:
                 scripts = build_debian_container(
                     args.names, args.out, vlans=args.guest_vlans, nodes=args.guest_nodes
                 )
-            elif args.guest_vlans or args.guest_nodes:
-                parser.error("--vlan and --node are for debian-container (VMs join every VLAN)")
+            elif args.guest_vlans:
+                parser.error("--vlan is for debian-container (VMs join every VLAN)")
             else:
                 scripts = {"tiny": build_tiny, "debian": build_debian}[args.kind](
-                    args.names, args.out
+                    args.names, args.out, nodes=args.guest_nodes
                 )
             for script in scripts:
                 print(script)

@@ -20,7 +20,7 @@ from pathlib import Path
 import pytest
 
 from nixos_repl.errors import MachineError, RequestedAssertionFailed
-from nixos_repl.guests import build_debian_container
+from nixos_repl.guests import build_debian_container, build_tiny
 from nixos_repl.guests.container import guest_files
 from nixos_repl.machine import MachineState, NspawnMachine
 from nixos_repl.machine.nspawn import processes_in
@@ -351,7 +351,7 @@ start_all()
 # /etc/hosts names the VM (the tiny guest has no IPv6 address: -4).
 assert ct1.succeed("getent ahostsv4 vm2 | head -1").split()[0] == "192.168.1.2"
 ct1.wait_until_succeeds("ping -4 -c1 -W2 vm2", timeout=120)
-vm2.wait_until_succeeds("ping -c1 -W2 192.168.1.1", timeout=60)
+vm2.wait_until_succeeds("ping -c1 -W2 ct1", timeout=60)  # by the name /etc/hosts gives it
 # One connection per nc -l: a read may come between two of them (refused), so it is retried.
 ct1.succeed("systemd-run --unit=serve sh -c 'while :; do echo served-by-ct1 | nc -N -l 1234; done'")
 served = vm2.wait_until_succeeds("nc -w 10 192.168.1.1 1234", timeout=60)
@@ -369,19 +369,18 @@ assert "192.168.1.254/24" in subprocess.run(["ip", "-o", "addr", "show", "br1"],
 @pytest.fixture(scope="module")
 def vlan_container_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     out = tmp_path_factory.mktemp("vlan-containers")
-    # vm2 of the tiny guests is node 2 (built with vm1 and vm2): in a test of ct1 and vm2, ct1
-    # is node 1 and vm2 node 2, as nixpkgs numbers them.
+    # In a test of ct1 and vm2, ct1 is node 1 and vm2 node 2, as nixpkgs numbers them; each
+    # guest is built knowing the other's name.
     build_debian_container(["ct1"], out, vlans=[1], nodes=["vm2"])
+    build_tiny(["vm2"], out, nodes=["ct1"])
     return out
 
 
-def test_a_container_and_a_vm_on_one_vlan_talk(
-    vlan_container_dir: Path, guest_dir: Path, tmp_path: Path
-) -> None:
+def test_a_container_and_a_vm_on_one_vlan_talk(vlan_container_dir: Path, tmp_path: Path) -> None:
     test = tmp_path / "test.py"
     test.write_text(VLAN_TEST_SCRIPT)
     config = {
-        "vms": {"vm2": {"name": "vm2", "start_script": str(guest_dir / "run-vm2-vm")}},
+        "vms": {"vm2": {"name": "vm2", "start_script": str(vlan_container_dir / "run-vm2-vm")}},
         "containers": {
             "ct1": {"name": "ct1", "start_script": str(vlan_container_dir / "run-ct1-nspawn")}
         },

@@ -153,7 +153,7 @@ def test_x11_key_names_as_nixpkgs(key: str, x11: str) -> None:
         (["ct1"], [256], [], "invalid VLAN 256: VLANs are 0 to 255"),
         (["ct1"], [1, 1], [], r"VLANs must be unique: \[1, 1\]"),
         (["ct1"], [1], ["bad name"], "invalid machine name 'bad name'"),
-        (["ct1", "ct2"], [1], ["ct2", "vm1"], r"both a container's \(--name\) and another "),
+        (["ct1", "ct2"], [1], ["ct2", "vm1"], r"both a machine built here \(--name\) and another "),
         (
             ["a-long-name"],
             [1],

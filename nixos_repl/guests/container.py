@@ -37,7 +37,7 @@ from pathlib import Path
 from ..errors import GuestBuildError
 from ..files import write_atomic
 from .debian import _check_call, build_debian_image
-from .tiny import check_names, render_template
+from .tiny import network_names, render_template
 
 __all__ = ["build_debian_container", "container_root"]
 
@@ -293,16 +293,7 @@ def build_debian_container(
     the test, sorted by name: the containers' ``names`` and the other machines' ``nodes`` (the
     VMs, whose guests number themselves the same way).
     """
-    check_names(names)
-    if both := sorted(set(names) & set(nodes)):
-        raise GuestBuildError(
-            f"the following names are both a container's (--name) and another machine's "
-            f"(--node): {', '.join(both)}; a machine has one name"
-        )
-    machines = sorted({*names, *nodes})
-    check_names(machines)
-    if len(machines) > 254:
-        raise GuestBuildError(f"{len(machines)} machines: a VLAN has addresses for 254")
+    machines = network_names(names, nodes)
     for vlan in vlans:
         if not 0 <= vlan <= 255:
             raise GuestBuildError(f"invalid VLAN {vlan}: VLANs are 0 to 255 (192.168.<vlan>.*)")

@@ -36,11 +36,11 @@ from .tiny import (
     _require,
     add_modules,
     cache_dir,
-    check_names,
     compress_initramfs,
     extract_vmlinux,
     find_kernel,
     module_order,
+    network_names,
     write_run_scripts,
 )
 
@@ -458,14 +458,17 @@ def build_debian_image(cache: Path | None = None) -> tuple[Path, Path, Path]:
     return kernel, initrd, image
 
 
-def build_debian(names: Sequence[str], out_dir: Path, cache: Path | None = None) -> list[Path]:
+def build_debian(
+    names: Sequence[str], out_dir: Path, cache: Path | None = None, nodes: Sequence[str] = ()
+) -> list[Path]:
     """Write an executable ``out_dir/run-<name>-vm`` per name; returns the script paths.
 
     Each machine's disk is ``$NIX_DISK_IMAGE`` (default ``./<name>.qcow2`` in the current
     directory), created at start as a qcow2 overlay of the cached base image. Node numbers (the
-    last byte of VLAN addresses) follow the sorted names, as in a NixOS test network.
+    last byte of VLAN addresses) follow the sorted names of every machine of the test, ``names``
+    and the others' ``nodes`` (containers), as in a NixOS test network.
     """
-    check_names(names)
+    network_names(names, nodes)
     _, initrd, image = build_debian_image(cache)
     # As a NixOS VM: the bzImage by default; under TCG the driver boots its ELF vmlinux instead.
     kernel, _ = find_kernel()
@@ -486,8 +489,8 @@ fi"""
         "MEMORY": str(MEMORY_MIB),
         "KERNEL": str(kernel),
         "INITRD": str(initrd),
-        "KERNEL_PARAMS": f"{KERNEL_PARAMS} nixos_repl.nodes={','.join(sorted(names))}",
+        "KERNEL_PARAMS": f"{KERNEL_PARAMS} nixos_repl.nodes=@NODES@",
         "DISK_SETUP": disk_setup,
         "DISK_OPTS": disk_opts,
     }
-    return write_run_scripts(names, out_dir, values)
+    return write_run_scripts(names, out_dir, values, nodes)

@@ -15,8 +15,12 @@ ln -sf /proc/self/fd /dev/fd
 while read -r mod; do insmod "/lib/modules/$mod" 2>/dev/null; done < /etc/modules.order
 
 name=machine
+nodes=
 for arg in $(cat /proc/cmdline); do
-    case "$arg" in nixos_repl.name=*) name="${arg#nixos_repl.name=}" ;; esac
+    case "$arg" in
+        nixos_repl.name=*) name="${arg#nixos_repl.name=}" ;;
+        nixos_repl.nodes=*) nodes=$(echo "${arg#nixos_repl.nodes=}" | tr , ' ') ;;
+    esac
 done
 hostname "$name"
 echo "$name" > /etc/hostname
@@ -25,7 +29,8 @@ echo "$name" > /etc/hostname
 for _ in $(seq 100); do [ -e /dev/hvc0 ] && break; sleep 0.02; done
 
 # Networking: eth0 is QEMU user networking (DHCP); VLAN NICs carry MAC 52:54:00:12:<vlan>:<node>
-# and get 192.168.<vlan>.<node>/24, like a NixOS test network.
+# and get 192.168.<vlan>.<node>/24, like a NixOS test network; /etc/hosts names every machine of
+# the test (nixos_repl.nodes=, node numbers in that order) on each VLAN.
 ip link set lo up
 for dev in /sys/class/net/eth*; do
     [ -e "$dev" ] || continue
@@ -40,6 +45,11 @@ for dev in /sys/class/net/eth*; do
             node=$((16#$(echo "$mac" | cut -d: -f6)))
             ip addr add "192.168.$vlan.$node/24" dev "$ifname"
             echo "192.168.$vlan.$node $name" >> /etc/hosts
+            i=1
+            for peer in $nodes; do
+                [ "$peer" = "$name" ] || echo "192.168.$vlan.$i $peer" >> /etc/hosts
+                i=$((i + 1))
+            done
             ;;
         *) udhcpc -q -f -n -t 5 -i "$ifname" -s /etc/udhcpc.script >/dev/null 2>&1 & ;;
     esac

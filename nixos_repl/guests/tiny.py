@@ -387,19 +387,41 @@ def render_template(template: str, values: Mapping[str, str]) -> str:
     return "".join(lines)
 
 
-def write_run_scripts(names: Sequence[str], out_dir: Path, values: Mapping[str, str]) -> list[Path]:
+def network_names(names: Sequence[str], nodes: Sequence[str] = ()) -> list[str]:
+    """Every machine of a test, sorted by name: the ones built now (``names``) and the others
+    (``nodes``: the VMs beside containers, the containers beside VMs). A machine's node number,
+    the last byte of its VLAN addresses (192.168.<vlan>.<node>), is its 1-based position here,
+    as in a NixOS test network."""
+    check_names(names)
+    if both := sorted(set(names) & set(nodes)):
+        raise GuestBuildError(
+            f"the following names are both a machine built here (--name) and another machine "
+            f"of the test (--node): {', '.join(both)}; a machine has one name"
+        )
+    machines = sorted({*names, *nodes})
+    check_names(machines)
+    if len(machines) > 254:
+        raise GuestBuildError(f"{len(machines)} machines: a VLAN has addresses for 254")
+    return machines
+
+
+def write_run_scripts(
+    names: Sequence[str], out_dir: Path, values: Mapping[str, str], nodes: Sequence[str] = ()
+) -> list[Path]:
     """Write an executable ``out_dir/run-<name>-vm`` per name from ``run-vm.sh``.
 
     ``values`` fills the guest's placeholders (KIND, MEMORY, KERNEL, INITRD, KERNEL_PARAMS,
-    DISK_SETUP, DISK_OPTS); they may contain ``@NAME@`` and ``@NODE@``, filled in per machine.
-    Node numbers (the last byte of VLAN addresses, 192.168.<vlan>.<node>) follow the sorted
-    names, as in a NixOS test network.
+    DISK_SETUP, DISK_OPTS); they may contain ``@NAME@`` and ``@NODE@``, filled in per machine,
+    and ``@NODES@``, every machine of the test (see :func:`network_names`), comma-separated.
     """
-    check_names(names)
+    machines = network_names(names, nodes)
     template = resources.files(__package__).joinpath("run-vm.sh").read_text()
     template = render_template(template, {"QEMU": QEMU_BINARY, **values})
+    template = render_template(template, {"NODES": ",".join(machines)})
     scripts = []
-    for node, name in enumerate(sorted(names), start=1):
+    for node, name in enumerate(machines, start=1):
+        if name not in names:
+            continue
         var = re.sub(r"[^A-Za-z0-9_]", "_", name)
         text = render_template(template, {"NAME": name, "NODE": str(node), "VAR": var})
         script = Path(out_dir) / f"run-{name}-vm"
@@ -409,21 +431,24 @@ def write_run_scripts(names: Sequence[str], out_dir: Path, values: Mapping[str, 
     return scripts
 
 
-def build_tiny(names: Sequence[str], out_dir: Path, cache: Path | None = None) -> list[Path]:
+def build_tiny(
+    names: Sequence[str], out_dir: Path, cache: Path | None = None, nodes: Sequence[str] = ()
+) -> list[Path]:
     """Write an executable ``out_dir/run-<name>-vm`` per name; returns the script paths.
 
     Node numbers (the last byte of VLAN addresses, 192.168.<vlan>.<node>) follow the sorted
-    names, as in a NixOS test network.
+    names of every machine of the test, ``names`` and the others' ``nodes`` (containers), as
+    in a NixOS test network; /etc/hosts names them all on each VLAN.
     """
-    check_names(names)
+    network_names(names, nodes)
     kernel, initrd = build_tiny_image(cache)
     values = {
         "KIND": "tiny",
         "MEMORY": "256",
         "KERNEL": str(kernel),
         "INITRD": str(initrd),
-        "KERNEL_PARAMS": "loglevel=4 nixos_repl.name=@NAME@",
+        "KERNEL_PARAMS": "loglevel=4 nixos_repl.name=@NAME@ nixos_repl.nodes=@NODES@",
         "DISK_SETUP": "",
         "DISK_OPTS": "",
     }
-    return write_run_scripts(names, out_dir, values)
+    return write_run_scripts(names, out_dir, values, nodes)
