@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 from pathlib import Path
 
 import pytest
 
-from nixos_repl import Registry
+from nixos_repl import Machine, Registry
 from nixos_repl.machine.bootcache import ENV, BootCache, key_parts
 
 from .helpers import BIN, machines_config
@@ -109,20 +110,79 @@ def test_a_changed_machine_boots_cold_and_says_why(
     assert "booting solo cold (the environment changed)" in caplog.text
 
 
+def test_two_saves_of_the_same_machine_at_once_leave_one_whole_entry(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    cache = BootCache(tmp_path / "cache")
+    parts = {"the start script": "a"}
+    state = tmp_path / "state.qcow2"
+    state.write_bytes(b"state")
+    copy = shutil.copyfile
+
+    def copy_while_another_saves(src: Path, dst: Path) -> None:
+        monkeypatch.setattr(shutil, "copyfile", copy)
+        cache.store("vm1", parts, state, {}, {"label": "booted", "by": "the other"})
+        copy(src, dst)
+
+    monkeypatch.setattr(shutil, "copyfile", copy_while_another_saves)
+    cache.store("vm1", parts, state, {}, {"label": "booted", "by": "this one"})
+    found, _ = cache.lookup("vm1", parts)
+    assert found is not None and (found.path / "snapshots.qcow2").read_bytes() == b"state"
+    assert [e.meta["by"] for e in cache.entries()] == ["this one"]
+    assert sorted(p.name for p in cache.root.iterdir()) == sorted([found.path.name, "names"])
+
+
+@pytest.mark.parametrize("damage", ["a truncated state", "a file gone"])
 def test_a_damaged_entry_is_dropped_and_the_machine_boots(
-    guest_dir: Path, tmp_path: Path, cache: Path, caplog: pytest.LogCaptureFixture
+    guest_dir: Path, tmp_path: Path, cache: Path, caplog: pytest.LogCaptureFixture, damage: str
 ) -> None:
     boot_solo(guest_dir, tmp_path)
     (entry,) = BootCache(cache).entries()
-    state = entry.path / "snapshots.qcow2"
-    with open(state, "r+b") as f:
-        f.truncate(state.stat().st_size // 2)
-    damaged = state.stat().st_size
+    if damage == "a truncated state":
+        state = entry.path / "snapshots.qcow2"
+        with open(state, "r+b") as f:
+            f.truncate(state.stat().st_size // 2)
+    else:  # the entry names a disk it does not hold
+        (entry.path / "meta.json").write_text(json.dumps({**entry.meta, "disks": ["disk.img"]}))
     with caplog.at_level("INFO"):
         boot_solo(guest_dir, tmp_path)
     assert "booting solo cold: its saved boot failed" in caplog.text
-    (again,) = BootCache(cache).entries()  # saved anew by the cold boot
-    assert (again.path / "snapshots.qcow2").stat().st_size > damaged
+    assert "saved the boot of solo" in caplog.text, "saved anew by the cold boot"
+    (again,) = BootCache(cache).entries()
+    assert again.meta["disks"] == [] and again.meta["created"] >= entry.meta["created"]
+    assert again.meta["command"] == str(guest_dir / "run-solo-vm")
+
+
+def test_a_cache_that_cannot_be_written_costs_only_the_save(
+    guest_dir: Path,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    (tmp_path / "a-file").write_text("")
+    monkeypatch.setenv(ENV, str(tmp_path / "a-file" / "cache"))
+    with caplog.at_level("INFO"):
+        boot_solo(guest_dir, tmp_path)
+    assert "boot cache: could not save the boot of solo" in caplog.text
+
+
+def test_the_shell_framing_is_in_the_key(
+    guest_dir: Path, tmp_path: Path, cache: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The fast framing's setup changes the guest's shell: a nixpkgs-framed machine boots."""
+    boot_solo(guest_dir, tmp_path)
+    machine = Machine(
+        str(guest_dir / "run-solo-vm"),
+        tmp_dir=tmp_path / "run",
+        out_dir=tmp_path,
+        shell_framing="nixpkgs",
+    )
+    try:
+        with caplog.at_level("INFO"):
+            assert machine.succeed("echo up") == "up\n"
+    finally:
+        machine.release()
+    assert "booting solo cold (the environment changed)" in caplog.text
 
 
 def test_batch_with_a_boot_cache_and_the_cache_command(guest_dir: Path, tmp_path: Path) -> None:

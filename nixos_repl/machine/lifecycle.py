@@ -428,7 +428,8 @@ class Lifecycle(RunState):
         """With a boot cache: start from its saved boot when there is one (True), else note
         what to save once booted. A machine with snapshots of its own keeps them (no cache)."""
         self._cache_todo = None
-        env = {**os.environ, **self.extra_env}
+        # The framing is in the key: the fast one leaves the guest's shell switched to it.
+        env = {**os.environ, **self.extra_env, "NIXOS_REPL_SHELL_FRAMING": self.shell_framing}
         cache = BootCache.from_env(env)
         if cache is None or self.snapshots.path.exists():
             return False
@@ -438,14 +439,15 @@ class Lifecycle(RunState):
             self.log.info("boot cache: booting %s cold (%s)", self.name, why)
             self._cache_todo = (cache, parts)
             return False
-        cache.install(entry, self.state_dir)
-        self.snapshots.adopt(entry.meta)
         try:
+            cache.install(entry, self.state_dir)
+            self.snapshots.adopt(entry.meta)
             await self._fork_locked(BOOT_LABEL)
-        except MachineError as e:
+        except (MachineError, OSError, LookupError, TypeError, ValueError) as e:
             self.log.warning(
                 "boot cache: booting %s cold: its saved boot failed (%s)", self.name, e
             )
+            cache.uninstall(entry, self.state_dir)
             cache.discard(entry)
             self.snapshots.reset()
             self._cache_todo = (cache, parts)
@@ -469,15 +471,14 @@ class Lifecycle(RunState):
             return
         await self._save_locked(BOOT_LABEL)
         await qmp.aexecute("stop")  # the disks hold still while they are copied
+        meta = {**self.snapshots.describe(BOOT_LABEL), "command": self.start_command}
         try:
             entry = await asyncio.to_thread(
-                cache.store,
-                self.name,
-                parts,
-                self.snapshots.path,
-                disks,
-                self.snapshots.describe(BOOT_LABEL),
+                cache.store, self.name, parts, self.snapshots.path, disks, meta
             )
+        except OSError as e:  # the machine is up all the same
+            self.log.warning("boot cache: could not save the boot of %s: %s", self.name, e)
+            return
         finally:
             await qmp.aexecute("cont")
         self.log.info("boot cache: saved the boot of %s (%s)", self.name, entry.path)
