@@ -82,6 +82,9 @@ def test_a_second_run_starts_from_the_saved_boot(
         with caplog.at_level("INFO"):
             with Registry.from_start_scripts([guest_dir / "run-solo-vm"], out_dir=out) as reg:
                 solo = reg["solo"]
+                if run == 1:
+                    reg.start_all()  # start() forks too: the machine is up when it returns
+                    assert solo.state == "up"
                 solo.succeed("echo hello > /tmp/shared/from-guest")
                 runs.append(caplog.text)
                 assert solo.succeed("grep -c 9p /proc/mounts") == "2\n"
@@ -94,6 +97,19 @@ def test_a_second_run_starts_from_the_saved_boot(
     assert "booting solo cold (no entry for it yet)" in runs[0]
     assert "saved the boot of solo" in runs[0]
     assert "solo started from its saved boot" in runs[1]
+
+
+def test_a_machine_driven_while_it_boots_is_not_saved(
+    guest_dir: Path, tmp_path: Path, cache: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    with caplog.at_level("INFO"):
+        with Registry.from_start_scripts([guest_dir / "run-solo-vm"], out_dir=tmp_path) as reg:
+            solo = reg["solo"]
+            solo.start()
+            solo.send_key("ctrl-alt-f2")  # the saved state would not be a boot's
+            assert solo.succeed("echo up") == "up\n"
+    assert "boot cache: not saving solo: it was driven while booting" in caplog.text
+    assert BootCache(cache).entries() == []
 
 
 def test_a_changed_machine_boots_cold_and_says_why(

@@ -193,9 +193,19 @@ class Lifecycle(RunState):
 
     # -- start ---------------------------------------------------------------------------------
 
-    async def start(self, allow_reboot: bool = False, paused: bool = False) -> None:
-        """Start QEMU unless it runs; does not wait for the guest to boot. ``paused``: the
-        guest does not run until QMP ``cont`` (to load a saved state first)."""
+    async def start(self, allow_reboot: bool = False) -> None:
+        """Start QEMU unless it runs; does not wait for the guest to boot. With a boot cache
+        that has the machine, it starts from its saved boot (and is up when this returns)."""
+        if not self.state.running:
+            async with self._connect_lock:
+                self.allow_reboot = allow_reboot
+                if not self.state.running and await self._start_from_cache():
+                    return
+        await self._spawn(allow_reboot)
+
+    async def _spawn(self, allow_reboot: bool, paused: bool = False) -> None:
+        """Start QEMU unless it runs. ``paused``: the guest does not run until QMP ``cont``
+        (to load a saved state first)."""
         async with self._start_lock:
             if self.state.running:
                 return
@@ -292,7 +302,7 @@ class Lifecycle(RunState):
         with nested(self.log, "waiting for the VM to finish booting"):
             if not self.state.running and await self._start_from_cache():
                 return
-            await self.start(self.allow_reboot)
+            await self._spawn(self.allow_reboot)
             self.check("run a command")
             shell = self.shell
             assert shell is not None
@@ -388,6 +398,11 @@ class Lifecycle(RunState):
         self._check_crashed()
         await self.start(self.allow_reboot)
         self._check_crashed()
+        if self._cache_todo is not None:
+            # Keys, screenshots, monitor commands before the backdoor answered: what it would
+            # save is no longer a boot.
+            self.log.info("boot cache: not saving %s: it was driven while booting", self.name)
+            self._cache_todo = None
 
     # -- snapshots -----------------------------------------------------------------------------
 
@@ -526,7 +541,7 @@ class Lifecycle(RunState):
 
     async def _fork_locked(self, label: str) -> None:
         start = time.monotonic()
-        await self.start(self.allow_reboot, paused=True)
+        await self._spawn(self.allow_reboot, paused=True)
         qmp, shell = self.qmp, self.shell
         assert qmp is not None and shell is not None
         self._set_state(MachineState.RESTORING)
