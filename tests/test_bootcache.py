@@ -182,6 +182,30 @@ def test_a_cache_that_cannot_be_written_costs_only_the_save(
     assert "boot cache: could not save the boot of solo" in caplog.text
 
 
+@pytest.mark.skipif(os.geteuid() != 0, reason="mounts a small tmpfs")
+def test_a_full_state_directory_boots_cold_and_keeps_the_entry(
+    guest_dir: Path,
+    tmp_path: Path,
+    cache: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    boot_solo(guest_dir, tmp_path)
+    (entry,) = BootCache(cache).entries()
+    small = tmp_path / "small"  # too small for the saved boot: it can neither load nor save
+    small.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=24M", "tmpfs", str(small)], check=True)
+    try:
+        monkeypatch.setenv("XDG_RUNTIME_DIR", str(small))
+        with caplog.at_level("INFO"):
+            boot_solo(guest_dir, tmp_path)
+    finally:
+        subprocess.run(["umount", "-l", str(small)], check=False)
+    assert "booting solo cold: its saved boot failed" in caplog.text
+    assert "boot cache: could not save the boot of solo" in caplog.text
+    assert [e.path for e in BootCache(cache).entries()] == [entry.path], "not the entry's fault"
+
+
 def test_the_shell_framing_is_in_the_key(
     guest_dir: Path, tmp_path: Path, cache: Path, caplog: pytest.LogCaptureFixture
 ) -> None:

@@ -19,6 +19,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import datetime as dt
+import errno
 import logging
 import os
 import time
@@ -463,7 +464,8 @@ class Lifecycle(RunState):
                 "boot cache: booting %s cold: its saved boot failed (%s)", self.name, e
             )
             cache.uninstall(entry, self.state_dir)
-            cache.discard(entry)
+            if not (isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT)):
+                cache.discard(entry)  # a full state directory is not the entry's fault
             self.snapshots.reset()
             self._cache_todo = (cache, parts)
             return False
@@ -484,7 +486,11 @@ class Lifecycle(RunState):
                 self.name,
             )
             return
-        await self._save_locked(BOOT_LABEL)
+        try:
+            await self._save_locked(BOOT_LABEL)
+        except MachineError as e:  # the machine is up all the same (a full disk, say)
+            self.log.warning("boot cache: could not save the boot of %s: %s", self.name, e)
+            return
         await qmp.aexecute("stop")  # the disks hold still while they are copied
         meta = {**self.snapshots.describe(BOOT_LABEL), "command": self.start_command}
         try:
