@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import logging
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -89,16 +90,28 @@ def nothing_left_in_the_checkout() -> Iterator[None]:
 @pytest.fixture(scope="session", autouse=True)
 def boot_cache_keeps_the_suites_guests() -> Iterator[None]:
     """Entries of machines the next run cannot find again (start scripts of a test's own, in
-    its temporary directory) are dropped, and entries older than a week are made anew."""
+    its temporary directory) are dropped, entries older than a week are made anew, and what a
+    killed save left half-written is removed after an hour."""
     yield
     if BOOT_CACHE is None:
         return
-    week_ago = time.time() - 7 * 24 * 3600
+    now = time.time()
     cache = BootCache(BOOT_CACHE)
     for entry in cache.entries():
-        command = str(entry.meta.get("command", ""))
-        if not command.startswith(f"{SUITE_GUESTS}/") or entry.path.stat().st_mtime < week_ago:
+        ours = str(entry.meta.get("command", "")).startswith(f"{SUITE_GUESTS}/")
+        if not ours or _age(entry.path, now) > 7 * 86400:
             cache.discard(entry)
+    for left in BOOT_CACHE.glob(".*-*"):
+        if _age(left, now) > 3600:
+            shutil.rmtree(left, ignore_errors=True)
+
+
+def _age(path: Path, now: float) -> float:
+    """Seconds since ``path`` changed (0 when another run removed it meanwhile)."""
+    try:
+        return now - path.stat().st_mtime
+    except FileNotFoundError:
+        return 0
 
 
 @pytest.fixture(autouse=True)
