@@ -35,6 +35,16 @@ def boot_solo(guest_dir: Path, out: Path) -> None:
         assert reg["solo"].succeed("echo up") == "up\n"
 
 
+@pytest.fixture(scope="module")
+def saved_solo(guest_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A cache holding solo's saved boot, booted once for the tests that start from one."""
+    root = tmp_path_factory.mktemp("saved-solo")
+    with pytest.MonkeyPatch.context() as env:
+        env.setenv(ENV, str(root / "cache"))
+        boot_solo(guest_dir, root)
+    return root / "cache"
+
+
 def test_the_key_covers_what_shapes_the_vm(tmp_path: Path) -> None:
     kernel = tmp_path / "bzImage"
     kernel.write_bytes(b"kernel")
@@ -99,6 +109,32 @@ def test_a_second_run_starts_from_the_saved_boot(
     assert "solo started from its saved boot" in runs[1]
 
 
+def test_a_restart_forks_from_the_saved_boot_until_the_machine_has_snapshots_of_its_own(
+    guest_dir: Path,
+    tmp_path: Path,
+    cache: Path,
+    saved_solo: Path,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    shutil.copytree(saved_solo, cache)
+    with Registry.from_start_scripts([guest_dir / "run-solo-vm"], out_dir=tmp_path) as reg:
+        solo = reg["solo"]
+        solo.succeed("touch /root/before-the-crash")
+        solo.crash()
+        with caplog.at_level("INFO"):
+            solo.start()
+        assert solo.state == "up" and "solo started again from its saved boot" in caplog.text
+        solo.fail("test -e /root/before-the-crash")  # a boot, as after a cold one
+        solo.snapshot("mine")
+        solo.crash()
+        caplog.clear()
+        with caplog.at_level("INFO"):
+            solo.start()
+        assert solo.state == "starting", "its snapshots are kept: it boots"
+        assert solo.succeed("echo up") == "up\n"
+    assert "started again" not in caplog.text
+
+
 def test_a_machine_driven_while_it_boots_is_not_saved(
     guest_dir: Path, tmp_path: Path, cache: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
@@ -116,10 +152,11 @@ def test_a_changed_machine_boots_cold_and_says_why(
     guest_dir: Path,
     tmp_path: Path,
     cache: Path,
+    saved_solo: Path,
     caplog: pytest.LogCaptureFixture,
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    boot_solo(guest_dir, tmp_path)
+    shutil.copytree(saved_solo, cache)
     monkeypatch.setenv("QEMU_KERNEL_PARAMS", "quiet")
     with caplog.at_level("INFO"):
         boot_solo(guest_dir, tmp_path)
@@ -150,9 +187,14 @@ def test_two_saves_of_the_same_machine_at_once_leave_one_whole_entry(
 
 @pytest.mark.parametrize("damage", ["a truncated state", "a file gone"])
 def test_a_damaged_entry_is_dropped_and_the_machine_boots(
-    guest_dir: Path, tmp_path: Path, cache: Path, caplog: pytest.LogCaptureFixture, damage: str
+    guest_dir: Path,
+    tmp_path: Path,
+    cache: Path,
+    saved_solo: Path,
+    caplog: pytest.LogCaptureFixture,
+    damage: str,
 ) -> None:
-    boot_solo(guest_dir, tmp_path)
+    shutil.copytree(saved_solo, cache)
     (entry,) = BootCache(cache).entries()
     if damage == "a truncated state":
         state = entry.path / "snapshots.qcow2"
@@ -187,10 +229,11 @@ def test_a_full_state_directory_boots_cold_and_keeps_the_entry(
     guest_dir: Path,
     tmp_path: Path,
     cache: Path,
+    saved_solo: Path,
     monkeypatch: pytest.MonkeyPatch,
     caplog: pytest.LogCaptureFixture,
 ) -> None:
-    boot_solo(guest_dir, tmp_path)
+    shutil.copytree(saved_solo, cache)
     (entry,) = BootCache(cache).entries()
     small = tmp_path / "small"  # too small for the saved boot: it can neither load nor save
     small.mkdir()
@@ -207,10 +250,10 @@ def test_a_full_state_directory_boots_cold_and_keeps_the_entry(
 
 
 def test_the_shell_framing_is_in_the_key(
-    guest_dir: Path, tmp_path: Path, cache: Path, caplog: pytest.LogCaptureFixture
+    guest_dir: Path, tmp_path: Path, cache: Path, saved_solo: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
     """The fast framing's setup changes the guest's shell: a nixpkgs-framed machine boots."""
-    boot_solo(guest_dir, tmp_path)
+    shutil.copytree(saved_solo, cache)
     machine = Machine(
         str(guest_dir / "run-solo-vm"),
         tmp_dir=tmp_path / "run",

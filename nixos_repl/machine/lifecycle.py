@@ -166,6 +166,9 @@ class Lifecycle(RunState):
         self.snapshots = Snapshots(name, state_dir)
         # With a boot cache: where to save this machine once it has booted cold.
         self._cache_todo: tuple[BootCache, dict[str, str]] | None = None
+        # The state file's ``booted`` is the saved boot (the cache's, or the one saved for it),
+        # and no snapshot of the machine's own was taken since: a restart forks from it.
+        self._boot_in_state_file = False
 
     # -- state ---------------------------------------------------------------------------------
 
@@ -425,6 +428,7 @@ class Lifecycle(RunState):
                 f"is up ({self.name}.connect())"
             )
         async with self._connect_lock:  # new commands wait in connect() until it is up again
+            self._boot_in_state_file = False
             return await self._save_locked(label)
 
     async def _save_locked(self, label: str) -> SnapshotInfo:
@@ -447,8 +451,10 @@ class Lifecycle(RunState):
         # The framing is in the key: the fast one leaves the guest's shell switched to it.
         env = {**os.environ, **self.extra_env, "NIXOS_REPL_SHELL_FRAMING": self.shell_framing}
         cache = BootCache.from_env(env)
-        if cache is None or self.snapshots.path.exists():
+        if cache is None:
             return False
+        if self.snapshots.path.exists():
+            return self._boot_in_state_file and await self._fork_saved_boot_again()
         parts = key_parts(self.start_command, env)
         entry, why = cache.lookup(self.name, parts)
         if entry is None:
@@ -470,6 +476,20 @@ class Lifecycle(RunState):
             self._cache_todo = (cache, parts)
             return False
         self.log.info("boot cache: %s started from its saved boot (%s)", self.name, entry.path)
+        self._boot_in_state_file = True
+        return True
+
+    async def _fork_saved_boot_again(self) -> bool:
+        """A restart (after a crash, a shutdown) forks from the saved boot in the state file."""
+        try:
+            await self._fork_locked(BOOT_LABEL)
+        except MachineError as e:
+            self.log.warning(
+                "boot cache: booting %s cold: its saved boot failed (%s)", self.name, e
+            )
+            self._boot_in_state_file = False
+            return False
+        self.log.info("boot cache: %s started again from its saved boot", self.name)
         return True
 
     async def _fill_cache(self) -> None:
@@ -491,6 +511,7 @@ class Lifecycle(RunState):
         except MachineError as e:  # the machine is up all the same (a full disk, say)
             self.log.warning("boot cache: could not save the boot of %s: %s", self.name, e)
             return
+        self._boot_in_state_file = True
         await qmp.aexecute("stop")  # the disks hold still while they are copied
         meta = {**self.snapshots.describe(BOOT_LABEL), "command": self.start_command}
         try:
@@ -606,6 +627,7 @@ class Lifecycle(RunState):
             raise MachineError(
                 f"{self.name} is {self.state}: start it to delete a snapshot ({self.name}.start())"
             )
+        self._boot_in_state_file = False
         await self.guard(self.snapshots.delete(self.qmp, label))
 
     # -- stop ----------------------------------------------------------------------------------
