@@ -135,6 +135,26 @@ def test_a_restart_forks_from_the_saved_boot_until_the_machine_has_snapshots_of_
     assert "started again" not in caplog.text
 
 
+def test_a_restart_keeps_what_the_machine_wrote_to_its_disk(
+    guest_dir: Path, tmp_path: Path, cache: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A writable disk in the state directory (a NixOS VM's) keeps its changes over a restart,
+    as without the cache: the machine boots, it does not fork from its saved boot."""
+    start = script(
+        tmp_path,
+        "#!/bin/sh\n[ -e disk.qcow2 ] || qemu-img create -q -f qcow2 disk.qcow2 1M\n"
+        f'exec {guest_dir}/run-crashy-vm -drive file="$PWD/disk.qcow2",if=virtio "$@"\n',
+    )
+    with Registry([("crashy", start)], out_dir=tmp_path) as reg:
+        crashy = reg["crashy"]
+        crashy.succeed("echo on-the-disk | dd of=/dev/vda conv=fsync 2>/dev/null")
+        crashy.shutdown()
+        with caplog.at_level("INFO"):
+            assert crashy.succeed("head -c 12 /dev/vda") == "on-the-disk\n"
+    assert [e.meta["disks"] for e in BootCache(cache).entries()] == [["disk.qcow2"]]
+    assert "started again" not in caplog.text
+
+
 def test_a_machine_driven_while_it_boots_is_not_saved(
     guest_dir: Path, tmp_path: Path, cache: Path, caplog: pytest.LogCaptureFixture
 ) -> None:

@@ -167,7 +167,8 @@ class Lifecycle(RunState):
         # With a boot cache: where to save this machine once it has booted cold.
         self._cache_todo: tuple[BootCache, dict[str, str]] | None = None
         # The state file's ``booted`` is the saved boot (the cache's, or the one saved for it),
-        # and no snapshot of the machine's own was taken since: a restart forks from it.
+        # no snapshot of the machine's own was taken since, and it has no writable disk (whose
+        # changes a restart keeps): a restart forks from it.
         self._boot_in_state_file = False
 
     # -- state ---------------------------------------------------------------------------------
@@ -476,7 +477,7 @@ class Lifecycle(RunState):
             self._cache_todo = (cache, parts)
             return False
         self.log.info("boot cache: %s started from its saved boot (%s)", self.name, entry.path)
-        self._boot_in_state_file = True
+        self._boot_in_state_file = not entry.meta.get("disks")
         return True
 
     async def _fork_saved_boot_again(self) -> bool:
@@ -511,7 +512,7 @@ class Lifecycle(RunState):
         except MachineError as e:  # the machine is up all the same (a full disk, say)
             self.log.warning("boot cache: could not save the boot of %s: %s", self.name, e)
             return
-        self._boot_in_state_file = True
+        self._boot_in_state_file = not disks
         await qmp.aexecute("stop")  # the disks hold still while they are copied
         meta = {**self.snapshots.describe(BOOT_LABEL), "command": self.start_command}
         try:
