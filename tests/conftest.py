@@ -2,12 +2,18 @@
 
 Every test that uses a guest (the ``guest_dir`` fixture, directly or through another fixture) is
 marked ``vm``: ``./dev.sh test -m "not vm"`` runs the fast lane.
+
+Machines start from the boot cache (a cold boot the first time, saved there; in this process
+and in every front end and ``--batch`` run a test starts, through ``NIXOS_REPL_BOOT_CACHE``).
+``NIXOS_REPL_TEST_BOOT_CACHE=0`` boots every machine cold; ``=DIR`` keeps the cache in DIR.
+A test of booting itself (what happens before the backdoor answers) is marked ``cold_boot``.
 """
 
 from __future__ import annotations
 
 import logging
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -21,14 +27,18 @@ import pytest
 
 from nixos_repl import Machine, Registry
 from nixos_repl.guests import build_tiny
+from nixos_repl.machine.bootcache import ENV as BOOT_CACHE_ENV
+from nixos_repl.machine.bootcache import BootCache
 
 from .helpers import (
     BROWSER_FLAGS,
     CHROMEDRIVER,
     CHROMIUM,
+    SUITE_GUESTS,
     TOKEN,
     free_port,
     install_kernelspec,
+    keep_guests,
     leftovers,
     machines_config,
     write_notebook,
@@ -42,6 +52,18 @@ os.environ["XDG_RUNTIME_DIR"] = tempfile.mkdtemp(prefix="nixos-repl-tests-")
 # the history sees this run's cells only.
 os.environ["IPYTHONDIR"] = tempfile.mkdtemp(prefix="nixos-repl-tests-ipython-")
 logging.getLogger("qemu.qmp").setLevel(logging.WARNING)
+# The boot cache: kept between runs (a clean checkout on the same machine finds it), its keys
+# naming the guests' start scripts where ``keep_guests`` puts them.
+_SWITCH = os.environ.get("NIXOS_REPL_TEST_BOOT_CACHE", "1")
+BOOT_CACHE = (
+    None
+    if _SWITCH == "0"
+    else Path(_SWITCH) if _SWITCH not in ("", "1") else SUITE_GUESTS.parent / "boot"
+)  # fmt: skip
+if BOOT_CACHE is None:
+    os.environ.pop(BOOT_CACHE_ENV, None)
+else:
+    os.environ[BOOT_CACHE_ENV] = str(BOOT_CACHE)
 
 
 REPO = Path(__file__).resolve().parents[1]
@@ -65,6 +87,46 @@ def nothing_left_in_the_checkout() -> Iterator[None]:
     assert not leaked, f"tests left files in {REPO}: {leaked}"
 
 
+@pytest.fixture(scope="session", autouse=True)
+def boot_cache_keeps_the_suites_guests() -> Iterator[None]:
+    """Entries of machines the next run cannot find again (start scripts of a test's own, in
+    its temporary directory) are dropped, entries older than a week are made anew, and what a
+    killed save left half-written is removed after an hour."""
+    yield
+    if BOOT_CACHE is None:
+        return
+    now = time.time()
+    cache = BootCache(BOOT_CACHE)
+    for entry in cache.entries():
+        ours = str(entry.meta.get("command", "")).startswith(f"{SUITE_GUESTS}/")
+        if not ours or _age(entry.path, now) > 7 * 86400:
+            cache.discard(entry)
+    for left in BOOT_CACHE.glob(".*-*"):
+        if _age(left, now) > 3600:
+            shutil.rmtree(left, ignore_errors=True)
+
+
+def _age(path: Path, now: float) -> float:
+    """Seconds since ``path`` changed (0 when another run removed it meanwhile)."""
+    try:
+        return now - path.stat().st_mtime
+    except FileNotFoundError:
+        return 0
+
+
+@pytest.fixture(autouse=True)
+def cold_boot(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Tests marked ``cold_boot`` boot their machines as if there were no boot cache."""
+    if request.node.get_closest_marker("cold_boot") is not None:
+        monkeypatch.delenv(BOOT_CACHE_ENV, raising=False)
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    config.addinivalue_line(
+        "markers", "cold_boot: the test boots its machines cold (it tests what the boot does)"
+    )
+
+
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     for item in items:
         if "guest_dir" in getattr(item, "fixturenames", ()):
@@ -76,7 +138,7 @@ def guest_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     path = tmp_path_factory.mktemp("guests")
     build_tiny(["vm1", "vm2"], path)  # nodes 1 and 2: 192.168.<vlan>.1 and .2
     build_tiny(["crashy", "solo"], path)
-    return path
+    return keep_guests(path)
 
 
 @pytest.fixture(scope="session")
@@ -85,7 +147,13 @@ def registry(guest_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Itera
     out = tmp_path_factory.mktemp("out")
     scripts = [guest_dir / "run-vm1-vm", guest_dir / "run-vm2-vm"]
     with Registry.from_start_scripts(scripts, vlans=[1], out_dir=out) as reg:
-        reg.start_all()
+        # Booted cold: tests read the boot's console lines ("connecting to host...").
+        cache = os.environ.pop(BOOT_CACHE_ENV, None)
+        try:
+            reg.start_all()
+        finally:
+            if cache is not None:
+                os.environ[BOOT_CACHE_ENV] = cache
         yield reg
 
 

@@ -5,6 +5,7 @@ modules that use them."""
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import json
 import os
 import re
@@ -27,10 +28,13 @@ import pytest
 from jupyter_client.manager import start_new_kernel
 from PIL import Image, ImageDraw, ImageFont
 
+from nixos_repl.files import cache_dir
+
 __all__ = [
     "BIN",
     "CHROMEDRIVER",
     "CHROMIUM",
+    "SUITE_GUESTS",
     "TOKEN",
     "BatchRun",
     "Kernel",
@@ -40,6 +44,7 @@ __all__ = [
     "free_port",
     "install_kernelspec",
     "interrupt_after",
+    "keep_guests",
     "kernel_env",
     "leftovers",
     "machines_config",
@@ -55,6 +60,30 @@ __all__ = [
     "wait_until",
     "write_notebook",
 ]
+
+
+# The guests' start scripts, kept between runs: the boot cache's key names a start script by path.
+SUITE_GUESTS = cache_dir() / "test-suite" / "guests"
+
+
+def keep_guests(built: Path) -> Path:
+    """The start scripts built in ``built``, at a path named after their contents (the same in
+    every run that builds the same guests, another one when a guest changes)."""
+    files = sorted(p for p in built.iterdir() if p.is_file())
+    digest = hashlib.sha256()
+    for file in files:
+        digest.update(file.name.encode() + b"\0" + file.read_bytes() + b"\0")
+    target = SUITE_GUESTS / digest.hexdigest()[:16]
+    if not target.is_dir():
+        SUITE_GUESTS.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=".tmp-", dir=SUITE_GUESTS))
+        for file in files:
+            shutil.copy2(file, tmp / file.name)
+        try:
+            tmp.rename(target)
+        except OSError:  # another run put the same scripts there first
+            shutil.rmtree(tmp)
+    return target
 
 
 def qemu_alive(pid: int) -> bool:

@@ -20,7 +20,7 @@ import pytest
 from nixos_repl import Machine, Registry, RequestedAssertionFailed
 from nixos_repl.guests import build_debian
 
-from .helpers import interrupt_after
+from .helpers import interrupt_after, keep_guests
 
 pytestmark = [
     pytest.mark.vm,
@@ -43,15 +43,15 @@ ExecStart=/bin/sleep infinity
 
 @pytest.fixture(scope="module")
 def debian(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Machine]:
-    guests = tmp_path_factory.mktemp("debian-guests")
-    script, _ = build_debian([NAME, PEER], guests)  # the peer is not started
+    built = tmp_path_factory.mktemp("debian-guests")
+    build_debian([NAME, PEER], built)  # the peer is not started
+    script = keep_guests(built) / f"run-{NAME}-vm"
     out = tmp_path_factory.mktemp("debian-out")
     # A directory of its own: the session's tiny pair may hold VLAN 1 in the shared one.
     run = tmp_path_factory.mktemp("debian-run")
     with Registry([(NAME, script)], vlans=[1], out_dir=out, tmp_dir=run) as registry:
         machine = registry[NAME]
-        machine.start()
-        machine.connect()
+        machine.connect()  # from the boot cache when it has this guest
         yield machine
 
 

@@ -149,6 +149,7 @@ def open_fds() -> set[str]:
     return fds
 
 
+@pytest.mark.cold_boot  # interrupts the launch of QEMU itself
 def test_an_interrupted_start_leaves_nothing_behind(crashy: Machine) -> None:
     get_loop()  # its own descriptors are not a leak
     before = open_fds()
@@ -183,6 +184,7 @@ def wrapper(tmp_path: Path, name: str, body: str) -> Path:
     return script
 
 
+@pytest.mark.cold_boot
 def test_a_start_script_that_forks(guest_dir: Path, tmp_path: Path) -> None:
     # No `exec`: QEMU is the script's child, not the script itself.
     script = wrapper(tmp_path, "forking", f'{guest_dir}/run-solo-vm "$@"; echo done')
@@ -218,6 +220,7 @@ def start_in_background(machine: Machine) -> tuple[int, concurrent.futures.Futur
     return pid, starting
 
 
+@pytest.mark.cold_boot  # kills QEMU early in its boot
 def test_pid_is_the_vm_at_any_moment(crashy: Machine) -> None:
     pid, starting = start_in_background(crashy)
     starting.result(timeout=60)
@@ -234,6 +237,7 @@ def test_pid_is_the_vm_at_any_moment(crashy: Machine) -> None:
     assert time.monotonic() - start < 60, "the next start does not wait for an orphan"
 
 
+@pytest.mark.cold_boot
 def test_a_start_script_that_never_starts_qemu(tmp_path: Path) -> None:
     script = wrapper(tmp_path, "sleepy", "sleep 1000 & sleep 1000")
     with Registry.from_start_scripts([script], out_dir=tmp_path) as reg:

@@ -47,6 +47,7 @@ def test_qemu_exiting_before_the_banner_shows_its_stderr(tmp_path: Path) -> None
         assert reg["broken"].state == "off"
 
 
+@pytest.mark.cold_boot
 def test_no_qemu_on_path(guest_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     bin_dir = tmp_path / "bin"  # everything the start script needs, but no QEMU
     bin_dir.mkdir()
@@ -59,6 +60,7 @@ def test_no_qemu_on_path(guest_dir: Path, tmp_path: Path, monkeypatch: pytest.Mo
             reg["solo"].start()
 
 
+@pytest.mark.cold_boot
 def test_banner_timeout_shows_the_console(guest_dir: Path, tmp_path: Path) -> None:
     # A start script that drops the backdoor console: the guest never says the banner.
     script = tmp_path / "run-mute-vm"
@@ -83,6 +85,7 @@ def test_banner_timeout_shows_the_console(guest_dir: Path, tmp_path: Path) -> No
         assert time.monotonic() - start < 20
 
 
+@pytest.mark.cold_boot  # the states a boot goes through
 def test_kill_9_is_noticed_and_start_brings_it_back(own_registry: Registry) -> None:
     vm = own_registry["crashy"]
     seen: list[str] = []
@@ -171,6 +174,7 @@ def test_leaving_the_registry_kills_everything(guest_dir: Path, tmp_path: Path) 
     assert reg["solo"].state == "off"
 
 
+@pytest.mark.cold_boot
 def test_guest_dying_before_the_banner_is_reported(
     guest_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -181,6 +185,7 @@ def test_guest_dying_before_the_banner_is_reported(
         assert reg["solo"].state == "crashed"
 
 
+@pytest.mark.cold_boot  # interrupted while the guest boots
 def test_an_interrupted_connect_resumes(own_registry: Registry) -> None:
     from nixos_repl.loop import run_sync
 

@@ -19,19 +19,22 @@ a test that makes keys gets the same keys each run.
 
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
 import functools
 import hashlib
 import json
 import logging
-import os
 import re
 import shutil
 import subprocess
+import tempfile
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+
+from ..files import write_atomic
 
 __all__ = ["ENV", "BootCache", "CacheEntry", "key_parts"]
 
@@ -154,10 +157,11 @@ class BootCache:
         entry for ``parts``; written beside it first, so no half-written entry is ever seen."""
         key = self._key(parts)
         path = self.root / key
-        tmp = self.root / f".tmp-{key}-{os.getpid()}"
-        shutil.rmtree(tmp, ignore_errors=True)
+        self.root.mkdir(parents=True, exist_ok=True)
+        # A name of its own, so machines saved at once (threads, processes) never share it.
+        tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{key}-", dir=self.root))
         try:
-            (tmp / "disks").mkdir(parents=True)
+            (tmp / "disks").mkdir()
             shutil.copyfile(state_file, tmp / STATE_FILE)
             for relative, disk in disks.items():
                 shutil.copyfile(disk, tmp / "disks" / relative)
@@ -169,16 +173,29 @@ class BootCache:
                 "parts": parts,
             }
             (tmp / "meta.json").write_text(json.dumps(full, indent=1))
-            if path.exists():
-                shutil.rmtree(path)
-            tmp.rename(path)
+            self._swap_in(tmp, path)
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
             raise
         names = self.root / "names"
         names.mkdir(exist_ok=True)
-        (names / f"{name}.json").write_text(json.dumps(parts))
+        write_atomic(names / f"{name}.json", json.dumps(parts).encode())
         return CacheEntry(path, full)
+
+    @staticmethod
+    def _swap_in(tmp: Path, path: Path) -> None:
+        """Put the entry written in ``tmp`` at ``path``, over an older one. Another process may
+        put the same entry there at the same time: then one of the two is kept, whole."""
+        old = Path(tempfile.mkdtemp(prefix=f".old-{path.name}-", dir=path.parent))
+        with contextlib.suppress(FileNotFoundError):
+            path.rename(old / "entry")
+        try:
+            tmp.rename(path)
+        except OSError:  # the other one's is there (a directory is never renamed over another)
+            if not path.is_dir():
+                raise
+            shutil.rmtree(tmp, ignore_errors=True)
+        shutil.rmtree(old, ignore_errors=True)
 
     def install(self, entry: CacheEntry, state_dir: Path) -> None:
         """Copy an entry's files into a machine's state directory, for QEMU to start from."""
@@ -187,12 +204,21 @@ class BootCache:
         for relative in entry.meta.get("disks", []):
             shutil.copyfile(entry.path / "disks" / relative, state_dir / relative)
 
+    def uninstall(self, entry: CacheEntry, state_dir: Path) -> None:
+        """Remove what ``install`` put in a state directory (all of it or a part), so a machine
+        whose saved boot failed boots cold from no disk, as it would without the cache."""
+        (state_dir / STATE_FILE).unlink(missing_ok=True)
+        disks = entry.meta.get("disks")
+        for relative in disks if isinstance(disks, list) else []:
+            with contextlib.suppress(OSError):
+                (state_dir / str(relative)).unlink(missing_ok=True)
+
     def discard(self, entry: CacheEntry) -> None:
         shutil.rmtree(entry.path, ignore_errors=True)
 
     def entries(self) -> list[CacheEntry]:
         found = []
-        for meta_file in sorted(self.root.glob("*/meta.json")):
+        for meta_file in sorted(self.root.glob("[!.]*/meta.json")):  # not one being written
             try:
                 found.append(CacheEntry(meta_file.parent, json.loads(meta_file.read_text())))
             except (OSError, ValueError):

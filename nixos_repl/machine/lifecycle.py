@@ -19,6 +19,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import datetime as dt
+import errno
 import logging
 import os
 import time
@@ -165,6 +166,10 @@ class Lifecycle(RunState):
         self.snapshots = Snapshots(name, state_dir)
         # With a boot cache: where to save this machine once it has booted cold.
         self._cache_todo: tuple[BootCache, dict[str, str]] | None = None
+        # The state file's ``booted`` is the saved boot (the cache's, or the one saved for it),
+        # no snapshot of the machine's own was taken since, and it has no writable disk (whose
+        # changes a restart keeps): a restart forks from it.
+        self._boot_in_state_file = False
 
     # -- state ---------------------------------------------------------------------------------
 
@@ -193,9 +198,19 @@ class Lifecycle(RunState):
 
     # -- start ---------------------------------------------------------------------------------
 
-    async def start(self, allow_reboot: bool = False, paused: bool = False) -> None:
-        """Start QEMU unless it runs; does not wait for the guest to boot. ``paused``: the
-        guest does not run until QMP ``cont`` (to load a saved state first)."""
+    async def start(self, allow_reboot: bool = False) -> None:
+        """Start QEMU unless it runs; does not wait for the guest to boot. With a boot cache
+        that has the machine, it starts from its saved boot (and is up when this returns)."""
+        if not self.state.running:
+            async with self._connect_lock:
+                self.allow_reboot = allow_reboot
+                if not self.state.running and await self._start_from_cache():
+                    return
+        await self._spawn(allow_reboot)
+
+    async def _spawn(self, allow_reboot: bool, paused: bool = False) -> None:
+        """Start QEMU unless it runs. ``paused``: the guest does not run until QMP ``cont``
+        (to load a saved state first)."""
         async with self._start_lock:
             if self.state.running:
                 return
@@ -292,7 +307,7 @@ class Lifecycle(RunState):
         with nested(self.log, "waiting for the VM to finish booting"):
             if not self.state.running and await self._start_from_cache():
                 return
-            await self.start(self.allow_reboot)
+            await self._spawn(self.allow_reboot)
             self.check("run a command")
             shell = self.shell
             assert shell is not None
@@ -388,6 +403,11 @@ class Lifecycle(RunState):
         self._check_crashed()
         await self.start(self.allow_reboot)
         self._check_crashed()
+        if self._cache_todo is not None:
+            # Keys, screenshots, monitor commands before the backdoor answered: what it would
+            # save is no longer a boot.
+            self.log.info("boot cache: not saving %s: it was driven while booting", self.name)
+            self._cache_todo = None
 
     # -- snapshots -----------------------------------------------------------------------------
 
@@ -409,6 +429,7 @@ class Lifecycle(RunState):
                 f"is up ({self.name}.connect())"
             )
         async with self._connect_lock:  # new commands wait in connect() until it is up again
+            self._boot_in_state_file = False
             return await self._save_locked(label)
 
     async def _save_locked(self, label: str) -> SnapshotInfo:
@@ -428,29 +449,48 @@ class Lifecycle(RunState):
         """With a boot cache: start from its saved boot when there is one (True), else note
         what to save once booted. A machine with snapshots of its own keeps them (no cache)."""
         self._cache_todo = None
-        env = {**os.environ, **self.extra_env}
+        # The framing is in the key: the fast one leaves the guest's shell switched to it.
+        env = {**os.environ, **self.extra_env, "NIXOS_REPL_SHELL_FRAMING": self.shell_framing}
         cache = BootCache.from_env(env)
-        if cache is None or self.snapshots.path.exists():
+        if cache is None:
             return False
+        if self.snapshots.path.exists():
+            return self._boot_in_state_file and await self._fork_saved_boot_again()
         parts = key_parts(self.start_command, env)
         entry, why = cache.lookup(self.name, parts)
         if entry is None:
             self.log.info("boot cache: booting %s cold (%s)", self.name, why)
             self._cache_todo = (cache, parts)
             return False
-        cache.install(entry, self.state_dir)
-        self.snapshots.adopt(entry.meta)
+        try:
+            cache.install(entry, self.state_dir)
+            self.snapshots.adopt(entry.meta)
+            await self._fork_locked(BOOT_LABEL)
+        except (MachineError, OSError, LookupError, TypeError, ValueError) as e:
+            self.log.warning(
+                "boot cache: booting %s cold: its saved boot failed (%s)", self.name, e
+            )
+            cache.uninstall(entry, self.state_dir)
+            if not (isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT)):
+                cache.discard(entry)  # a full state directory is not the entry's fault
+            self.snapshots.reset()
+            self._cache_todo = (cache, parts)
+            return False
+        self.log.info("boot cache: %s started from its saved boot (%s)", self.name, entry.path)
+        self._boot_in_state_file = not entry.meta.get("disks")
+        return True
+
+    async def _fork_saved_boot_again(self) -> bool:
+        """A restart (after a crash, a shutdown) forks from the saved boot in the state file."""
         try:
             await self._fork_locked(BOOT_LABEL)
         except MachineError as e:
             self.log.warning(
                 "boot cache: booting %s cold: its saved boot failed (%s)", self.name, e
             )
-            cache.discard(entry)
-            self.snapshots.reset()
-            self._cache_todo = (cache, parts)
+            self._boot_in_state_file = False
             return False
-        self.log.info("boot cache: %s started from its saved boot (%s)", self.name, entry.path)
+        self.log.info("boot cache: %s started again from its saved boot", self.name)
         return True
 
     async def _fill_cache(self) -> None:
@@ -467,17 +507,21 @@ class Lifecycle(RunState):
                 self.name,
             )
             return
-        await self._save_locked(BOOT_LABEL)
+        try:
+            await self._save_locked(BOOT_LABEL)
+        except MachineError as e:  # the machine is up all the same (a full disk, say)
+            self.log.warning("boot cache: could not save the boot of %s: %s", self.name, e)
+            return
+        self._boot_in_state_file = not disks
         await qmp.aexecute("stop")  # the disks hold still while they are copied
+        meta = {**self.snapshots.describe(BOOT_LABEL), "command": self.start_command}
         try:
             entry = await asyncio.to_thread(
-                cache.store,
-                self.name,
-                parts,
-                self.snapshots.path,
-                disks,
-                self.snapshots.describe(BOOT_LABEL),
+                cache.store, self.name, parts, self.snapshots.path, disks, meta
             )
+        except OSError as e:  # the machine is up all the same
+            self.log.warning("boot cache: could not save the boot of %s: %s", self.name, e)
+            return
         finally:
             await qmp.aexecute("cont")
         self.log.info("boot cache: saved the boot of %s (%s)", self.name, entry.path)
@@ -525,7 +569,7 @@ class Lifecycle(RunState):
 
     async def _fork_locked(self, label: str) -> None:
         start = time.monotonic()
-        await self.start(self.allow_reboot, paused=True)
+        await self._spawn(self.allow_reboot, paused=True)
         qmp, shell = self.qmp, self.shell
         assert qmp is not None and shell is not None
         self._set_state(MachineState.RESTORING)
@@ -584,6 +628,7 @@ class Lifecycle(RunState):
             raise MachineError(
                 f"{self.name} is {self.state}: start it to delete a snapshot ({self.name}.start())"
             )
+        self._boot_in_state_file = False
         await self.guard(self.snapshots.delete(self.qmp, label))
 
     # -- stop ----------------------------------------------------------------------------------
