@@ -541,6 +541,14 @@ def test_keys_go_to_xdotool_in_the_container(containers: Containers) -> None:
         "DISPLAY=:0.0 key --clearmodifiers Return",
         "DISPLAY=:0.0 key --clearmodifiers super+l",
     ]
+    # wait_for_x asks xwininfo, as nixpkgs does in a container (a VM's way reads the journal).
+    ct1.succeed(
+        "printf '#!/bin/sh\\nexit 0\\n' > /usr/local/bin/xwininfo; chmod +x /usr/local/bin/xwininfo"
+    )
+    ct1.wait_for_x(timeout=30)
+    ct1.succeed("printf '#!/bin/sh\\nexit 1\\n' > /usr/local/bin/xwininfo")
+    with pytest.raises(RequestedAssertionFailed):
+        ct1.wait_for_x(timeout=1)
     # nixpkgs' SSH backdoor command for a container (a string: the systemd-ssh proxy socket).
     assert ct1.ssh_backdoor_command() == (
         'ssh -o User=root -o ProxyCommand="socat - '

@@ -643,18 +643,23 @@ class AsyncMachine:
         """Wait until the guest's X11 server runs (graphical target reached, display :0)."""
 
         async def x_ready(_last_try: bool) -> bool:
-            status, _ = await self.execute(
-                'journalctl -b SYSLOG_IDENTIFIER=systemd | grep "Reached target Current graphical"'
-            )
-            if status != 0:
-                return False
-            status, _ = await self.execute("[ -e /tmp/.X11-unix/X0 ]")
-            return status == 0
+            return await self._x_server_runs()
 
         limit = seconds(timeout)
         assert limit is not None
         with nested(self._m.logger, "waiting for the X11 server"):
             await poll_until(x_ready, limit)
+
+    async def _x_server_runs(self) -> bool:
+        """One try of ``wait_for_x`` on a VM, as nixpkgs: the graphical target was reached and
+        display :0 has its socket."""
+        status, _ = await self.execute(
+            'journalctl -b SYSLOG_IDENTIFIER=systemd | grep "Reached target Current graphical"'
+        )
+        if status != 0:
+            return False
+        status, _ = await self.execute("[ -e /tmp/.X11-unix/X0 ]")
+        return status == 0
 
     @on_io_loop
     async def get_window_names(self) -> list[str]:
