@@ -147,11 +147,17 @@ def test_journal_lines_are_console_lines(
     assert "hello-from-the-journal" in (ct1.state_dir / "console.log").read_text()
 
 
+def up_with_leader(container: NspawnMachine) -> int:
+    """Start ``container`` (a first command) and return its leader's pid."""
+    container.succeed("true")
+    leader = container.lifecycle.leader
+    assert leader is not None
+    return leader
+
+
 def test_shutdown_powers_off(containers: Containers) -> None:
     ct1 = containers()
-    ct1.succeed("true")
-    leader = ct1.lifecycle.leader
-    assert leader is not None
+    leader = up_with_leader(ct1)
     ct1.shutdown()
     assert ct1.state is MachineState.OFF
     assert not ct1.is_up()
@@ -162,9 +168,7 @@ def test_shutdown_powers_off(containers: Containers) -> None:
 
 def test_a_poweroff_from_inside_is_off_not_crashed(containers: Containers) -> None:
     ct1 = containers()
-    ct1.succeed("true")
-    leader = ct1.lifecycle.leader
-    assert leader is not None
+    leader = up_with_leader(ct1)
     ct1.succeed("systemctl --no-block poweroff")
     ct1.wait_for_shutdown()
     assert ct1.state is MachineState.OFF
@@ -175,9 +179,7 @@ def test_a_poweroff_from_inside_is_off_not_crashed(containers: Containers) -> No
 
 def test_a_dead_leader_is_a_clear_machine_error(containers: Containers) -> None:
     ct1 = containers()
-    ct1.succeed("true")
-    leader = ct1.lifecycle.leader
-    assert leader is not None
+    leader = up_with_leader(ct1)
     os.kill(leader, 9)
     deadline = time.monotonic() + 20
     while ct1.state is not MachineState.CRASHED and time.monotonic() < deadline:
