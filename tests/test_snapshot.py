@@ -17,6 +17,7 @@ import pytest
 from nixos_repl import Machine, Registry
 from nixos_repl.errors import MachineError, QMPAPIError
 from nixos_repl.loop import run_sync
+from nixos_repl.machine import snapshot as snapshot_module
 from nixos_repl.machine.bootcache import ENV as BOOT_CACHE_ENV
 from nixos_repl.machine.qmp import QMPSession
 from nixos_repl.machine.snapshot import FILE_NODE, Snapshots
@@ -94,6 +95,32 @@ def test_a_qemu_without_io_uring_gets_the_plain_state_file(tmp_path: Path) -> No
     asyncio.run(snapshots._add_file_node(cast(QMPSession, NoUring())))
     plain = {"driver": "file", "node-name": FILE_NODE, "filename": str(snapshots.path)}
     assert asked == [{**plain, "aio": "io_uring"}, plain]
+
+
+def test_a_save_waits_until_the_guest_is_quiet(
+    solo: Machine, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """What the guest is busy with when it is saved, it does again after every restore: the save
+    waits for its vCPUs to go idle (a bounded wait, so a guest that never does is saved too)."""
+    monkeypatch.setattr(snapshot_module, "QUIET_WAIT", 20.0)
+    # A burst of guest work (~2 s under TCG) that goes on after the command that started it.
+    burst = "i=0; while [ $i -lt 15000 ]; do i=$((i+1)); done; touch /root/burst-done"
+    solo.succeed(f"rm -f /root/burst-done; ({burst}) >/dev/null 2>&1 &")
+    solo.snapshot("after-burst")
+    solo.succeed("rm -f /root/burst-done")
+    solo.restore("after-burst")
+    assert solo.succeed("test -e /root/burst-done && echo saved after it") == "saved after it\n"
+
+    monkeypatch.setattr(snapshot_module, "QUIET_WAIT", 0.3)
+    solo.succeed("(while :; do :; done) >/dev/null 2>&1 & echo $! > /root/spinner")
+    try:
+        start = time.monotonic()
+        solo.snapshot("busy")
+        assert time.monotonic() - start < 10, "a guest that never settles is saved all the same"
+    finally:
+        solo.succeed("kill $(cat /root/spinner)")
+    solo.delete_snapshot("busy")
+    solo.delete_snapshot("after-burst")
 
 
 def test_snapshots_are_listed_replaced_and_deleted(solo: Machine) -> None:

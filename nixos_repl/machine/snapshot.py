@@ -15,6 +15,8 @@ The mechanism is QEMU's own internal snapshots, driven over QMP only (``snapshot
   ``/tmp/shared`` and ``/tmp/xchg``: the shares are unmounted over the backdoor shell before a
   save and mounted again after it, and after a restore (the saved guest had none mounted).
   A busy share is named with what holds it; a Nix store on 9p cannot be saved at all.
+* A save waits (a second at most) until the guest's vCPUs are idle: what the guest is busy with
+  when it is saved, it would do again after every restore.
 * After a restore the guest's wall clock is set from the host's and the console log gets the
   line ``restored snapshot LABEL``.
 
@@ -23,6 +25,7 @@ Timings (TCG, tiny guest, 256 MiB): ``bench/snapshot.py``.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import dataclasses
 import datetime as dt
@@ -46,6 +49,11 @@ NODE = f"{INTERNAL_PREFIX}snapshots"
 FILE_NODE = f"{NODE}-file"
 STORE_OPTIONS = "virtualisation.useNixStoreImage = true (or virtualisation.useBootLoader = true)"
 FSTAB = "/run/nixos-repl.fstab"  # the shares to mount again (/tmp/.nixos-repl.fstab without /run)
+
+# Before a save, the guest is given this long at most to finish what the unmounting started
+# (systemd reading the mount table again...), polling its vCPUs' CPU time every QUIET_POLL s.
+QUIET_WAIT = 1.0
+QUIET_POLL = 0.02
 
 # Runs a guest command; returns (status, output). The lifecycle passes the shell channel's.
 Run = Callable[[str], Awaitable[tuple[int, str]]]
@@ -253,6 +261,35 @@ class Snapshots:
             done.append(share)
         return done
 
+    async def _quiesce(self, qmp: QMPSession) -> None:
+        """Wait (QUIET_WAIT at most) until the guest's vCPUs are idle.
+
+        Whatever the guest still has to do when it is saved, it does again after every restore,
+        and there TCG translates each of its code paths anew (a load empties the translation
+        cache): a systemd guest that is saved while it reads the mount table after the unmount
+        spends ~200 ms of each restore on it. The guest's vCPU threads' CPU time tells when it
+        is done, without a guest command.
+        """
+        cpus = (await qmp.aexecute("query-cpus-fast"))["return"]
+        stats = [Path(f"/proc/{cpu['thread-id']}/schedstat") for cpu in cpus if "thread-id" in cpu]
+
+        def busy() -> int:
+            total = 0
+            for stat in stats:
+                with contextlib.suppress(OSError, ValueError, IndexError):
+                    total += int(stat.read_text().split()[0])
+            return total
+
+        start = time.monotonic()
+        used = busy()
+        while time.monotonic() - start < QUIET_WAIT:
+            await asyncio.sleep(QUIET_POLL)
+            now = busy()
+            if now - used < QUIET_POLL * 1e9 / 10:  # under a tenth of one CPU
+                break
+            used = now
+        self.log.debug("quiet before the save after %.3f s", time.monotonic() - start)
+
     async def _mount_shares(self, run: Run, shares: list[_Share]) -> None:
         _, out = await run(mount_all(shares[::-1]))
         for line in filter(None, (line.strip() for line in out.splitlines())):
@@ -268,6 +305,7 @@ class Snapshots:
         start = time.monotonic()
         shares = await self._unmount_shares(run)
         try:
+            await self._quiesce(qmp)
             if any(s.label == label for s in await self.listing(qmp)):
                 await self._job(qmp, "snapshot-delete", label, devices)
             await self._job(qmp, "snapshot-save", label, devices, vmstate=NODE)
