@@ -51,9 +51,11 @@ STORE_OPTIONS = "virtualisation.useNixStoreImage = true (or virtualisation.useBo
 FSTAB = "/run/nixos-repl.fstab"  # the shares to mount again (/tmp/.nixos-repl.fstab without /run)
 
 # Before a save, the guest is given this long at most to finish what the unmounting started
-# (systemd reading the mount table again...), polling its vCPUs' CPU time every QUIET_POLL s.
+# (systemd reading the mount table again...): it is quiet once its vCPUs have used under a
+# tenth of a CPU in each of QUIET_POLLS polls QUIET_POLL s apart.
 QUIET_WAIT = 1.0
 QUIET_POLL = 0.02
+QUIET_POLLS = 3
 
 # Runs a guest command; returns (status, output). The lifecycle passes the shell channel's.
 Run = Callable[[str], Awaitable[tuple[int, str]]]
@@ -281,12 +283,11 @@ class Snapshots:
             return total
 
         start = time.monotonic()
-        used = busy()
-        while time.monotonic() - start < QUIET_WAIT:
+        used, quiet = busy(), 0
+        while quiet < QUIET_POLLS and time.monotonic() - start < QUIET_WAIT:
             await asyncio.sleep(QUIET_POLL)
             now = busy()
-            if now - used < QUIET_POLL * 1e9 / 10:  # under a tenth of one CPU
-                break
+            quiet = quiet + 1 if now - used < QUIET_POLL * 1e9 / 10 else 0
             used = now
         self.log.debug("quiet before the save after %.3f s", time.monotonic() - start)
 
