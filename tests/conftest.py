@@ -26,7 +26,7 @@ from typing import Any
 import pytest
 
 from nixos_repl import Machine, Registry
-from nixos_repl.guests import build_tiny
+from nixos_repl.guests import build_tiny, cache_dir
 from nixos_repl.machine.bootcache import ENV as BOOT_CACHE_ENV
 from nixos_repl.machine.bootcache import BootCache
 
@@ -98,12 +98,19 @@ def boot_cache_keeps_the_suites_guests() -> Iterator[None]:
     now = time.time()
     cache = BootCache(BOOT_CACHE)
     for entry in cache.entries():
-        ours = str(entry.meta.get("command", "")).startswith(f"{SUITE_GUESTS}/")
+        ours = str(entry.meta.get("command", "")).startswith(KEPT_SCRIPTS)
         if not ours or _age(entry.path, now) > 7 * 86400:
             cache.discard(entry)
     for left in BOOT_CACHE.glob(".*-*"):
         if _age(left, now) > 3600:
             shutil.rmtree(left, ignore_errors=True)
+
+
+# Start scripts at the same paths in every run: the suite's guests, the README's copy
+# (test_docs.README_COPY) and the REPL demo's guests (interactive/tour.py).
+KEPT_SCRIPTS = tuple(
+    f"{d}/" for d in (SUITE_GUESTS, SUITE_GUESTS.parent / "readme", cache_dir() / "demo")
+)
 
 
 def _age(path: Path, now: float) -> float:

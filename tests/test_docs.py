@@ -2,7 +2,9 @@
 
 * Every fenced block whose info string is ``sh runnable`` runs, in document order, with ``bash -euo
   pipefail`` in one scratch copy of the repository (blocks marked ``python file=NAME`` are written
-  to NAME first), on the embedded tiny guests; each must exit 0.
+  to NAME first), on the embedded tiny guests; each must exit 0. The copy is made afresh at one
+  path (``README_COPY``) in every run, so the guests the blocks build keep their paths and the
+  boot cache finds their machines again.
 * Every other ``nixos-repl`` / ``nixos-test-driver`` line shown in a shell block parses with the
   real argument parsers.
 * The README opens with its two commands.
@@ -10,24 +12,27 @@
 
 from __future__ import annotations
 
+import fcntl
 import os
 import re
 import shlex
 import shutil
 import subprocess
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
 from nixos_repl.cli import _parser, _test_driver_parser
 
-from .helpers import leftovers
+from .helpers import SUITE_GUESTS, leftovers
 
 ROOT = Path(__file__).resolve().parent.parent
 README = ROOT / "README.md"
 FENCE = re.compile(r"^```([^\n]*)\n(.*?)^```[ \t]*$", re.S | re.M)
 TWO_COMMANDS = ["./dev.sh demo", "./dev.sh test"]
+README_COPY = SUITE_GUESTS.parent / "readme"
 
 
 def blocks(text: str | None = None) -> list[tuple[list[str], str]]:
@@ -102,9 +107,20 @@ def scratch_copy(target: Path) -> Path:
     return target
 
 
+@pytest.fixture
+def readme_copy() -> Iterator[Path]:
+    """A fresh copy of the repository at README_COPY, for one test run at a time."""
+    README_COPY.parent.mkdir(parents=True, exist_ok=True)
+    with open(README_COPY.parent / "readme.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        shutil.rmtree(README_COPY, ignore_errors=True)
+        README_COPY.mkdir()
+        yield scratch_copy(README_COPY)
+
+
 @pytest.mark.vm
-def test_every_runnable_block_runs(tmp_path: Path) -> None:
-    scratch = scratch_copy(tmp_path / "repo")
+def test_every_runnable_block_runs(readme_copy: Path, tmp_path: Path) -> None:
+    scratch = readme_copy
     runtime = tmp_path / "run"
     runtime.mkdir()
     env = {
