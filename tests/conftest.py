@@ -14,6 +14,7 @@ from __future__ import annotations
 import logging
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
@@ -46,6 +47,9 @@ from .helpers import (
 
 # KVM guests hang on the project's machines (nested virtualisation): tests always use TCG.
 os.environ["NIXOS_REPL_ACCEL"] = "tcg"
+# The Ctrl-C tests need Python's own SIGINT handler, which Python does not install when it
+# starts with SIGINT ignored (a background job of a shell without job control).
+signal.signal(signal.SIGINT, signal.default_int_handler)
 # Sockets, VLAN switches and state directories of this run stay private to it.
 os.environ["XDG_RUNTIME_DIR"] = tempfile.mkdtemp(prefix="nixos-repl-tests-")
 # Kernels and shells keep their IPython history here, not in the user's ~/.ipython: a search of

@@ -432,11 +432,11 @@ class Lifecycle(RunState):
             self._boot_in_state_file = False
             return await self._save_locked(label)
 
-    async def _save_locked(self, label: str) -> SnapshotInfo:
+    async def _save_locked(self, label: str, quiesce: bool = True) -> SnapshotInfo:
         assert self.qmp is not None
         self._set_state(MachineState.SAVING)
         try:
-            info = await self.guard(self.snapshots.save(self.qmp, self._guest_run, label))
+            info = await self.guard(self.snapshots.save(self.qmp, self._guest_run, label, quiesce))
             if self.shell is not None:
                 self.snapshots.death_tokens[label] = self.shell.death_token
             return info
@@ -508,7 +508,7 @@ class Lifecycle(RunState):
             )
             return
         try:
-            await self._save_locked(BOOT_LABEL)
+            await self._save_locked(BOOT_LABEL, quiesce=False)
         except MachineError as e:  # the machine is up all the same (a full disk, say)
             self.log.warning("boot cache: could not save the boot of %s: %s", self.name, e)
             return

@@ -15,8 +15,8 @@ The mechanism is QEMU's own internal snapshots, driven over QMP only (``snapshot
   ``/tmp/shared`` and ``/tmp/xchg``: the shares are unmounted over the backdoor shell before a
   save and mounted again after it, and after a restore (the saved guest had none mounted).
   A busy share is named with what holds it; a Nix store on 9p cannot be saved at all.
-* A save waits (a second at most) until the guest's vCPUs are idle: what the guest is busy with
-  when it is saved, it would do again after every restore.
+* A snapshot waits (a second at most) until the guest's vCPUs are idle: what the guest is busy
+  with when it is saved, it would do again after every restore.
 * After a restore the guest's wall clock is set from the host's and the console log gets the
   line ``restored snapshot LABEL``.
 
@@ -298,15 +298,20 @@ class Snapshots:
 
     # -- save, restore, delete -----------------------------------------------------------------
 
-    async def save(self, qmp: QMPSession, run: Run, label: str) -> SnapshotInfo:
-        """Save the running machine under ``label`` (replacing a snapshot of that label)."""
+    async def save(
+        self, qmp: QMPSession, run: Run, label: str, quiesce: bool = True
+    ) -> SnapshotInfo:
+        """Save the running machine under ``label`` (replacing a snapshot of that label); with
+        ``quiesce``, once the guest is quiet (the boot cache saves a boot as soon as the backdoor
+        answers, as the cold boot it stands for goes on from there)."""
         check_label(label)
         await self._attach(qmp)
         devices = await self._devices(qmp)
         start = time.monotonic()
         shares = await self._unmount_shares(run)
         try:
-            await self._quiesce(qmp)
+            if quiesce:
+                await self._quiesce(qmp)
             if any(s.label == label for s in await self.listing(qmp)):
                 await self._job(qmp, "snapshot-delete", label, devices)
             await self._job(qmp, "snapshot-save", label, devices, vmstate=NODE)
